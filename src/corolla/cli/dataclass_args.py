@@ -1,0 +1,63 @@
+"""argparse flags generated from a config dataclass, so every default and help text lives in one place."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional: tuple[str, ...] = ()) -> None:
+    """One flag per field (``--snake-case``); tuples take several values; bools are switches."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind, is_tuple = _base_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if f.name in positional:
+            parser.add_argument(f.name, type=kind, help=help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        elif is_tuple:
+            parser.add_argument(flag, nargs="+", type=kind, default=None, help=f"{help_text} (default: {default})")
+        else:
+            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default})")
+    parser.add_argument("--config", type=Path, default=None, help="YAML file with any of these settings")
+
+
+def dataclass_from_args(cls, args: argparse.Namespace):
+    """Build ``cls`` from a YAML file (if ``--config``) overridden by the flags given on the command line."""
+    values: dict = {}
+    if getattr(args, "config", None) is not None:
+        loaded = yaml.safe_load(Path(args.config).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args.config}: expected a mapping of settings")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(k.replace("-", "_") for k in loaded) - names
+        if unknown:
+            raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    for f in dataclasses.fields(cls):
+        if isinstance(values.get(f.name), list):
+            values[f.name] = tuple(values[f.name])
+    return cls(**values)
+
+
+def _base_type(hint) -> tuple[type, bool]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is tuple:
+        return typing.get_args(hint)[0], True
+    return hint, False

@@ -1,0 +1,100 @@
+"""``corolla demo``: a private swarm of the bundled SmolLM2 on this machine answers a chat prompt."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_PROMPT = "What are three good reasons to learn a second language? Answer briefly."
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "demo",
+        help="run a local swarm of the bundled model and chat through it",
+        description=(
+            "Start one bootstrap peer and three servers (each hosting a third of SmolLM2-135M's 30 blocks) as "
+            "separate processes on loopback, answer a chat prompt through them, then shut everything down."
+        ),
+    )
+    parser.add_argument("--model", default="smollm2-135m", help="model to serve (bundled short name or folder)")
+    parser.add_argument("--servers", type=int, default=3, help="number of servers (blocks split evenly)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user's chat message")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
+    parser.set_defaults(handler=run)
+
+
+def _even_spans(num_blocks: int, num_servers: int) -> list[str]:
+    bounds = [round(i * num_blocks / num_servers) for i in range(num_servers + 1)]
+    return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, TextStreamer
+
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.local_swarm import LocalSwarm
+    from corolla.models.checkpoint import resolve_checkpoint
+
+    print(f"[demo] Preparing {args.model} (converted once, then cached)...", flush=True)
+    folder = resolve_checkpoint(args.model).folder
+    num_blocks = AutoConfig.from_pretrained(folder).num_hidden_layers
+    spans = _even_spans(num_blocks, args.servers)
+    log_dir = Path(tempfile.mkdtemp(prefix="corolla-demo-logs-"))
+    print(f"[demo] Starting a bootstrap peer and {len(spans)} servers ({', '.join(spans)}); logs in {log_dir}")
+    started = time.perf_counter()
+    with LocalSwarm(model=args.model, spans=spans, log_dir=log_dir) as swarm:
+        print(f"[demo] Swarm ready in {time.perf_counter() - started:.1f} s; bootstrap: {swarm.initial_peers[0]}")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        messages = [{"role": "user", "content": args.prompt}]
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"]
+        blocks = model.remote_blocks
+        print("[demo] Servers and the blocks they host:")
+        for peer_id, info in sorted(blocks.swarm.servers.items(), key=lambda item: item[1].start_block):
+            print(f"         {peer_id.to_base58()}  blocks {info.start_block}:{info.end_block}  "
+                  f"({info.inference_rps or 0:.0f} steps/s per block)")
+        print(f"\nuser> {args.prompt}\nassistant> ", end="", flush=True)
+        streamer = _TimingStreamer(tokenizer)
+        with torch.inference_mode(), model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as sess:
+            t0 = time.perf_counter()
+            out = model.generate(ids, session=sess, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 streamer=streamer)
+            elapsed = time.perf_counter() - t0
+            route = " -> ".join(f"{span.hop.peer_id[-8:]}[{span.hop.start}:{span.hop.end}]" for span in sess._spans)
+        new_tokens = out.shape[1] - ids.shape[1]
+        print(f"\n[demo] Route used: {route}")
+        print(f"[demo] {new_tokens} tokens in {elapsed:.2f} s = {new_tokens / elapsed:.1f} tokens/s "
+              f"(first token after {streamer.first_token_s(t0):.2f} s)")
+        model.shutdown()
+        print("[demo] Shutting the swarm down...")
+    print("[demo] Done: all processes stopped.")
+    return 0
+
+
+class _TimingStreamer:
+    """Prints tokens as they arrive (via transformers' TextStreamer) and notes when the first one came."""
+
+    def __init__(self, tokenizer):
+        from transformers import TextStreamer
+
+        self._inner = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._first: float | None = None
+        self._calls = 0
+
+    def put(self, value):
+        self._calls += 1
+        if self._calls == 2 and self._first is None:  # the first call carries the prompt
+            self._first = time.perf_counter()
+        self._inner.put(value)
+
+    def end(self):
+        self._inner.end()
+
+    def first_token_s(self, t0: float) -> float:
+        return (self._first or time.perf_counter()) - t0

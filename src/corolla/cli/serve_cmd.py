@@ -1,0 +1,30 @@
+"""``corolla serve MODEL``: host a span of the model's blocks."""
+
+from __future__ import annotations
+
+import argparse
+
+from corolla.cli.dataclass_args import add_dataclass_arguments, dataclass_from_args
+from corolla.server.config import ServerConfig
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="host a span of a model's blocks for the swarm",
+        description="Host a span of a model's transformer blocks and announce it to the swarm.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_dataclass_arguments(parser, ServerConfig, positional=("model",))
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from corolla.server.server import Server
+
+    try:
+        config = dataclass_from_args(ServerConfig, args)
+    except ValueError as e:
+        raise SystemExit(f"corolla serve: {e}") from None
+    Server(config).run()
+    return 0

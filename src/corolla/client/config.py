@@ -1,0 +1,33 @@
+"""Settings of a client of the swarm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientConfig:
+    """How a client finds and talks to the swarm. All timeouts in seconds."""
+
+    initial_peers: tuple[str, ...]
+    dht_prefix: str | None = None  # default: derived from the model name like the servers do
+    connect_timeout_s: float = 20.0  # joining the DHT through the initial peers
+    request_timeout_s: float = 60.0  # one forward RPC
+    step_timeout_s: float = 30.0  # one inference step on one server
+    update_period_s: float = 30.0  # how often the swarm view is refreshed
+    max_retries: int = 3  # attempts per failed span before giving up
+    ban_timeout_s: float = 15.0  # first ban of a failed server (doubles on each repeated failure)
+    compression: str = "NONE"  # hivemind CompressionType for activations sent back by servers
+    allowed_servers: tuple[str, ...] | None = None
+    blocked_servers: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.initial_peers:
+            raise ValueError(
+                "initial_peers is empty: pass the multiaddrs printed by `corolla dht` (or by any server's log)"
+            )
+        for name in ("connect_timeout_s", "request_timeout_s", "step_timeout_s", "update_period_s", "ban_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")

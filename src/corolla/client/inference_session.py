@@ -1,0 +1,221 @@
+"""Inference sessions: one stream per server of a chain, each keeping the attention cache of its blocks.
+
+The client keeps every input it sent to each span, so when a server fails the client bans it, routes around it
+and replays those inputs to the replacement, which rebuilds the lost cache; generation continues unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import PeerID
+from hivemind.proto import runtime_pb2
+
+from corolla.algorithms.routing import RouteHop
+from corolla.client.swarm import SwarmView
+from corolla.errors import RemoteCallError
+from corolla.log import get_logger
+from corolla.net.loop import run_sync
+from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
+from corolla.protocol.messages import InferenceOpen, InferenceStep
+from corolla.server.handler import BlockServicer
+
+logger = get_logger(__name__)
+
+
+@dataclass(kw_only=True)
+class _Sent:
+    """What the client sent to a span at one step (kept to replay it to a replacement server)."""
+
+    position: int
+    hidden_states: torch.Tensor
+    position_ids: torch.Tensor | None
+
+
+class _ServerStream:
+    """One open inference stream to one server for blocks ``hop.start..hop.end-1``."""
+
+    def __init__(self, hop: RouteHop, *, max_length: int, batch_size: int, compression: str, timeout_s: float):
+        self.hop, self.max_length, self.batch_size = hop, max_length, batch_size
+        self.compression, self.timeout_s = compression, timeout_s
+        self._outbox: asyncio.Queue = asyncio.Queue()
+        self._responses = None
+        self._opened = False
+
+    async def open(self, swarm: SwarmView) -> None:
+        p2p = await swarm.p2p()
+        stub = BlockServicer.get_stub(p2p, PeerID.from_base58(self.hop.peer_id))
+        self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout_s)
+
+    async def _requests(self):
+        while True:
+            message = await self._outbox.get()
+            if message is None:
+                return
+            yield message
+
+    async def step(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, position: int
+    ) -> torch.Tensor:
+        step = InferenceStep(
+            step_id=uuid.uuid4().hex,
+            position=position,
+            has_attention_mask=mask is not None,
+            has_position_ids=positions is not None,
+        ).model_dump()
+        if not self._opened:
+            step = InferenceOpen(
+                session_id=uuid.uuid4().hex,
+                max_length=self.max_length,
+                batch_size=self.batch_size,
+                start_block=self.hop.start,
+                end_block=self.hop.end,
+                output_compression=self.compression,
+            ).model_dump() | step
+            self._opened = True
+        tensors = [hidden] + [t for t in (mask, positions) if t is not None]
+        await self._outbox.put(pack(tensors, step, compression=self.compression))
+        response: runtime_pb2.ExpertResponse = await asyncio.wait_for(anext(self._responses), self.timeout_s)
+        unpack_metadata(response)
+        outputs = unpack_tensors(response)
+        if len(outputs) != 1 or outputs[0].shape != hidden.shape:
+            raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
+        return outputs[0]
+
+    def close(self) -> None:
+        self._outbox.put_nowait(None)
+
+
+@dataclass(kw_only=True)
+class _SpanState:
+    """A contiguous range of blocks served by one stream, with the inputs sent to it so far."""
+
+    hop: RouteHop
+    stream: _ServerStream | None = None
+    sent: list[_Sent] = field(default_factory=list)
+
+
+class InferenceSession:
+    """A generation session over blocks start..end-1 of the swarm, up to ``max_length`` tokens.
+
+    ``step`` takes the hidden states of new tokens (plus the full attention mask and the new tokens' position ids)
+    and returns the last block's outputs for them. Use as a context manager, or call ``close()``.
+    """
+
+    def __init__(self, swarm: SwarmView, *, start: int, end: int, max_length: int):
+        self.swarm, self.start, self.end, self.max_length = swarm, start, end, max_length
+        self.position = 0
+        self.token_history: torch.Tensor | None = None  # ids the servers have seen (kept by generate)
+        self.mask_history: torch.Tensor | None = None
+        self._spans: list[_SpanState] | None = None
+        self._masks: list[torch.Tensor | None] = []
+        self._closed = False
+
+    def __enter__(self) -> InferenceSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def step(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run new tokens through all blocks; returns hidden states of the same shape."""
+        if self._closed:
+            raise RuntimeError("this inference session is closed")
+        new_tokens = hidden_states.shape[1]
+        if self.position + new_tokens > self.max_length:
+            raise ValueError(
+                f"the session was opened for max_length={self.max_length} tokens; this step would reach "
+                f"{self.position + new_tokens}. Open a longer session."
+            )
+        timeout = self.swarm.config.step_timeout_s * (self.end - self.start + 2)
+        output = run_sync(self._step(hidden_states, attention_mask, position_ids), timeout_s=timeout)
+        self.position += new_tokens
+        return output
+
+    async def _step(self, hidden, mask, positions):
+        if self._spans is None:
+            self._spans = await self._open_chain(self.start, self.end, batch_size=hidden.shape[0])
+        failures, index = 0, 0
+        while index < len(self._spans):
+            span = self._spans[index]
+            try:
+                output = await span.stream.step(hidden, mask, positions, self.position)
+            except Exception as e:
+                failures += 1
+                if failures > self.swarm.config.max_retries:
+                    raise RemoteCallError(
+                        f"blocks {span.hop.start}:{span.hop.end} could not be served after {failures} failures; "
+                        f"last error: {_describe(e)}"
+                    ) from e
+                logger.warning(
+                    "Server %s failed on blocks %d:%d (%s); recovering",
+                    span.hop.peer_id, span.hop.start, span.hop.end, _describe(e),
+                )
+                replay_mask = None if mask is None else mask[:, : self.position]
+                self._spans[index : index + 1] = await self._replace(span, hidden.shape[0], replay_mask)
+                continue  # retry this step on the replacement chain
+            span.sent.append(_Sent(position=self.position, hidden_states=hidden, position_ids=positions))
+            hidden = output
+            index += 1
+        return hidden
+
+    async def _open_chain(self, start: int, end: int, *, batch_size: int) -> list[_SpanState]:
+        route = self.swarm.inference_route(start, end, cache_tokens=batch_size * self.max_length)
+        logger.info("Route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
+        spans = []
+        for hop in route:
+            stream = _ServerStream(
+                hop,
+                max_length=self.max_length,
+                batch_size=batch_size,
+                compression=self.swarm.config.compression,
+                timeout_s=self.swarm.config.step_timeout_s,
+            )
+            await stream.open(self.swarm)
+            spans.append(_SpanState(hop=hop, stream=stream))
+        return spans
+
+    async def _replace(self, failed: _SpanState, batch_size: int, mask: torch.Tensor | None) -> list[_SpanState]:
+        """Ban the failed server, open a new chain for its blocks and replay everything it was sent."""
+        self.swarm.ban(failed.hop.peer_id)
+        failed.stream.close()
+        self.swarm.refresh()
+        replacement = await self._open_chain(failed.hop.start, failed.hop.end, batch_size=batch_size)
+        if failed.sent:
+            hidden = torch.cat([s.hidden_states for s in failed.sent], dim=1)
+            has_positions = all(s.position_ids is not None for s in failed.sent)
+            positions = torch.cat([s.position_ids for s in failed.sent], dim=1) if has_positions else None
+            for span in replacement:
+                output = await span.stream.step(hidden, mask, positions, 0)
+                span.sent.append(_Sent(position=0, hidden_states=hidden, position_ids=positions))
+                hidden = output
+        return replacement
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for span in self._spans or []:
+            if span.stream is not None:
+                try:
+                    background = span.stream
+                    run_sync(_close(background), timeout_s=5)
+                except Exception as e:
+                    logger.debug("Closing a stream failed: %s", e)
+
+
+async def _close(stream: _ServerStream) -> None:
+    stream.close()
+
+
+def _describe(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:200]

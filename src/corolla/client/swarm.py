@@ -1,0 +1,144 @@
+"""The client's view of the swarm: which servers host which blocks, bans of failed servers, and routes.
+
+Refreshed from the DHT periodically and right after a failure; the routing math itself is in
+``corolla.algorithms.routing`` and sees only plain records.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from hivemind.dht import DHT
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import P2P, PeerID
+from hivemind.utils.crypto import RSAPrivateKey
+
+from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_route, split_by_throughput
+from corolla.client.config import ClientConfig
+from corolla.errors import MissingBlocksError, SwarmConnectionError
+from corolla.log import get_logger
+from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
+from corolla.net.loop import run_sync
+from corolla.protocol.server_info import ServerInfo
+
+logger = get_logger(__name__)
+
+
+class SwarmView:
+    """Servers of one model in one swarm, as this client currently knows them."""
+
+    def __init__(self, *, config: ClientConfig, dht: DHT, num_blocks: int, model_name: str, dht_prefix: str):
+        self.config, self.dht, self.num_blocks, self.model_name = config, dht, num_blocks, model_name
+        self.dht_prefix = dht_prefix
+        self.servers: dict[PeerID, ServerInfo] = {}
+        self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures)
+        self._updated_at = -float("inf")
+        self._lock = threading.Lock()
+        self._p2p: P2P | None = None
+
+    @classmethod
+    def connect(cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str) -> SwarmView:
+        """Join the DHT through ``config.initial_peers`` (client mode); SwarmConnectionError if none answers."""
+        try:
+            dht = DHT(
+                initial_peers=list(config.initial_peers),
+                start=True,
+                client_mode=True,
+                record_validators=[RSASignatureValidator(RSAPrivateKey())],
+                startup_timeout=config.connect_timeout_s,
+                bootstrap_timeout=config.connect_timeout_s,
+            )
+        except Exception as e:
+            raise SwarmConnectionError(
+                f"Could not join the swarm through {list(config.initial_peers)} within {config.connect_timeout_s} s "
+                f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a server's log) "
+                f"and that those peers are running and reachable."
+            ) from e
+        view = cls(config=config, dht=dht, num_blocks=num_blocks, model_name=model_name, dht_prefix=dht_prefix)
+        view.refresh()
+        return view
+
+    async def p2p(self) -> P2P:
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        return self._p2p
+
+    def refresh(self) -> None:
+        """Re-read all block records from the DHT."""
+        records = fetch_block_records(
+            self.dht, dht_prefix=self.dht_prefix, num_blocks=self.num_blocks, timeout_s=self.config.connect_timeout_s
+        )
+        servers = collect_servers(records)
+        allowed = self.config.allowed_servers
+        servers = {
+            p: info
+            for p, info in servers.items()
+            if p.to_base58() not in self.config.blocked_servers and (allowed is None or p.to_base58() in allowed)
+        }
+        with self._lock:
+            self.servers = servers
+            self._updated_at = time.monotonic()
+        logger.debug("Swarm view: %d servers", len(servers))
+
+    def maybe_refresh(self) -> None:
+        if time.monotonic() - self._updated_at > self.config.update_period_s:
+            self.refresh()
+
+    def ban(self, peer_id: str) -> None:
+        """Avoid ``peer_id`` for a while; each repeated failure doubles the ban."""
+        with self._lock:
+            _, failures = self._bans.get(peer_id, (0.0, 0))
+            duration = self.config.ban_timeout_s * 2**failures
+            self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+        logger.info("Banning server %s for %.0f s", peer_id, duration)
+
+    def banned(self) -> set[str]:
+        now = time.monotonic()
+        with self._lock:
+            return {peer for peer, (until, _) in self._bans.items() if until > now}
+
+    def inference_route(self, start: int, end: int, *, cache_tokens: int = 0) -> list[RouteHop]:
+        """The fastest chain over blocks start..end-1 (refreshing once if blocks seem missing)."""
+        self.maybe_refresh()
+        for attempt in range(2):
+            try:
+                return find_inference_route(
+                    to_spans(self.servers),
+                    start_block=start,
+                    end_block=end,
+                    client_pings={},
+                    required_cache_tokens=cache_tokens,
+                    banned=self.banned(),
+                )
+            except NoRouteError as e:
+                if attempt == 0:
+                    self.refresh()
+                    continue
+                raise MissingBlocksError(e.missing, self.model_name) from None
+        raise AssertionError("unreachable")
+
+    def forward_route(self, start: int, end: int, rng) -> list[RouteHop]:
+        """A chain over blocks start..end-1 with servers drawn in proportion to their throughput."""
+        self.maybe_refresh()
+        for attempt in range(2):
+            try:
+                spans = to_spans(self.servers)
+                return split_by_throughput(
+                    spans, start_block=start, end_block=end, num_items=1, rng=rng, banned=self.banned()
+                )[0]
+            except NoRouteError as e:
+                if attempt == 0:
+                    self.refresh()
+                    continue
+                raise MissingBlocksError(e.missing, self.model_name) from None
+        raise AssertionError("unreachable")
+
+    def shutdown(self) -> None:
+        if self._p2p is not None:
+            p2p, self._p2p = self._p2p, None
+            try:
+                run_sync(p2p.shutdown(), timeout_s=5)
+            except Exception:
+                pass
+        self.dht.shutdown()

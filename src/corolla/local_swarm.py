@@ -1,0 +1,161 @@
+"""Start a private swarm on this machine: a bootstrap peer and servers, each its own process.
+
+Used by ``corolla demo``, the integration tests and the benchmarks. It waits on readiness (the bootstrap peer's
+printed address, then the servers' ONLINE records in the DHT), never on a fixed sleep, and stops only the
+processes it started, by PID (SIGTERM, then SIGKILL after a grace period).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corolla.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout_s: float, what: str, poll_s: float = 0.1) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(poll_s)
+
+
+@dataclass(kw_only=True)
+class LocalSwarm:
+    """A bootstrap peer plus servers of ``model``; use as a context manager."""
+
+    model: str
+    spans: Sequence[str] = ()  # e.g. ("0:10", "10:20", "20:30"); one server per span
+    server_args: Sequence[str] = ()
+    env: dict[str, str] | None = None
+    log_dir: Path | None = None
+    start_timeout_s: float = 120.0
+    initial_peers: list[str] = field(default_factory=list)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def __enter__(self) -> LocalSwarm:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ if self.env is None else self.env)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def _spawn(self, name: str, args: list[str], **kwargs) -> subprocess.Popen:
+        stderr = subprocess.STDOUT
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            stderr = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the process
+        # each process leads its own process group, so its helpers (DHT process, p2pd) stop together with it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "corolla.cli.main", *args],
+            env=self._env(),
+            stderr=stderr,
+            start_new_session=True,
+            **kwargs,
+        )
+        self.processes[name] = process
+        return process
+
+    def start(self) -> None:
+        self.start_bootstrap()
+        for i, span in enumerate(self.spans):
+            self.start_server(f"server{i}", ["--blocks", span])
+        self.wait_until_served()
+
+    def start_bootstrap(self) -> None:
+        bootstrap = self._spawn("bootstrap", ["dht"], stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.initial_peers:
+            if bootstrap.poll() is not None:
+                raise RuntimeError(f"the bootstrap peer exited with code {bootstrap.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the bootstrap peer did not print its address in time")
+            line = bootstrap.stdout.readline()
+            if "--initial-peers" in line:
+                self.initial_peers = line.split("--initial-peers", 1)[1].split()
+        bootstrap.stdout.close()
+
+    def start_server(self, name: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
+        args = ["serve", self.model, "--initial-peers", *self.initial_peers, *self.server_args, *extra_args]
+        return self._spawn(name, args, stdout=subprocess.DEVNULL)
+
+    def wait_until_served(self, num_blocks: int | None = None, *, min_servers: int | None = None) -> None:
+        """Wait until every block has an ONLINE server (and at least ``min_servers`` servers are ONLINE)."""
+        from hivemind.dht import DHT
+        from hivemind.dht.crypto import RSASignatureValidator
+        from hivemind.utils.crypto import RSAPrivateKey
+        from transformers import AutoConfig
+
+        from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
+        from corolla.net.dht_records import collect_servers, fetch_block_records
+
+        num_blocks = num_blocks or AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
+        servers_wanted = len(self.spans) if min_servers is None else min_servers
+        dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True,
+                  record_validators=[RSASignatureValidator(RSAPrivateKey())])
+        prefix = default_dht_prefix(self.model)
+
+        def served() -> bool:
+            self._check_alive()
+            records = fetch_block_records(dht, dht_prefix=prefix, num_blocks=num_blocks)
+            online = collect_servers(records)
+            covered = all(any(i.start_block <= b < i.end_block for i in online.values()) for b in range(num_blocks))
+            return covered and len(online) >= servers_wanted
+
+        try:
+            wait_for(served, timeout_s=self.start_timeout_s, what="servers to cover all blocks", poll_s=0.25)
+        finally:
+            dht.shutdown()
+
+    def _check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None and process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+                raise RuntimeError(f"{name} exited early with code {process.returncode}")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one process this swarm started (only the process itself, not its group)."""
+        self.processes[name].send_signal(sig)
+
+    @staticmethod
+    def _signal_group(process: subprocess.Popen, sig: int) -> None:
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop every process this swarm started: SIGTERM, then SIGKILL if one outlives ``grace_s``."""
+        for process in self.processes.values():
+            self._signal_group(process, signal.SIGCONT)  # a frozen (SIGSTOPped) process cannot exit
+            if process.poll() is None:
+                process.terminate()  # the process itself shuts its helpers down gracefully
+        deadline = time.monotonic() + grace_s
+        for name, process in self.processes.items():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0f s; killing it", name, grace_s)
+                process.kill()
+                process.wait(timeout=5)
+            self._signal_group(process, signal.SIGKILL)  # helpers left behind by a killed process
+        self.processes.clear()

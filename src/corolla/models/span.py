@@ -1,0 +1,188 @@
+"""A span of consecutive transformer blocks, run exactly as transformers runs them.
+
+``SpanModel`` wraps the family's transformers base model (``LlamaModel``, ``BloomModel``, ...) built with only
+the hosted blocks: the token embedding is shrunk to nothing, the final norm (and BLOOM's embedding norm) become
+identities. Causal masks, padding, rotary or ALiBi positions and the KV cache are then computed by transformers
+itself, which makes a served span equal to the same blocks inside the local model by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging as _stdlib_logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.cache_utils import DynamicCache
+
+from corolla.log import get_logger
+from corolla.models.checkpoint import Checkpoint, load_block_tensors
+from corolla.models.families import FamilySpec, family_for
+
+logger = get_logger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpanInputs:
+    """One call into a span: new hidden states plus the positions/mask that place them in the sequence.
+
+    hidden_states: [batch, new_tokens, hidden]; attention_mask: [batch, past + new_tokens] of 0/1 (None = all ones);
+    position_ids: [batch, new_tokens] (None = consecutive positions after the cache).
+    """
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None
+
+
+def slice_layers(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
+    """A copy of ``config`` for blocks ``start..end-1`` only (per-layer fields sliced)."""
+    config = copy.deepcopy(config)
+    num_layers = config.num_hidden_layers
+    for name in ("layer_types", "mlp_only_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, (list, tuple)) and len(value) == num_layers:
+            setattr(config, name, list(value[start:end]))
+    config.num_hidden_layers = end - start
+    return config
+
+
+def span_config(config: PretrainedConfig, start: int, end: int) -> PretrainedConfig:
+    """The config of a span model made of blocks ``start..end-1`` of ``config``'s model."""
+    config = slice_layers(config, start, end)
+    config.vocab_size = 1  # the span never embeds tokens; keep the unused embedding tiny
+    config.pad_token_id = None
+    config.tie_word_embeddings = False
+    return config
+
+
+class SpanModel(nn.Module):
+    """Blocks ``start..end-1`` of a model: hidden states in, hidden states out, with an optional KV cache."""
+
+    def __init__(self, base_model: nn.Module, family: FamilySpec, start: int, end: int):
+        super().__init__()
+        self.base_model, self.family, self.start, self.end = base_model, family, start, end
+        setattr(base_model, family.final_norm_attr, nn.Identity())
+        if family.input_norm_attr is not None:
+            setattr(base_model, family.input_norm_attr, nn.Identity())
+
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.base_model.config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return getattr(self.base_model, self.family.layers_attr)
+
+    def new_cache(self, start: int | None = None, end: int | None = None) -> DynamicCache:
+        """An empty attention cache for one session over blocks ``start..end-1`` (default: the whole span)."""
+        start, end = self._range(start, end)
+        if (start, end) == (self.start, self.end):
+            return DynamicCache(config=self.config)
+        return DynamicCache(config=slice_layers(self.config, start - self.start, end - self.start))
+
+    def forward(
+        self, inputs: SpanInputs, cache: DynamicCache | None = None, *, start: int | None = None, end: int | None = None
+    ) -> torch.Tensor:
+        """Run blocks ``start..end-1`` (default: all hosted); with ``cache``, append the new keys/values to it.
+
+        Returns hidden states [batch, new_tokens, hidden]. Not thread-safe for sub-ranges: call from one thread.
+        """
+        start, end = self._range(start, end)
+        if (start, end) == (self.start, self.end):
+            return self._run(self.base_model, inputs, cache)
+        with self._sub_range(start - self.start, end - self.start) as view:
+            return self._run(view, inputs, cache)
+
+    def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = self.start if start is None else start
+        end = self.end if end is None else end
+        if not self.start <= start < end <= self.end:
+            raise ValueError(f"blocks {start}:{end} are not within the hosted span {self.start}:{self.end}")
+        return start, end
+
+    @staticmethod
+    def _run(base_model: nn.Module, inputs: SpanInputs, cache: DynamicCache | None) -> torch.Tensor:
+        out = base_model(
+            inputs_embeds=inputs.hidden_states,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+        )
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def _sub_range(self, first: int, last: int):
+        """A base model over local blocks ``first..last-1``: their layer indices temporarily renumbered from 0."""
+        view = copy.copy(self.base_model)
+        view._modules = dict(self.base_model._modules)
+        view._modules[self.family.layers_attr] = nn.ModuleList(self.blocks[first:last])
+        view.config = slice_layers(self.config, first, last)
+        renumbered = [
+            (module, module.layer_idx)
+            for block in self.blocks[first:last]
+            for module in block.modules()
+            if isinstance(getattr(module, "layer_idx", None), int)
+        ]
+        try:
+            for module, layer_idx in renumbered:
+                module.layer_idx = layer_idx - first
+            yield view
+        finally:
+            for module, layer_idx in renumbered:
+                module.layer_idx = layer_idx
+
+
+def load_span(
+    checkpoint: Checkpoint,
+    start: int,
+    end: int,
+    *,
+    config: PretrainedConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> SpanModel:
+    """Build blocks ``start..end-1`` of ``checkpoint`` reading only their tensors; weights frozen, eval mode."""
+    config = config or AutoConfig.from_pretrained(checkpoint.folder)
+    family = family_for(config.model_type)
+    if not 0 <= start < end <= config.num_hidden_layers:
+        raise ValueError(f"blocks {start}:{end} are outside the model's 0:{config.num_hidden_layers}")
+    blocks = load_block_tensors(checkpoint, start, end)
+    state_dict = {
+        f"{family.layers_attr}.{index - start}.{name}": tensor
+        for index, tensors in blocks.items()
+        for name, tensor in tensors.items()
+    }
+    with _quiet_transformers():
+        base_class = MODEL_MAPPING[type(config)]
+        base_model = base_class.from_pretrained(
+            None, config=span_config(config, start, end), state_dict=state_dict, dtype=dtype
+        )
+    span = SpanModel(base_model, family, start, end).to(device).eval()
+    span.requires_grad_(False)
+    return span
+
+
+class _quiet_transformers:
+    """Silence transformers' "some weights were not initialized" notice: the span's embedding is unused by design."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._logger = _stdlib_logging.getLogger("transformers")
+        self._level = self._logger.level
+        self._bars = hf_logging.is_progress_bar_enabled()
+        self._logger.setLevel(_stdlib_logging.ERROR)
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+
+        self._logger.setLevel(self._level)
+        if self._bars:
+            hf_logging.enable_progress_bar()

@@ -1,0 +1,69 @@
+"""Metadata of block RPCs (sent as msgpack next to the tensors of hivemind's ExpertRequest/ExpertResponse)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from corolla.protocol.versions import PROTOCOL_VERSION
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SpanRequest(_Message):
+    """Which of the server's blocks to run, and how the tensors that follow are laid out.
+
+    Tensors, in order: hidden_states [batch, tokens, hidden]; then attention_mask [batch, past+tokens] if
+    ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``.
+    """
+
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    output_compression: str = "NONE"  # a hivemind CompressionType name
+    protocol_version: int = PROTOCOL_VERSION
+
+
+class InferenceOpen(SpanRequest):
+    """First message of an inference stream: reserves cache for ``max_length`` tokens of ``batch_size`` rows."""
+
+    session_id: str = Field(min_length=1, max_length=128)
+    max_length: int = Field(gt=0)
+    batch_size: int = Field(gt=0, default=1)
+
+
+class InferenceStep(_Message):
+    """One step of a session: new tokens placed at ``position`` (their index in the sequence)."""
+
+    step_id: str = Field(min_length=1, max_length=128)
+    position: int = Field(ge=0)
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+
+
+class StepResult(_Message):
+    """The server's answer to a step: position after it and the free cache tokens left."""
+
+    step_id: str
+    position: int
+    cache_tokens_left: int
+
+
+class ServerStatus(_Message):
+    """Answer of the info RPC."""
+
+    version: str
+    protocol_version: int
+    model_type: str
+    start_block: int
+    end_block: int
+    hidden_size: int
+    dtype: str
+    quant: str
+    cache_tokens_total: int
+    cache_tokens_left: int
+    max_batch_tokens: int
+    max_session_length: int
+    active_sessions: int

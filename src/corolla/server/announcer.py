@@ -1,0 +1,59 @@
+"""Keeps a server's records in the DHT fresh: republished every period, expiring soon after it vanishes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from hivemind.dht import DHT
+
+from corolla.log import get_logger
+from corolla.net.dht_records import declare_blocks
+from corolla.protocol.server_info import ServerInfo
+
+logger = get_logger(__name__)
+
+
+class Announcer:
+    """Announces ``make_info()`` for blocks start..end-1 now and then every ``period_s`` seconds."""
+
+    def __init__(
+        self, *, dht: DHT, dht_prefix: str, owner: bytes, make_info: Callable[[], ServerInfo], period_s: float
+    ):
+        self.dht, self.dht_prefix, self.owner, self.make_info, self.period_s = dht, dht_prefix, owner, make_info, period_s
+        self._task: asyncio.Task | None = None
+
+    @property
+    def expiration_s(self) -> float:
+        return 2.5 * self.period_s
+
+    async def announce_now(self, info: ServerInfo | None = None, timeout_s: float = 30.0) -> bool:
+        info = info or self.make_info()
+        future = declare_blocks(
+            self.dht,
+            dht_prefix=self.dht_prefix,
+            blocks=range(info.start_block, info.end_block),
+            owner=self.owner,
+            info=info,
+            expiration_s=self.expiration_s,
+        )
+        ok = await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        if not ok:
+            logger.warning("Some DHT nodes did not accept our announcement (state %s)", info.state.name)
+        return ok
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                await self.announce_now()
+            except Exception as e:  # a background loop logs and keeps going
+                logger.warning("Announcing to the DHT failed: %s", e, exc_info=logger.isEnabledFor(10))

@@ -1,0 +1,65 @@
+"""One compute thread per server, running inference steps before forward/backward work."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from corolla.log import get_logger
+
+logger = get_logger(__name__)
+
+PRIORITY_INFERENCE = 0
+PRIORITY_FORWARD = 1
+
+
+class ComputeQueue:
+    """Runs submitted functions on one thread in priority order (lower first, FIFO within a priority)."""
+
+    def __init__(self, name: str = "corolla-compute"):
+        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+        self._counter = itertools.count()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, priority: int, fn: Callable[[], Any]) -> asyncio.Future:
+        """Schedule ``fn`` and return an asyncio future (of the running loop) with its result."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((priority, next(self._counter), fn, loop, future))
+        return future
+
+    def shutdown(self) -> None:
+        self._queue.put((-1, -1, None, None, None))
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            _, _, fn, loop, future = self._queue.get()
+            if fn is None:
+                return
+            if future.cancelled():
+                continue
+            try:
+                with torch.inference_mode():
+                    result = fn()
+            except BaseException as e:  # handed to the awaiting request, which reports it
+                loop.call_soon_threadsafe(_set_exception, future, e)
+            else:
+                loop.call_soon_threadsafe(_set_result, future, result)
+
+
+def _set_result(future: asyncio.Future, result) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _set_exception(future: asyncio.Future, error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,80 @@
+"""Settings of one server: a single frozen dataclass, from which the CLI flags are generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_QUANTS = ("none", "int8", "nf4")
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"help": text, **kwargs}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Everything ``corolla serve`` can be told. Validated on construction (ValueError names the bad values)."""
+
+    model: str = field(metadata=_help("Hub repo id, local checkpoint folder, or bundled short name (smollm2-135m)"))
+    initial_peers: tuple[str, ...] = field(default=(), metadata=_help("multiaddrs of peers already in the swarm"))
+    new_swarm: bool = field(default=False, metadata=_help("start a new swarm (no initial peers)"))
+    num_blocks: int | None = field(default=None, metadata=_help("how many consecutive blocks to serve"))
+    blocks: str | None = field(default=None, metadata=_help("exact span to serve, as START:END (END exclusive)"))
+    device: str = field(default="cpu", metadata=_help("torch device, e.g. cpu or cuda:0"))
+    dtype: str = field(default="auto", metadata=_help("weights dtype: " + ", ".join(_DTYPES)))
+    quant: str = field(default="none", metadata=_help("weight quantization: " + ", ".join(_QUANTS)))
+    cache_tokens: int = field(default=8192, metadata=_help("attention-cache budget, in tokens, for all sessions"))
+    max_batch_tokens: int = field(default=8192, metadata=_help("largest number of tokens in one request"))
+    max_session_length: int = field(default=4096, metadata=_help("longest inference session (tokens) accepted"))
+    public_name: str | None = field(default=None, metadata=_help("a name shown in the swarm monitor"))
+    host_maddrs: tuple[str, ...] = field(
+        default=("/ip4/127.0.0.1/tcp/0",), metadata=_help("multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337")
+    )
+    announce_maddrs: tuple[str, ...] = field(default=(), metadata=_help("public multiaddrs announced to others"))
+    identity: str | None = field(default=None, metadata=_help("file with a persistent peer identity (created)"))
+    dht_prefix: str | None = field(default=None, metadata=_help("DHT namespace of this model (default: from name)"))
+    throughput: str = field(default="auto", metadata=_help("auto (cached measurement), eval (re-measure) or FLOAT"))
+    update_period: float = field(default=30.0, metadata=_help("seconds between DHT announcements"))
+    request_timeout: float = field(default=180.0, metadata=_help("seconds a request may take before it is failed"))
+    session_timeout: float = field(default=300.0, metadata=_help("seconds a session may wait for its next step"))
+    alloc_timeout: float = field(default=5.0, metadata=_help("seconds a session waits for cache room"))
+    num_threads: int = field(default=1, metadata=_help("torch threads for compute (1 suits many processes)"))
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of {_DTYPES}")
+        if self.quant not in _QUANTS:
+            raise ValueError(f"quant={self.quant!r} is not one of {_QUANTS}")
+        if self.new_swarm == bool(self.initial_peers):
+            raise ValueError(
+                f"pass either --initial-peers (got {list(self.initial_peers)}) or --new-swarm (got {self.new_swarm})"
+            )
+        if self.num_blocks is not None and self.blocks is not None:
+            raise ValueError(f"pass --num-blocks ({self.num_blocks}) or --blocks ({self.blocks}), not both")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.blocks is not None:
+            self.parse_blocks()
+        for name in ("cache_tokens", "max_batch_tokens", "max_session_length", "num_threads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("update_period", "request_timeout", "session_timeout", "alloc_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)}")
+        if self.throughput not in ("auto", "eval"):
+            try:
+                if float(self.throughput) <= 0:
+                    raise ValueError
+            except ValueError:
+                raise ValueError(f"throughput must be auto, eval or a positive number, got {self.throughput!r}") from None
+
+    def parse_blocks(self) -> tuple[int, int]:
+        """``"3:7"`` -> ``(3, 7)``; ValueError for anything else."""
+        try:
+            start, end = (int(x) for x in str(self.blocks).split(":"))
+        except ValueError:
+            raise ValueError(f"--blocks must look like START:END, got {self.blocks!r}") from None
+        if not 0 <= start < end:
+            raise ValueError(f"--blocks {self.blocks!r}: need 0 <= START < END")
+        return start, end

@@ -1,0 +1,254 @@
+"""The server's RPCs: info, forward (unary and streaming) and streaming inference sessions.
+
+Every request is validated before it touches the model; a bad request fails alone with a message saying what was
+wrong, and the server keeps serving everyone else. Inference sessions hold a reservation of attention-cache tokens
+that is released whatever way the session ends (done, error, timeout, client gone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import AsyncIterator  # hivemind recognises streaming RPCs by typing.AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from pydantic import ValidationError
+
+from corolla import __version__
+from corolla.errors import InvalidRequestError
+from corolla.log import get_logger
+from corolla.models.span import SpanInputs, SpanModel
+from corolla.net.tensors import pack_response, unpack_metadata, unpack_tensors
+from corolla.protocol.messages import InferenceOpen, InferenceStep, ServerStatus, SpanRequest, StepResult
+from corolla.protocol.versions import PROTOCOL_VERSION
+from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
+from corolla.server.config import ServerConfig
+from corolla.server.memory_cache import CacheBudget
+from corolla.server import validation
+
+logger = get_logger(__name__)
+
+STREAM_CHUNK_BYTES = 2**20
+
+
+@dataclass(kw_only=True)
+class _Session:
+    """Server-side state of one inference session over blocks start..end-1."""
+
+    opened: InferenceOpen
+    cache: object
+    length: int = 0  # tokens already in the cache
+    last_step_id: str | None = None
+    last_output: runtime_pb2.ExpertResponse | None = None
+    history: list = field(default_factory=list)
+
+
+class BlockServicer(ServicerBase):
+    """RPC handlers of one server, hosting blocks ``span.start..span.end-1``."""
+
+    def __init__(self, *, span: SpanModel, config: ServerConfig, budget: CacheBudget, compute: ComputeQueue):
+        self.span, self.config, self.budget, self.compute = span, config, budget, compute
+        self.dtype = next(span.parameters()).dtype
+        self.device = next(span.parameters()).device
+        self.active_sessions = 0
+
+    # ---- info -------------------------------------------------------------------------------------------------
+    def status(self) -> ServerStatus:
+        cfg = self.span.config
+        return ServerStatus(
+            version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            model_type=cfg.model_type,
+            start_block=self.span.start,
+            end_block=self.span.end,
+            hidden_size=cfg.hidden_size,
+            dtype=str(self.dtype).removeprefix("torch."),
+            quant=self.config.quant,
+            cache_tokens_total=self.budget.total_tokens,
+            cache_tokens_left=self.budget.tokens_left,
+            max_batch_tokens=self.config.max_batch_tokens,
+            max_session_length=self.config.max_session_length,
+            active_sessions=self.active_sessions,
+        )
+
+    async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.status().model_dump()))
+
+    # ---- forward ----------------------------------------------------------------------------------------------
+    async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """Run hidden states through a sub-range of the hosted blocks (no cache)."""
+        meta, tensors = _parse(SpanRequest, request)
+        return await self._forward(meta, tensors)
+
+    async def rpc_forward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Like rpc_forward for payloads over the transport's unary limit: tensors arrive and leave in chunks."""
+        parts, metadata = [], None
+        async for message in _timed(requests, self.config.request_timeout):
+            if metadata is None and message.metadata:
+                metadata = message.metadata
+            parts.extend(message.tensors)
+            if sum(p.ByteSize() for p in parts) > 64 * self.config.max_batch_tokens * self.span.config.hidden_size:
+                raise InvalidRequestError("streamed request is larger than this server's max_batch_tokens allow")
+        request = runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=_combine_chunks(parts))
+        meta, tensors = _parse(SpanRequest, request)
+        response = await self._forward(meta, tensors)
+        for tensor in response.tensors:
+            for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
+                yield runtime_pb2.ExpertResponse(tensors=[chunk])
+
+    async def _forward(self, meta: SpanRequest, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
+        validation.check_span(meta.start_block, meta.end_block, served=(self.span.start, self.span.end))
+        inputs = self._span_inputs(meta, tensors, past_length=0, batch_size=None)
+        task = lambda: self.span(inputs, start=meta.start_block, end=meta.end_block)  # noqa: E731
+        output = await self._compute(PRIORITY_FORWARD, task)
+        return pack_response([output.cpu()], {}, compression=meta.output_compression)
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    async def rpc_inference(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """A session: the first message opens it (and may carry a step); each later message is one step."""
+        requests = _timed(requests, self.config.session_timeout)
+        first = await anext(requests, None)
+        if first is None:
+            return
+        opened, tensors = _parse(InferenceOpen, first)
+        self._check_open(opened)
+        tokens = opened.batch_size * opened.max_length
+        async with self.budget.reserve(tokens, timeout_s=self.config.alloc_timeout):
+            self.active_sessions += 1
+            session = _Session(opened=opened, cache=self.span.new_cache(opened.start_block, opened.end_block))
+            logger.debug("Session %s opened for %d tokens", opened.session_id, tokens)
+            try:
+                message = first
+                while message is not None:
+                    if message.tensors:
+                        yield await self._step(session, message)
+                    message = await anext(requests, None)
+            finally:
+                self.active_sessions -= 1
+                session.cache = None
+                logger.debug("Session %s closed", opened.session_id)
+
+    def _check_open(self, opened: InferenceOpen) -> None:
+        validation.check_span(opened.start_block, opened.end_block, served=(self.span.start, self.span.end))
+        if opened.max_length > self.config.max_session_length:
+            raise InvalidRequestError(
+                f"max_length={opened.max_length} exceeds this server's --max-session-length "
+                f"{self.config.max_session_length}"
+            )
+        if opened.batch_size > self.config.max_batch_tokens:
+            raise InvalidRequestError(f"batch_size={opened.batch_size} exceeds {self.config.max_batch_tokens}")
+
+    async def _step(self, session: _Session, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+        step, tensors = _parse(InferenceStep, message)
+        if step.step_id == session.last_step_id and session.last_output is not None:
+            return session.last_output  # a repeated step is answered, not recomputed
+        if step.position > session.length:
+            raise InvalidRequestError(
+                f"step at position {step.position} would skip positions: the session holds {session.length} tokens"
+            )
+        opened = session.opened
+        inputs = self._span_inputs(step, tensors, past_length=step.position, batch_size=opened.batch_size)
+        new_tokens = inputs.hidden_states.shape[1]
+        if step.position + new_tokens > opened.max_length:
+            raise InvalidRequestError(
+                f"step would reach {step.position + new_tokens} tokens, over the session's max_length "
+                f"{opened.max_length}"
+            )
+
+        def task():
+            if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
+                session.cache.crop(step.position)
+            return self.span(inputs, session.cache, start=opened.start_block, end=opened.end_block)
+
+        output = await self._compute(PRIORITY_INFERENCE, task)
+        session.length = step.position + new_tokens
+        result = StepResult(step_id=step.step_id, position=session.length, cache_tokens_left=self.budget.tokens_left)
+        response = pack_response([output.cpu()], result.model_dump(), compression=opened.output_compression)
+        session.last_step_id, session.last_output = step.step_id, response
+        return response
+
+    # ---- shared -----------------------------------------------------------------------------------------------
+    def _span_inputs(self, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None):
+        expected = 1 + int(meta.has_attention_mask) + int(meta.has_position_ids)
+        if len(tensors) != expected:
+            raise InvalidRequestError(f"expected {expected} tensors (hidden states, mask, positions), got {len(tensors)}")
+        hidden = tensors[0]
+        validation.check_hidden_states(
+            hidden,
+            hidden_size=self.span.config.hidden_size,
+            max_tokens=self.config.max_batch_tokens,
+            batch_size=batch_size,
+        )
+        batch, new_tokens, _ = hidden.shape
+        rest = iter(tensors[1:])
+        mask = positions = None
+        if meta.has_attention_mask:
+            mask = validation.check_attention_mask(next(rest), batch=batch, length=past_length + new_tokens)
+        if meta.has_position_ids:
+            limit = max(self.config.max_session_length, past_length + new_tokens)
+            positions = validation.check_position_ids(next(rest), batch=batch, tokens=new_tokens, limit=limit)
+        return SpanInputs(
+            hidden_states=hidden.to(self.device, self.dtype),
+            attention_mask=None if mask is None else mask.to(self.device),
+            position_ids=None if positions is None else positions.to(self.device),
+        )
+
+    async def _compute(self, priority: int, task):
+        try:
+            return await asyncio.wait_for(self.compute.submit(priority, task), self.config.request_timeout)
+        except asyncio.TimeoutError:
+            raise InvalidRequestError(f"the request took over {self.config.request_timeout} s and was cancelled") from None
+
+
+def _parse(schema, message) -> tuple:
+    """Metadata validated against ``schema`` plus decoded tensors; InvalidRequestError on anything malformed."""
+    try:
+        metadata = schema.model_validate(unpack_metadata(message))
+        tensors = unpack_tensors(message)
+    except (ValueError, ValidationError) as e:
+        raise InvalidRequestError(f"malformed {schema.__name__}: {_short(e)}") from None
+    return metadata, tensors
+
+
+def _short(error: Exception) -> str:
+    text = str(error).replace("\n", "; ")
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _combine_chunks(parts: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
+    """Reassemble tensors split by split_for_streaming: a chunk with ``chunks`` > 0 starts a new tensor."""
+    tensors, pending = [], []
+    for part in parts:
+        if part.chunks and pending:
+            tensors.append(combine_from_streaming(pending))
+            pending = []
+        pending.append(part)
+    if pending:
+        tensors.append(combine_from_streaming(pending))
+    return tensors
+
+
+async def _timed(iterator: AsyncIterator, timeout_s: float) -> AsyncIterator:
+    """Yield from ``iterator``, failing if the next item takes longer than ``timeout_s`` to arrive."""
+    iterator = aiter(iterator)
+    while True:
+        try:
+            item = await asyncio.wait_for(anext(iterator), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise InvalidRequestError(f"no message within {timeout_s} s; closing the stream") from None
+        yield item
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
