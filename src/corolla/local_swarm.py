@@ -111,8 +111,12 @@ class LocalSwarm:
 
         num_blocks = num_blocks or AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
         servers_wanted = len(self.spans) if min_servers is None else min_servers
-        dht = DHT(initial_peers=self.initial_peers, start=True, client_mode=True,
-                  record_validators=[RSASignatureValidator(RSAPrivateKey())])
+        dht = DHT(
+            initial_peers=self.initial_peers,
+            start=True,
+            client_mode=True,
+            record_validators=[RSASignatureValidator(RSAPrivateKey())],
+        )
         prefix = default_dht_prefix(self.model)
 
         def served() -> bool:

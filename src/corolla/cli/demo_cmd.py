@@ -33,7 +33,7 @@ def _even_spans(num_blocks: int, num_servers: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig, AutoTokenizer, TextStreamer
+    from transformers import AutoConfig, AutoTokenizer
 
     from corolla import AutoDistributedModelForCausalLM
     from corolla.local_swarm import LocalSwarm
@@ -57,20 +57,25 @@ def run(args: argparse.Namespace) -> int:
         blocks = model.remote_blocks
         print("[demo] Servers and the blocks they host:")
         for peer_id, info in sorted(blocks.swarm.servers.items(), key=lambda item: item[1].start_block):
-            print(f"         {peer_id.to_base58()}  blocks {info.start_block}:{info.end_block}  "
-                  f"({info.inference_rps or 0:.0f} steps/s per block)")
+            print(
+                f"         {peer_id.to_base58()}  blocks {info.start_block}:{info.end_block}  "
+                f"({info.inference_rps or 0:.0f} steps/s per block)"
+            )
         print(f"\nuser> {args.prompt}\nassistant> ", end="", flush=True)
         streamer = _TimingStreamer(tokenizer)
         with torch.inference_mode(), model.inference_session(max_length=ids.shape[1] + args.max_new_tokens) as sess:
             t0 = time.perf_counter()
-            out = model.generate(ids, session=sess, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 streamer=streamer)
+            out = model.generate(
+                ids, session=sess, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer
+            )
             elapsed = time.perf_counter() - t0
             route = " -> ".join(f"{span.hop.peer_id[-8:]}[{span.hop.start}:{span.hop.end}]" for span in sess._spans)
         new_tokens = out.shape[1] - ids.shape[1]
         print(f"\n[demo] Route used: {route}")
-        print(f"[demo] {new_tokens} tokens in {elapsed:.2f} s = {new_tokens / elapsed:.1f} tokens/s "
-              f"(first token after {streamer.first_token_s(t0):.2f} s)")
+        print(
+            f"[demo] {new_tokens} tokens in {elapsed:.2f} s = {new_tokens / elapsed:.1f} tokens/s "
+            f"(first token after {streamer.first_token_s(t0):.2f} s)"
+        )
         model.shutdown()
         print("[demo] Shutting the swarm down...")
     print("[demo] Done: all processes stopped.")

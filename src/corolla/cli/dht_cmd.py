@@ -14,9 +14,7 @@ def register(commands) -> None:
         description="Start a DHT peer (no blocks) that new servers and clients can join through.",
     )
     parser.add_argument("--initial-peers", nargs="*", default=[], help="multiaddrs of an existing swarm to join")
-    parser.add_argument(
-        "--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], help="multiaddrs to listen on"
-    )
+    parser.add_argument("--host-maddrs", nargs="+", default=["/ip4/127.0.0.1/tcp/0"], help="multiaddrs to listen on")
     parser.add_argument("--announce-maddrs", nargs="*", default=[], help="public multiaddrs to announce")
     parser.add_argument("--identity", default=None, help="file with a persistent peer identity (created if missing)")
     parser.set_defaults(handler=run)

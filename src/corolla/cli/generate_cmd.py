@@ -65,7 +65,9 @@ def run_generate(args) -> int:
     tokenizer, model = _load(args)
     if args.chat:
         ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": args.prompt}], add_generation_prompt=True, return_tensors="pt",
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
             return_dict=True,
         )["input_ids"]
     else:
@@ -93,7 +95,9 @@ def run_chat(args) -> int:
             if not text:
                 break
             ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt",
+                [{"role": "user", "content": text}],
+                add_generation_prompt=True,
+                return_tensors="pt",
                 return_dict=True,
             )["input_ids"]
             if not first and tokenizer.bos_token_id is not None and ids[0, 0] == tokenizer.bos_token_id:

@@ -67,14 +67,17 @@ class _ServerStream:
             has_position_ids=positions is not None,
         ).model_dump()
         if not self._opened:
-            step = InferenceOpen(
-                session_id=uuid.uuid4().hex,
-                max_length=self.max_length,
-                batch_size=self.batch_size,
-                start_block=self.hop.start,
-                end_block=self.hop.end,
-                output_compression=self.compression,
-            ).model_dump() | step
+            step = (
+                InferenceOpen(
+                    session_id=uuid.uuid4().hex,
+                    max_length=self.max_length,
+                    batch_size=self.batch_size,
+                    start_block=self.hop.start,
+                    end_block=self.hop.end,
+                    output_compression=self.compression,
+                ).model_dump()
+                | step
+            )
             self._opened = True
         tensors = [hidden] + [t for t in (mask, positions) if t is not None]
         await self._outbox.put(pack(tensors, step, compression=self.compression))
@@ -157,7 +160,10 @@ class InferenceSession:
                     ) from e
                 logger.warning(
                     "Server %s failed on blocks %d:%d (%s); recovering",
-                    span.hop.peer_id, span.hop.start, span.hop.end, _describe(e),
+                    span.hop.peer_id,
+                    span.hop.start,
+                    span.hop.end,
+                    _describe(e),
                 )
                 replay_mask = None if mask is None else mask[:, : self.position]
                 self._spans[index : index + 1] = await self._replace(span, hidden.shape[0], replay_mask)

@@ -9,10 +9,11 @@ driven through a server-side attention cache.
 from __future__ import annotations
 
 import copy
+
 import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.cache_utils import Cache
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_outputs import MoeModelOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from corolla.client.config import ClientConfig
@@ -79,7 +80,8 @@ class DistributedBaseMixin:
         else:
             hidden = blocks(hidden, attention_mask, position_ids)
         hidden = getattr(self, family.final_norm_attr)(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+        # the MoE output type is a superset of the dense one (router_logits stay None: routing is server-side)
+        return MoeModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
 
 class DistributedCausalLMMixin:
@@ -138,7 +140,7 @@ class DistributedCausalLMMixin:
         generated = sequences.shape[1] - (attention_mask.shape[1] if attention_mask is not None else 0)
         session.mask_history = torch.cat([attention_mask, attention_mask.new_ones(sequences.shape[0], generated)], 1)
         if prefix is not None and input_ids is not None:
-            trimmed = sequences[:, prefix.shape[1]:]
+            trimmed = sequences[:, prefix.shape[1] :]
             if isinstance(output, torch.Tensor):
                 return trimmed
             output.sequences = trimmed
@@ -178,10 +180,12 @@ class AutoDistributedModelForCausalLM:
         )
         base = getattr(model, family.base_model_attr)
         setattr(base, family.layers_attr, RemoteSequential(swarm))
-        base.__class__ = type(f"Distributed{type(base).__name__}", (DistributedBaseMixin, type(base)),
-                              {"_family": family})
-        model.__class__ = type(f"Distributed{type(model).__name__}", (DistributedCausalLMMixin, type(model)),
-                               {"_family": family})
+        base.__class__ = type(
+            f"Distributed{type(base).__name__}", (DistributedBaseMixin, type(base)), {"_family": family}
+        )
+        model.__class__ = type(
+            f"Distributed{type(model).__name__}", (DistributedCausalLMMixin, type(model)), {"_family": family}
+        )
         return model.eval()
 
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
 from transformers.cache_utils import DynamicCache
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from corolla.log import get_logger
 from corolla.models.checkpoint import Checkpoint, load_block_tensors
@@ -86,7 +86,12 @@ class SpanModel(nn.Module):
         return DynamicCache(config=slice_layers(self.config, start - self.start, end - self.start))
 
     def forward(
-        self, inputs: SpanInputs, cache: DynamicCache | None = None, *, start: int | None = None, end: int | None = None
+        self,
+        inputs: SpanInputs,
+        cache: DynamicCache | None = None,
+        *,
+        start: int | None = None,
+        end: int | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start..end-1`` (default: all hosted); with ``cache``, append the new keys/values to it.
 

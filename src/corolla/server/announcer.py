@@ -20,7 +20,13 @@ class Announcer:
     def __init__(
         self, *, dht: DHT, dht_prefix: str, owner: bytes, make_info: Callable[[], ServerInfo], period_s: float
     ):
-        self.dht, self.dht_prefix, self.owner, self.make_info, self.period_s = dht, dht_prefix, owner, make_info, period_s
+        self.dht, self.dht_prefix, self.owner, self.make_info, self.period_s = (
+            dht,
+            dht_prefix,
+            owner,
+            make_info,
+            period_s,
+        )
         self._task: asyncio.Task | None = None
 
     @property

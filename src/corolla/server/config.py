@@ -67,7 +67,9 @@ class ServerConfig:
                 if float(self.throughput) <= 0:
                     raise ValueError
             except ValueError:
-                raise ValueError(f"throughput must be auto, eval or a positive number, got {self.throughput!r}") from None
+                raise ValueError(
+                    f"throughput must be auto, eval or a positive number, got {self.throughput!r}"
+                ) from None
 
     def parse_blocks(self) -> tuple[int, int]:
         """``"3:7"`` -> ``(3, 7)``; ValueError for anything else."""

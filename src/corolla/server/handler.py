@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import AsyncIterator  # hivemind recognises streaming RPCs by typing.AsyncIterator
+from collections.abc import AsyncIterator  # hivemind recognises streaming RPCs by typing.AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
@@ -26,10 +26,10 @@ from corolla.models.span import SpanInputs, SpanModel
 from corolla.net.tensors import pack_response, unpack_metadata, unpack_tensors
 from corolla.protocol.messages import InferenceOpen, InferenceStep, ServerStatus, SpanRequest, StepResult
 from corolla.protocol.versions import PROTOCOL_VERSION
+from corolla.server import validation
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.memory_cache import CacheBudget
-from corolla.server import validation
 
 logger = get_logger(__name__)
 
@@ -180,7 +180,9 @@ class BlockServicer(ServicerBase):
     def _span_inputs(self, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None):
         expected = 1 + int(meta.has_attention_mask) + int(meta.has_position_ids)
         if len(tensors) != expected:
-            raise InvalidRequestError(f"expected {expected} tensors (hidden states, mask, positions), got {len(tensors)}")
+            raise InvalidRequestError(
+                f"expected {expected} tensors (hidden states, mask, positions), got {len(tensors)}"
+            )
         hidden = tensors[0]
         validation.check_hidden_states(
             hidden,
@@ -206,7 +208,9 @@ class BlockServicer(ServicerBase):
         try:
             return await asyncio.wait_for(self.compute.submit(priority, task), self.config.request_timeout)
         except asyncio.TimeoutError:
-            raise InvalidRequestError(f"the request took over {self.config.request_timeout} s and was cancelled") from None
+            raise InvalidRequestError(
+                f"the request took over {self.config.request_timeout} s and was cancelled"
+            ) from None
 
 
 def _parse(schema, message) -> tuple:

@@ -142,7 +142,13 @@ class Server:
         announcer.start()
         logger.info(
             "Serving blocks %d:%d of %s (%s, %s) as peer %s; ready in %.2f s",
-            start, end, cfg.model, dtype, cfg.device, dht.peer_id, time.perf_counter() - started,
+            start,
+            end,
+            cfg.model,
+            dtype,
+            cfg.device,
+            dht.peer_id,
+            time.perf_counter() - started,
         )
         try:
             await self._stop.wait()

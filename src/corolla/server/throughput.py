@@ -77,7 +77,8 @@ def measure_speed(span: SpanModel, *, steps: int = 8, forward_tokens: int = 128)
         network_rps=_network_rps(hidden),
     )
     logger.info(
-        "Measured speed per block: %.1f inference steps/s, %.0f forward tokens/s", report.inference_rps,
+        "Measured speed per block: %.1f inference steps/s, %.0f forward tokens/s",
+        report.inference_rps,
         report.forward_rps,
     )
     return report
@@ -104,7 +105,15 @@ def _cache_key(span: SpanModel, quant: str) -> str:
     param = next(span.parameters())
     cfg = span.config
     description = json.dumps(
-        [cfg.model_type, cfg.hidden_size, getattr(cfg, "intermediate_size", None), str(param.dtype),
-         str(param.device), quant, torch.get_num_threads(), torch.__version__],
+        [
+            cfg.model_type,
+            cfg.hidden_size,
+            getattr(cfg, "intermediate_size", None),
+            str(param.dtype),
+            str(param.device),
+            quant,
+            torch.get_num_threads(),
+            torch.__version__,
+        ],
     )
     return hashlib.sha256(description.encode()).hexdigest()[:16]

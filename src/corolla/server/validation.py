@@ -33,7 +33,9 @@ def check_hidden_states(
     if batch_size is not None and batch != batch_size:
         raise InvalidRequestError(f"the session was opened for batch size {batch_size}, got {batch}")
     if batch * tokens > max_tokens:
-        raise InvalidRequestError(f"{batch}x{tokens}={batch * tokens} tokens exceed this server's limit of {max_tokens}")
+        raise InvalidRequestError(
+            f"{batch}x{tokens}={batch * tokens} tokens exceed this server's limit of {max_tokens}"
+        )
     if not torch.isfinite(hidden).all():
         raise InvalidRequestError("hidden states contain NaN or Inf")
 
@@ -56,9 +58,7 @@ def check_position_ids(position_ids: torch.Tensor, *, batch: int, tokens: int, l
     if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
         raise InvalidRequestError(f"position ids must be integers, got {position_ids.dtype}")
     if position_ids.ndim != 2 or tuple(position_ids.shape) != (batch, tokens):
-        raise InvalidRequestError(
-            f"position ids must have shape [{batch}, {tokens}], got {list(position_ids.shape)}"
-        )
+        raise InvalidRequestError(f"position ids must have shape [{batch}, {tokens}], got {list(position_ids.shape)}")
     if (position_ids < 0).any() or (position_ids >= limit).any():
         raise InvalidRequestError(f"position ids must be in [0, {limit})")
     return position_ids.to(torch.int64)

@@ -1,0 +1,19 @@
+"""Shared pytest setup: one torch thread per test process (servers are separate processes on the same cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The bundled SmolLM2 converted to a sharded HF checkpoint (converted once per cache, then reused)."""
+    from corolla.models.bundled import ensure_bundled_checkpoint
+
+    return ensure_bundled_checkpoint("smollm2-135m")

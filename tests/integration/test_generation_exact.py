@@ -1,0 +1,80 @@
+"""End to end: distributed generation equals the same checkpoint run locally with transformers, per family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.local_swarm import LocalSwarm
+from tests.fixtures.zoo import FAMILIES, zoo_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_swarm(request, tmp_path_factory):
+    path = str(zoo_checkpoint(request.param))
+    logs = tmp_path_factory.mktemp(f"logs-{request.param}")
+    with LocalSwarm(model=path, spans=["0:3", "3:6"], server_args=["--throughput", "100"], log_dir=logs) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        yield request.param, path, model, local
+        model.shutdown()
+
+
+def test_logits_match_local(family_swarm):
+    _, _, model, local = family_swarm
+    ids = torch.randint(4, 400, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = local(input_ids=ids, attention_mask=mask).logits
+        got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1, 3:], expected[1, 3:], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_tokens_match_local(family_swarm):
+    _, path, model, local = family_swarm
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("the quick brown fox jumps over", return_tensors="pt")["input_ids"]
+    expected = local.generate(ids, max_new_tokens=24, do_sample=False)
+    got = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert got.tolist() == expected.tolist()
+
+
+def test_padded_batch_matches_local(family_swarm):
+    _, _, model, local = family_swarm
+    ids = torch.randint(4, 400, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :5] = 0
+    expected = local.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    assert got.tolist() == expected.tolist()
+
+
+def test_session_continues_without_resending_history(family_swarm):
+    _, _, model, local = family_swarm
+    turn1 = torch.randint(4, 400, (1, 6), generator=torch.Generator().manual_seed(3))
+    turn2 = torch.randint(4, 400, (1, 4), generator=torch.Generator().manual_seed(4))
+    with model.inference_session(max_length=64) as session:
+        first = model.generate(turn1, max_new_tokens=6, session=session, do_sample=False)
+        second = model.generate(turn2, max_new_tokens=6, session=session, do_sample=False)
+        assert session.position == first.shape[1] + second.shape[1] - 1  # the last token is not fed yet
+    history = torch.cat([first, turn2], dim=1)
+    expected = local.generate(history, max_new_tokens=6, do_sample=False)
+    assert second.tolist() == expected[:, first.shape[1] :].tolist()
+
+
+def test_sampling_is_reproducible_with_a_seed(family_swarm):
+    _, _, model, local = family_swarm
+    ids = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(5))
+    kwargs = dict(max_new_tokens=10, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    torch.manual_seed(7)
+    expected = local.generate(ids, **kwargs)
+    torch.manual_seed(7)
+    got = model.generate(ids, **kwargs)
+    assert got.tolist() == expected.tolist()

@@ -1,0 +1,47 @@
+"""The real bundled model, SmolLM2-135M-Instruct, on 3 servers x 10 blocks: same tokens as local transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.local_swarm import LocalSwarm
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def smollm2_swarm(smollm2_path, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs-smollm2")
+    with LocalSwarm(model="smollm2-135m", spans=["0:10", "10:20", "20:30"], log_dir=logs) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=swarm.initial_peers)
+        yield swarm, model
+        model.shutdown()
+
+
+def test_chat_prompt_matches_local(smollm2_path, smollm2_swarm):
+    _, model = smollm2_swarm
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    local = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
+    messages = [{"role": "user", "content": "Name the largest planet of the solar system."}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)[
+        "input_ids"
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, local(ids).logits, atol=1e-3, rtol=1e-3)
+    expected = local.generate(ids, max_new_tokens=24, do_sample=False)
+    got = model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert got.tolist() == expected.tolist()
+    assert len(model.remote_blocks.swarm.servers) == 3
+
+
+def test_missing_blocks_error_says_what_to_do(smollm2_swarm):
+    swarm, _ = smollm2_swarm
+    from corolla.errors import MissingBlocksError
+
+    with pytest.raises(MissingBlocksError, match=r"blocks 0:30 .*corolla serve"):
+        AutoDistributedModelForCausalLM.from_pretrained(
+            "smollm2-135m", initial_peers=swarm.initial_peers, dht_prefix="nobody-serves-this"
+        ).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1)
