@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator  # hivemind recognises streaming RPCs by typing.AsyncIterator
 from dataclasses import dataclass, field
+from typing import AsyncIterator  # noqa: UP035 - hivemind spots streaming RPCs only by typing.AsyncIterator
 
 import torch
 from hivemind.p2p import P2PContext, ServicerBase
@@ -166,7 +166,7 @@ class BlockServicer(ServicerBase):
 
         def task():
             if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
-                session.cache.crop(step.position)
+                session.cache.crop(step.position - session.length)  # a negative crop removes tokens
             return self.span(inputs, session.cache, start=opened.start_block, end=opened.end_block)
 
         output = await self._compute(PRIORITY_INFERENCE, task)

@@ -1,0 +1,125 @@
+"""Inference through a local swarm vs the same weights run locally with transformers, in the same run.
+
+Measures, for batch-1 greedy generation after a ~20-token chat prompt: per-token latency (swarm / local ratio),
+time to first token after the session opens, and server cold start (process start -> blocks usable, with cached
+weights). Prints a markdown table; ``--plot PATH`` also saves a PNG bar chart.
+
+    python benchmarks/bench_inference.py --preset smoke
+    python benchmarks/bench_inference.py --preset full --plot docs/results/inference.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.local_swarm import LocalSwarm
+from corolla.models.checkpoint import resolve_checkpoint
+
+PRESETS = {"smoke": dict(new_tokens=8, repeats=1), "full": dict(new_tokens=64, repeats=3)}
+PROMPT = "Tell me one interesting fact about the ocean."
+
+
+class _FirstToken:
+    """A streamer that records when the first generated token arrives."""
+
+    def __init__(self):
+        self.calls, self.first_at = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def _time_generation(model, ids, new_tokens: int, session_factory=None) -> tuple[float, float]:
+    """(seconds per new token after the first, seconds to the first token)."""
+    streamer = _FirstToken()
+    start = time.perf_counter()
+    if session_factory is None:
+        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             streamer=streamer)
+    else:
+        with session_factory() as session:
+            start = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 streamer=streamer, session=session)
+    end = time.perf_counter()
+    generated = out.shape[1] - ids.shape[1]
+    per_token = (end - streamer.first_at) / max(1, generated - 1)
+    return per_token, streamer.first_at - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--spans", nargs="+", default=["0:10", "10:20", "20:30"])
+    parser.add_argument("--plot", default=None, help="save a PNG bar chart here")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    torch.set_num_threads(1)
+    folder = resolve_checkpoint(args.model).folder
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    local = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    with LocalSwarm(model=args.model, spans=[]) as swarm:
+        cold_starts = []
+        for i, span in enumerate(args.spans):
+            started = time.perf_counter()
+            swarm.start_server(f"server{i}", ["--blocks", span])
+            a, b = (int(x) for x in span.split(":"))
+            swarm.spans = list(args.spans[: i + 1])
+            swarm.wait_until_served(num_blocks=b, min_servers=i + 1)
+            cold_starts.append(time.perf_counter() - started)
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        max_length = ids.shape[1] + preset["new_tokens"]
+        rows = {"local": [], "swarm": []}
+        with torch.inference_mode():
+            _time_generation(local, ids, 2)  # warm-up both
+            _time_generation(model, ids, 2)
+            for _ in range(preset["repeats"]):
+                rows["local"].append(_time_generation(local, ids, preset["new_tokens"]))
+                rows["swarm"].append(_time_generation(
+                    model, ids, preset["new_tokens"], lambda: model.inference_session(max_length=max_length)))
+        model.shutdown()
+
+    local_tok = statistics.median(r[0] for r in rows["local"])
+    swarm_tok = statistics.median(r[0] for r in rows["swarm"])
+    ttft = statistics.median(r[1] for r in rows["swarm"])
+    print(f"\n## Inference, {args.model}, {len(args.spans)} servers ({' '.join(args.spans)}), float32, CPU, "
+          f"prompt {ids.shape[1]} tokens, {preset['new_tokens']} new tokens, preset {args.preset}\n")
+    print("| metric | swarm | local | ratio | target |")
+    print("|---|---|---|---|---|")
+    print(f"| per-token latency | {swarm_tok * 1e3:.1f} ms | {local_tok * 1e3:.1f} ms | "
+          f"{swarm_tok / local_tok:.2f}x | <= 1.5x |")
+    print(f"| tokens/s | {1 / swarm_tok:.1f} | {1 / local_tok:.1f} | {local_tok / swarm_tok:.2f} | |")
+    print(f"| time to first token (session open) | {ttft:.3f} s | | | < 1 s |")
+    print(f"| server cold start (median of {len(cold_starts)}) | {statistics.median(cold_starts):.2f} s | | | < 4 s |")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(["local transformers", "corolla swarm"], [local_tok * 1e3, swarm_tok * 1e3], color=["gray", "C0"])
+        ax.set_ylabel("ms per generated token")
+        ax.set_title(f"{args.model}: {swarm_tok / local_tok:.2f}x local latency")
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nplot saved to {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
