@@ -89,13 +89,22 @@ class BlockServicer(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Like rpc_forward for payloads over the transport's unary limit: tensors arrive and leave in chunks."""
-        parts, metadata = [], None
+        parts, metadata, received = [], None, 0
+        limit = 64 * self.config.max_batch_tokens * self.span.config.hidden_size
         async for message in _timed(requests, self.config.request_timeout):
+            received += message.ByteSize()
+            if received > limit:
+                # keep reading (and dropping) the rest: closing while the client still sends resets the stream,
+                # and the client would then see a broken or empty stream instead of this error
+                parts = []
+                if received > 4 * limit:
+                    break
+                continue
             if metadata is None and message.metadata:
                 metadata = message.metadata
             parts.extend(message.tensors)
-            if sum(p.ByteSize() for p in parts) > 64 * self.config.max_batch_tokens * self.span.config.hidden_size:
-                raise InvalidRequestError("streamed request is larger than this server's max_batch_tokens allow")
+        if received > limit:
+            raise InvalidRequestError("streamed request is larger than this server's max_batch_tokens allow")
         request = runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=_combine_chunks(parts))
         meta, tensors = _parse(SpanRequest, request)
         response = await self._forward(meta, tensors)

@@ -67,49 +67,80 @@ class Server:
         dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         # the peer id and the records' signatures come from one key, so clients can tell who wrote a record
         identity_path, key = load_or_create_identity(cfg.identity)
+        dht = self._start_dht(key, identity_path)
         try:
-            dht = self._start_dht(key, identity_path)
-        finally:
+            # with an explicit span, read the weights while the DHT process and p2pd start up
+            early = None
+            if cfg.blocks is not None:
+                early = self._loop.run_in_executor(
+                    None, self._load, checkpoint, model_config, self._explicit_span(model_config)
+                )
+            await self._loop.run_in_executor(None, dht.wait_until_ready, 60.0)
             if cfg.identity is None:
                 identity_path.unlink(missing_ok=True)  # a throw-away identity: the daemon has read it
-        try:
-            await self._serve(dht, key, checkpoint, model_config, dht_prefix, started)
+            if early is not None:
+                span = await early
+            else:
+                span = await self._loop.run_in_executor(
+                    None, self._load, checkpoint, model_config, self._auto_span(dht, model_config, dht_prefix)
+                )
+            await self._serve(dht, key, span, dht_prefix, started)
         finally:
+            if cfg.identity is None:
+                identity_path.unlink(missing_ok=True)
             dht.shutdown()
 
     def _start_dht(self, key, identity_path) -> DHT:
         cfg = self.config
         kwargs = dict(
             initial_peers=list(cfg.initial_peers),
-            start=True,
+            start=False,
             host_maddrs=list(cfg.host_maddrs),
             record_validators=[RSASignatureValidator(key)],
+            identity_path=str(identity_path),
+            # a fresh random identity cannot be taken by anyone: skip the network check for it
+            check_if_identity_free=cfg.identity is not None,
         )
         if cfg.announce_maddrs:
             kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
-        return DHT(**kwargs, identity_path=str(identity_path))
+        dht = DHT(**kwargs)
+        dht.run_in_background(await_ready=False)
+        return dht
 
-    def _choose_blocks(self, dht: DHT, num_layers: int, dht_prefix: str) -> tuple[int, int]:
+    def _load(self, checkpoint, model_config, blocks: tuple[int, int]):
         cfg = self.config
-        if cfg.blocks is not None:
-            start, end = cfg.parse_blocks()
-            if end > num_layers:
-                raise ValueError(f"--blocks {cfg.blocks}: the model has only {num_layers} blocks")
-            return start, end
-        num_blocks = min(cfg.num_blocks or num_layers, num_layers)
+        torch.set_num_threads(cfg.num_threads)
+        dtype = resolve_dtype(cfg.dtype, cfg.device, getattr(model_config, "dtype", None))
+        span = load_span(checkpoint, *blocks, config=model_config, dtype=dtype, device=cfg.device)
+        logger.info("Loaded blocks %d:%d (%s, %s)", *blocks, dtype, cfg.device)
+        return span
+
+    def _explicit_span(self, model_config) -> tuple[int, int]:
+        start, end = self.config.parse_blocks()
+        if end > model_config.num_hidden_layers:
+            raise ValueError(
+                f"--blocks {self.config.blocks}: the model has only {model_config.num_hidden_layers} blocks"
+            )
+        return start, end
+
+    def _auto_span(self, dht: DHT, model_config, dht_prefix: str) -> tuple[int, int]:
+        """The span of --num-blocks (default: all) blocks where the swarm is weakest now."""
         from corolla.algorithms.block_selection import choose_best_start
         from corolla.algorithms.spans import compute_coverage
         from corolla.net.dht_records import to_spans
 
+        num_layers = model_config.num_hidden_layers
+        num_blocks = min(self.config.num_blocks or num_layers, num_layers)
         records = fetch_block_records(dht, dht_prefix=dht_prefix, num_blocks=num_layers)
         coverage = compute_coverage(to_spans(collect_servers(records)), num_layers)
         start = choose_best_start(coverage, num_blocks)
+        logger.info("Chose blocks %d:%d, where the swarm is weakest", start, start + num_blocks)
         return start, start + num_blocks
 
-    async def _serve(self, dht: DHT, key, checkpoint, model_config, dht_prefix: str, started: float) -> None:
+    async def _serve(self, dht: DHT, key, span, dht_prefix: str, started: float) -> None:
         cfg = self.config
-        start, end = self._choose_blocks(dht, model_config.num_hidden_layers, dht_prefix)
-        dtype = resolve_dtype(cfg.dtype, cfg.device, getattr(model_config, "dtype", None))
+        start, end = span.start, span.end
+        dtype = next(span.parameters()).dtype
         speed: SpeedReport | None = None
         budget = CacheBudget(cfg.cache_tokens)
 
@@ -132,8 +163,7 @@ class Server:
             dht=dht, dht_prefix=dht_prefix, owner=owner_marker(key), make_info=make_info, period_s=cfg.update_period
         )
         await announcer.announce_now(make_info(ServerState.JOINING))
-        span = load_span(checkpoint, start, end, config=model_config, dtype=dtype, device=cfg.device)
-        speed = self._speed(span)
+        speed = await self._loop.run_in_executor(None, self._speed, span)
         compute = ComputeQueue()
         servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
         p2p = await dht.replicate_p2p()

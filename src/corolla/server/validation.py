@@ -11,6 +11,8 @@ def check_span(start: int, end: int, *, served: tuple[int, int]) -> None:
     """The requested blocks must be a non-empty sub-range of the blocks this server hosts."""
     if not (isinstance(start, int) and isinstance(end, int)):
         raise InvalidRequestError(f"block range must be integers, got {start!r}:{end!r}")
+    if start >= end:
+        raise InvalidRequestError(f"block range {start}:{end} is empty: the end block must be greater than the start")
     if not served[0] <= start < end <= served[1]:
         raise InvalidRequestError(
             f"blocks {start}:{end} are not hosted here; this server hosts blocks {served[0]}:{served[1]}"
