@@ -17,7 +17,7 @@ class ClientConfig:
     update_period_s: float = 30.0  # how often the swarm view is refreshed
     max_retries: int = 3  # attempts per failed span before giving up
     ban_timeout_s: float = 15.0  # first ban of a failed server (doubles on each repeated failure)
-    compression: str = "NONE"  # hivemind CompressionType for activations sent back by servers
+    compression: str = "NONE"  # activations on the wire: NONE, FLOAT16, UNIFORM_8BIT, QUANTILE_8BIT
     allowed_servers: tuple[str, ...] | None = None
     blocked_servers: tuple[str, ...] = ()
 
@@ -29,5 +29,10 @@ class ClientConfig:
         for name in ("connect_timeout_s", "request_timeout_s", "step_timeout_s", "update_period_s", "ban_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        from corolla.net.tensors import compression_type
+
+        compression_type(self.compression)  # ValueError naming the choices
+        if self.compression.upper() == "BLOCKWISE_8BIT":
+            raise ValueError("BLOCKWISE_8BIT needs bitsandbytes on every peer; use UNIFORM_8BIT or QUANTILE_8BIT")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
