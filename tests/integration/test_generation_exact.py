@@ -78,3 +78,13 @@ def test_sampling_is_reproducible_with_a_seed(family_swarm):
     torch.manual_seed(7)
     got = model.generate(ids, **kwargs)
     assert got.tolist() == expected.tolist()
+
+
+def test_inputs_embeds_match_local(family_swarm):
+    _, _, model, local = family_swarm
+    ids = torch.randint(4, 400, (1, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        embeds = local.get_input_embeddings()(ids)
+        expected = local(inputs_embeds=embeds).logits
+        got = model(inputs_embeds=embeds).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

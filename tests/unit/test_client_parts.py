@@ -1,0 +1,68 @@
+"""Client-side pieces without a swarm: local parts of the model, weights read, config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import corolla.models.checkpoint as checkpoint_module
+from corolla.client.config import ClientConfig
+from corolla.client.model import _build_local_parts, _load_local_weights
+from corolla.models.checkpoint import parse_block_key, resolve_checkpoint
+from corolla.models.families import family_for
+from tests.fixtures.zoo import FAMILIES, zoo_checkpoint
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_client_reads_only_embeddings_norm_and_head(family, monkeypatch):
+    path = zoo_checkpoint(family)
+    checkpoint = resolve_checkpoint(str(path))
+    config = AutoConfig.from_pretrained(path)
+    spec = family_for(config.model_type)
+    read: list[str] = []
+    original = checkpoint_module.load_tensors
+
+    def spy(ckpt, keys, weight_map):
+        keys = list(keys)
+        read.extend(keys)
+        return original(ckpt, keys, weight_map)
+
+    monkeypatch.setattr(checkpoint_module, "load_tensors", spy)
+    model = _build_local_parts(config, spec, torch.float32)
+    _load_local_weights(model, checkpoint, spec)
+    assert read and not [k for k in read if parse_block_key(k) is not None]
+    assert len(getattr(getattr(model, spec.base_model_attr), spec.layers_attr)) == 0
+
+    reference = AutoModelForCausalLM.from_pretrained(path)
+    ours = model.state_dict()
+    for name, tensor in reference.state_dict().items():
+        if parse_block_key(name) is None:
+            torch.testing.assert_close(ours[name], tensor, atol=0, rtol=0)
+
+
+def test_client_config_errors_say_what_to_do():
+    with pytest.raises(ValueError, match="corolla dht"):
+        ClientConfig(initial_peers=())
+    with pytest.raises(ValueError, match="unknown compression"):
+        ClientConfig(initial_peers=("x",), compression="GZIP")
+    with pytest.raises(ValueError, match="UNIFORM_8BIT"):
+        ClientConfig(initial_peers=("x",), compression="BLOCKWISE_8BIT")
+    with pytest.raises(ValueError, match="step_timeout_s"):
+        ClientConfig(initial_peers=("x",), step_timeout_s=0)
+
+
+def test_speed_is_measured_once_and_cached(tmp_path, monkeypatch):
+    from corolla.models.span import load_span
+    from corolla.server import throughput
+
+    span = load_span(resolve_checkpoint(str(zoo_checkpoint("llama"))), 0, 2)
+    calls = []
+    original = throughput.measure_speed
+    monkeypatch.setattr(throughput, "measure_speed", lambda s: calls.append(1) or original(s))
+    first = throughput.get_speed(span, quant="none", cache_root=tmp_path)
+    second = throughput.get_speed(span, quant="none", cache_root=tmp_path)
+    assert first == second and len(calls) == 1
+    assert first.inference_rps > 0 and first.forward_rps > 0 and first.throughput > 0
+    throughput.get_speed(span, quant="none", cache_root=tmp_path, force_eval=True)
+    assert len(calls) == 2
