@@ -8,6 +8,7 @@ processes it started, by PID (SIGTERM, then SIGKILL after a grace period).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,9 @@ class LocalSwarm:
     start_timeout_s: float = 120.0
     initial_peers: list[str] = field(default_factory=list)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    peer_ids: dict[str, str] = field(default_factory=dict)  # server name -> base58 peer id
+
+    _identity_dir: Path | None = None
 
     def __enter__(self) -> LocalSwarm:
         try:
@@ -97,8 +101,23 @@ class LocalSwarm:
         bootstrap.stdout.close()
 
     def start_server(self, name: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
-        args = ["serve", self.model, "--initial-peers", *self.initial_peers, *self.server_args, *extra_args]
-        return self._spawn(name, args, stdout=subprocess.DEVNULL)
+        """Start a server; it gets a persistent identity file, so its peer id is known (``peer_ids[name]``)."""
+        import tempfile
+
+        from hivemind.p2p import PeerID
+
+        from corolla.net.identity import load_or_create_identity
+
+        if self._identity_dir is None:
+            self._identity_dir = Path(tempfile.mkdtemp(prefix="corolla-swarm-ids-"))
+        identity, _ = load_or_create_identity(self._identity_dir / f"{name}.key")
+        self.peer_ids[name] = PeerID.from_identity(identity.read_bytes()).to_base58()
+        args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
+        return self._spawn(name, [*args, *self.server_args, *extra_args], stdout=subprocess.DEVNULL)
+
+    def name_of(self, peer_id: str) -> str:
+        """The name of the server process with ``peer_id``."""
+        return next(name for name, known in self.peer_ids.items() if known == peer_id)
 
     def wait_until_served(self, num_blocks: int | None = None, *, min_servers: int | None = None) -> None:
         """Wait until every block has an ONLINE server (and at least ``min_servers`` servers are ONLINE)."""
@@ -164,3 +183,5 @@ class LocalSwarm:
                 process.wait(timeout=5)
             self._signal_group(process, signal.SIGKILL)  # helpers left behind by a killed process
         self.processes.clear()
+        if self._identity_dir is not None:
+            shutil.rmtree(self._identity_dir, ignore_errors=True)

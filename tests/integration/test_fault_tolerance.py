@@ -1,0 +1,137 @@
+"""Inference sessions survive servers that die, hang or leave: same tokens as an uninterrupted run."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.local_swarm import LocalSwarm
+from tests.fixtures.zoo import zoo_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+NEW_TOKENS = 40
+FAIL_AFTER = 10
+
+
+class _AfterTokens:
+    """A streamer that calls ``action`` once, after ``count`` generated tokens."""
+
+    def __init__(self, count: int, action):
+        self.count, self.action, self.seen = count, action, -1  # the first put() is the prompt
+
+    def put(self, value):
+        self.seen += 1
+        if self.seen == self.count:
+            self.action()
+
+    def end(self):
+        pass
+
+
+def _server_on_block(session, swarm: LocalSwarm, block: int) -> str:
+    hop = next(span.hop for span in session._spans if span.hop.start <= block < span.hop.end)
+    return swarm.name_of(hop.peer_id)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    path = str(zoo_checkpoint("llama"))
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    ids = torch.randint(4, 400, (1, 8), generator=torch.Generator().manual_seed(0))
+    expected = local.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return path, ids, expected
+
+
+def _swarm(path, spans, tmp_path, spare=()):
+    swarm = LocalSwarm(model=path, spans=spans, server_args=["--throughput", "100"], log_dir=tmp_path / "logs")
+    swarm.__enter__()
+    for i, span in enumerate(spare):
+        swarm.start_server(f"spare{i}", ["--blocks", span])
+    swarm.wait_until_served(min_servers=len(spans) + len(spare))
+    return swarm
+
+
+def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FAIL_AFTER):
+    victim = []
+
+    def fail():
+        name = _server_on_block(session, swarm, block)
+        victim.append(name)
+        swarm.kill(name, sig)
+
+    with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+        out = model.generate(
+            ids,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            session=session,
+            streamer=_AfterTokens(when, fail),
+        )
+    return out, victim
+
+
+@pytest.mark.parametrize(
+    ("spare", "sig"),
+    [(["2:4"], signal.SIGKILL), (["2:3", "3:4"], signal.SIGKILL), (["2:4"], signal.SIGTERM)],
+    ids=["sigkill", "sigkill-two-pieces", "sigterm"],
+)
+def test_middle_server_dies_mid_generation(reference, tmp_path, spare, sig):
+    path, ids, expected = reference
+    swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=spare)
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        started = time.monotonic()
+        out, victim = _generate_with_fault(model, swarm, ids, block=2, sig=sig)
+        assert victim, "the fault was never injected"
+        assert out.tolist() == expected.tolist()
+        assert time.monotonic() - started < 60
+        model.shutdown()
+    finally:
+        swarm.stop()
+
+
+def test_frozen_server_times_out_and_is_replaced(reference, tmp_path):
+    path, ids, expected = reference
+    swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=["2:4"])
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, step_timeout_s=3.0
+        )
+        out, victim = _generate_with_fault(model, swarm, ids, block=2, sig=signal.SIGSTOP)
+        assert victim and out.tolist() == expected.tolist()
+        model.shutdown()
+    finally:
+        swarm.stop()
+
+
+def test_failure_during_prefill_and_in_a_chat_session(reference, tmp_path):
+    path, ids, _ = reference
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    swarm = _swarm(path, ["0:3", "3:6"], tmp_path, spare=["0:3", "3:6"])
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        with model.inference_session(max_length=128) as session:
+            # the first step (prefill) goes to a chain, then that chain's first server dies before it answers
+            model.remote_blocks.swarm.refresh()
+            route = model.remote_blocks.swarm.inference_route(0, 6)
+            swarm.kill(swarm.name_of(route[0].peer_id), signal.SIGKILL)
+            first = model.generate(ids, max_new_tokens=6, do_sample=False, session=session)
+            # second turn of the chat: the server now serving blocks 3:6 dies before the turn starts
+            swarm.kill(_server_on_block(session, swarm, 3), signal.SIGKILL)
+            turn2 = torch.tensor([[17, 18, 19]])
+            second = model.generate(turn2, max_new_tokens=6, do_sample=False, session=session)
+        expected_first = local.generate(ids, max_new_tokens=6, do_sample=False)
+        history = torch.cat([expected_first, turn2], dim=1)
+        expected_second = local.generate(history, max_new_tokens=6, do_sample=False)[:, expected_first.shape[1] :]
+        assert first.tolist() == expected_first.tolist()
+        assert second.tolist() == expected_second.tolist()
+        model.shutdown()
+    finally:
+        swarm.stop()
