@@ -122,12 +122,12 @@ class LocalSwarm:
     def wait_until_served(self, num_blocks: int | None = None, *, min_servers: int | None = None) -> None:
         """Wait until every block has an ONLINE server (and at least ``min_servers`` servers are ONLINE)."""
         from hivemind.dht import DHT
-        from hivemind.dht.crypto import RSASignatureValidator
         from hivemind.utils.crypto import RSAPrivateKey
         from transformers import AutoConfig
 
         from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
         from corolla.net.dht_records import collect_servers, fetch_block_records
+        from corolla.net.identity import swarm_validators
 
         num_blocks = num_blocks or AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
         servers_wanted = len(self.spans) if min_servers is None else min_servers
@@ -135,7 +135,7 @@ class LocalSwarm:
             initial_peers=self.initial_peers,
             start=True,
             client_mode=True,
-            record_validators=[RSASignatureValidator(RSAPrivateKey())],
+            record_validators=swarm_validators(RSAPrivateKey()),
         )
         prefix = default_dht_prefix(self.model)
 

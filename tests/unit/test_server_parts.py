@@ -135,3 +135,19 @@ def test_mask_and_positions_validation():
         validation.check_position_ids(torch.tensor([[-1]]), batch=1, tokens=1, limit=10)
     with pytest.raises(InvalidRequestError, match="not hosted"):
         validation.check_span(2, 9, served=(0, 6))
+
+
+def test_streaming_rpcs_are_registered_as_streams():
+    # hivemind recognises streams only by typing.AsyncIterator annotations; a collections.abc import makes
+    # these handlers unary and every inference session hangs
+    from corolla.server.handler import BlockServicer
+
+    BlockServicer._rpc_handlers = None
+    BlockServicer._collect_rpc_handlers()
+    kinds = {h.method_name: (h.stream_input, h.stream_output) for h in BlockServicer._rpc_handlers}
+    assert kinds == {
+        "rpc_info": (False, False),
+        "rpc_forward": (False, False),
+        "rpc_forward_stream": (True, True),
+        "rpc_inference": (True, True),
+    }

@@ -22,17 +22,16 @@ def register(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from hivemind.dht import DHT
-    from hivemind.dht.crypto import RSASignatureValidator
 
     from corolla.log import get_logger
-    from corolla.net.identity import load_or_create_identity
+    from corolla.net.identity import load_or_create_identity, swarm_validators
 
     logger = get_logger("corolla.cli.dht")
     identity_path, key = load_or_create_identity(args.identity)
     kwargs = dict(host_maddrs=args.host_maddrs, identity_path=str(identity_path))
     if args.announce_maddrs:
         kwargs["announce_maddrs"] = args.announce_maddrs
-    dht = DHT(initial_peers=args.initial_peers, start=True, record_validators=[RSASignatureValidator(key)], **kwargs)
+    dht = DHT(initial_peers=args.initial_peers, start=True, record_validators=swarm_validators(key), **kwargs)
     if args.identity is None:
         identity_path.unlink(missing_ok=True)
     maddrs = [str(m) for m in dht.get_visible_maddrs()]

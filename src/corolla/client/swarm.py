@@ -10,7 +10,6 @@ import threading
 import time
 
 from hivemind.dht import DHT
-from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import P2P, PeerID
 from hivemind.utils.crypto import RSAPrivateKey
 
@@ -19,6 +18,7 @@ from corolla.client.config import ClientConfig
 from corolla.errors import MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
+from corolla.net.identity import swarm_validators
 from corolla.net.loop import run_sync
 from corolla.protocol.server_info import ServerInfo
 
@@ -45,7 +45,7 @@ class SwarmView:
                 initial_peers=list(config.initial_peers),
                 start=True,
                 client_mode=True,
-                record_validators=[RSASignatureValidator(RSAPrivateKey())],
+                record_validators=swarm_validators(RSAPrivateKey()),
                 startup_timeout=config.connect_timeout_s,
                 bootstrap_timeout=config.connect_timeout_s,
             )

@@ -15,6 +15,7 @@ from pathlib import Path
 import multihash
 from cryptography.hazmat.primitives import serialization
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -59,3 +60,20 @@ def peer_id_from_owner_marker(marker: bytes) -> PeerID:
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()
     digest = multihash.encode(hashlib.sha256(encoded).digest(), multihash.coerce_code("sha2-256"))
     return PeerID(digest)
+
+
+class OwnedSubkeysOnly(RecordValidatorBase):
+    """Refuse every DHT record that is not an owner-signed subkey.
+
+    RSASignatureValidator only protects records that carry an ``[owner:...]`` marker; without this validator any
+    peer could store a plain value (or an unmarked subkey) under a block key and, with a later expiration, hide
+    every server of that block. corolla stores nothing else in its DHT, so every node refuses such records.
+    """
+
+    def validate(self, record: DHTRecord) -> bool:
+        return RSASignatureValidator._PUBLIC_KEY_RE.search(record.subkey) is not None
+
+
+def swarm_validators(key: RSAPrivateKey) -> list[RecordValidatorBase]:
+    """The record validators every corolla DHT node (server, client, bootstrap) runs."""
+    return [RSASignatureValidator(key), OwnedSubkeysOnly()]

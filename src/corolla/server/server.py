@@ -8,7 +8,6 @@ import time
 
 import torch
 from hivemind.dht import DHT
-from hivemind.dht.crypto import RSASignatureValidator
 from transformers import AutoConfig
 
 from corolla.log import get_logger
@@ -16,7 +15,7 @@ from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
 from corolla.models.families import family_for
 from corolla.models.span import load_span
 from corolla.net.dht_records import collect_servers, fetch_block_records
-from corolla.net.identity import load_or_create_identity, owner_marker
+from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
 from corolla.protocol.server_info import ServerInfo, ServerState
 from corolla.server.announcer import Announcer
 from corolla.server.compute import ComputeQueue
@@ -96,7 +95,7 @@ class Server:
             initial_peers=list(cfg.initial_peers),
             start=False,
             host_maddrs=list(cfg.host_maddrs),
-            record_validators=[RSASignatureValidator(key)],
+            record_validators=swarm_validators(key),
             identity_path=str(identity_path),
             # a fresh random identity cannot be taken by anyone: skip the network check for it
             check_if_identity_free=cfg.identity is not None,

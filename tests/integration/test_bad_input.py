@@ -1,0 +1,677 @@
+"""Malformed and hostile requests against a real server.
+
+Every bad request must fail alone, with an error that says what was wrong (hivemind hands the server's message to
+the caller as P2PHandlerError), or end with a clean close. Meanwhile a healthy inference session, opened before
+the first bad request and stepped after each one, keeps producing exactly what transformers computes, and every
+bad session gives its attention-cache tokens back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+import torch
+from hivemind.p2p import P2PHandlerError
+from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import split_for_streaming
+from transformers import AutoModelForCausalLM
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.local_swarm import LocalSwarm, wait_for
+from corolla.net.loop import background_loop, run_sync
+from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
+from corolla.protocol.messages import InferenceOpen, InferenceStep, ServerStatus, SpanRequest
+from corolla.server.handler import BlockServicer
+from tests.fixtures.zoo import zoo_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+NUM_BLOCKS = 6
+HIDDEN = 64
+CACHE_TOKENS = 512
+MAX_BATCH_TOKENS = 256
+MAX_SESSION_LENGTH = 128
+SESSION_TIMEOUT = 5
+ALLOC_TIMEOUT = 1
+SERVER_ARGS = [
+    "--cache-tokens", str(CACHE_TOKENS),
+    "--max-batch-tokens", str(MAX_BATCH_TOKENS),
+    "--max-session-length", str(MAX_SESSION_LENGTH),
+    "--session-timeout", str(SESSION_TIMEOUT),
+    "--alloc-timeout", str(ALLOC_TIMEOUT),
+    "--throughput", "100",
+]  # fmt: skip
+
+HEALTHY_LENGTH = 128  # the healthy session's max_length: its reservation while the bad requests run
+HEALTHY_PREFIX = 4
+
+
+# ---- the swarm, a client, a local reference ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint():
+    return zoo_checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoint, tmp_path_factory):
+    with LocalSwarm(
+        model=str(checkpoint),
+        spans=[f"0:{NUM_BLOCKS}"],
+        server_args=SERVER_ARGS,
+        log_dir=tmp_path_factory.mktemp("bad-input-logs"),
+    ) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def client(swarm, checkpoint):
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(checkpoint), initial_peers=swarm.initial_peers)
+    yield model
+    model.shutdown()
+
+
+class Reference:
+    """The local transformers model: what the server's blocks should output (before the final norm)."""
+
+    def __init__(self, path):
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.model.embed_tokens(ids)
+
+    @torch.no_grad()
+    def blocks(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Output of the last decoder layer for every token of ``ids`` (the final norm is not applied)."""
+        captured = {}
+        hook = self.model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.update(out=o))
+        try:
+            self.model(ids, attention_mask=attention_mask)
+        finally:
+            hook.remove()
+        out = captured["out"]
+        return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    return Reference(checkpoint)
+
+
+class Server:
+    """Raw RPCs to the one server, the way a (possibly hostile) client would send them."""
+
+    def __init__(self, client):
+        self.view = client.remote_blocks.swarm
+        wait_for(lambda: self.view.refresh() or len(self.view.servers) == 1, timeout_s=30, what="the server record")
+        (self.peer_id,) = self.view.servers
+
+    async def stub(self):
+        return BlockServicer.get_stub(await self.view.p2p(), self.peer_id)
+
+    def status(self) -> ServerStatus:
+        async def call():
+            return await (await self.stub()).rpc_info(runtime_pb2.ExpertUID(uid="info"), timeout=10)
+
+        info = run_sync(call(), timeout_s=15)
+        return ServerStatus.model_validate(MSGPackSerializer.loads(info.serialized_info))
+
+    def forward(self, request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
+        async def call():
+            return await (await self.stub()).rpc_forward(request, timeout=20)
+
+        return unpack_tensors(run_sync(call(), timeout_s=30))
+
+    def forward_stream(self, messages: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
+        async def call():
+            return [r async for r in await (await self.stub()).rpc_forward_stream(_aiter(messages))]
+
+        return run_sync(call(), timeout_s=30)
+
+    async def inference_async(self, messages, *, hold: asyncio.Event | None = None):
+        """Send ``messages`` on one inference stream and return the answers (P2PHandlerError if the server fails it).
+
+        Like a real client, this ends the stream only once every step (a message with tensors) is answered: ending it
+        while the server fails the session can reset the stream and lose the server's error. Without steps, it waits
+        for the server to end the stream. With ``hold``, the stream stays open until ``hold`` is set instead.
+        """
+        steps = sum(1 for m in messages if len(m.tensors))
+        answered = hold if hold is not None else asyncio.Event()
+
+        async def requests():
+            for message in messages:
+                yield message
+            await answered.wait()
+
+        responses = []
+        async for response in await (await self.stub()).rpc_inference(requests()):
+            responses.append(response)
+            if hold is None and 0 < steps <= len(responses):
+                answered.set()
+        return responses
+
+    def inference(self, messages, timeout_s: float = 30) -> list[runtime_pb2.ExpertResponse]:
+        return run_sync(self.inference_async(messages), timeout_s=timeout_s)
+
+
+def _aiter(items):
+    async def gen():
+        for item in items:
+            yield item
+
+    return gen()
+
+
+@pytest.fixture(scope="module")
+def server(client) -> Server:
+    return Server(client)
+
+
+class HealthySession:
+    """A well-behaved session through the distributed client, checked against the reference at every step."""
+
+    def __init__(self, client, reference: Reference):
+        generator = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(10, 400, (1, HEALTHY_LENGTH), generator=generator)
+        self.expected = reference.blocks(self.ids)
+        self.embeddings = reference.embed(self.ids)
+        self.session = client.remote_blocks.inference_session(max_length=HEALTHY_LENGTH)
+        self.position = 0
+        self.step(HEALTHY_PREFIX)
+
+    def step(self, tokens: int = 1) -> None:
+        start, end = self.position, self.position + tokens
+        assert end <= HEALTHY_LENGTH, "the healthy session ran out of room: raise HEALTHY_LENGTH or step less"
+        output = self.session.step(self.embeddings[:, start:end])
+        torch.testing.assert_close(output, self.expected[:, start:end], atol=1e-4, rtol=1e-4)
+        self.position = end
+
+    def close(self) -> None:
+        self.session.close()
+
+
+@pytest.fixture(scope="module")
+def healthy(client, reference, server):
+    session = HealthySession(client, reference)
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def check_after(healthy, server):
+    """After the test's bad request: the healthy session still matches, and no cache or session has leaked."""
+    yield
+    healthy.step()
+    expect_idle(server, healthy_open=True)
+
+
+def expect_idle(server: Server, *, healthy_open: bool, timeout_s: float = 4.0) -> None:
+    """Only the healthy session (if open) holds cache; everything a bad request reserved was given back."""
+    tokens_left = CACHE_TOKENS - HEALTHY_LENGTH if healthy_open else CACHE_TOKENS
+    sessions = 1 if healthy_open else 0
+    last: list[ServerStatus] = []
+
+    def idle() -> bool:
+        last[:] = [server.status()]
+        return last[0].cache_tokens_left == tokens_left and last[0].active_sessions == sessions
+
+    try:
+        wait_for(idle, timeout_s=timeout_s, what="the server to free bad sessions", poll_s=0.05)
+    except TimeoutError:
+        pytest.fail(f"server did not return to idle ({tokens_left} tokens, {sessions} sessions): {last[0]}")
+
+
+# ---- building requests ------------------------------------------------------------------------------------------
+
+DROP = object()  # an override value that removes the field from the metadata
+
+
+def _apply(meta: dict, overrides: dict) -> dict:
+    meta = dict(meta)
+    for key, value in overrides.items():
+        if value is DROP:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    return meta
+
+
+def hidden(batch: int = 1, tokens: int = 3, size: int = HIDDEN, fill: float | None = None) -> torch.Tensor:
+    values = torch.randn(batch, tokens, size)
+    return values if fill is None else values.fill_(fill)
+
+
+def ints(*shape: int, dtype=torch.int64) -> torch.Tensor:
+    return torch.ones(*shape, dtype=dtype)
+
+
+def span_meta(**overrides) -> dict:
+    return _apply(SpanRequest(start_block=0, end_block=NUM_BLOCKS).model_dump(), overrides)
+
+
+def open_meta(*, with_step: bool = True, **overrides) -> dict:
+    meta = InferenceOpen(session_id=uuid.uuid4().hex, max_length=16, start_block=0, end_block=NUM_BLOCKS).model_dump()
+    if with_step:
+        meta |= step_meta()
+    return _apply(meta, overrides)
+
+
+def step_meta(**overrides) -> dict:
+    return _apply(InferenceStep(step_id=uuid.uuid4().hex, position=0).model_dump(), overrides)
+
+
+def message(tensors: list, meta: dict | bytes) -> runtime_pb2.ExpertRequest:
+    """A request with ``meta`` as msgpack (or raw bytes as given) and tensors, serialized or already protobuf."""
+    serialized = [t if isinstance(t, runtime_pb2.Tensor) else pack([t], {}).tensors[0] for t in tensors]
+    metadata = meta if isinstance(meta, bytes) else MSGPackSerializer.dumps(meta)
+    return runtime_pb2.ExpertRequest(tensors=serialized, metadata=metadata)
+
+
+def fwd(*tensors, raw: bytes | None = None, **overrides) -> runtime_pb2.ExpertRequest:
+    """A forward request: ``tensors`` (default: valid hidden states) with SpanRequest metadata or ``raw`` bytes."""
+    return message(list(tensors) or [hidden()], raw if raw is not None else span_meta(**overrides))
+
+
+def opening(*tensors, raw: bytes | None = None, **overrides) -> runtime_pb2.ExpertRequest:
+    """The first message of a session: InferenceOpen metadata, plus a step at position 0 if it has tensors."""
+    return message(list(tensors), raw if raw is not None else open_meta(with_step=bool(tensors), **overrides))
+
+
+def step(position: int, *tensors, **overrides) -> runtime_pb2.ExpertRequest:
+    return message(list(tensors) or [hidden()], step_meta(position=position, **overrides))
+
+
+def chunked(request: runtime_pb2.ExpertRequest, chunk_bytes: int = 2**16) -> list[runtime_pb2.ExpertRequest]:
+    """A request as rpc_forward_stream takes it: the metadata first, then the tensors in chunks."""
+    parts = [chunk for tensor in request.tensors for chunk in split_for_streaming(tensor, chunk_bytes)]
+    return [runtime_pb2.ExpertRequest(metadata=request.metadata)] + [
+        runtime_pb2.ExpertRequest(tensors=[p]) for p in parts
+    ]
+
+
+def nan_at(tokens: int, index: int, value: float = float("nan")) -> torch.Tensor:
+    values = hidden(tokens=tokens)
+    values[:, index] = value
+    return values
+
+
+GARBAGE_TENSOR = runtime_pb2.Tensor(buffer=b"\x01\x02\x03", size=[1, 3, HIDDEN], dtype="float32")
+OBJECT_TENSOR = runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[1], dtype="object")
+HUGE_SHAPE_TENSOR = runtime_pb2.Tensor(buffer=b"\x00" * 16, size=[10**6, 10**6, HIDDEN], dtype="float32")
+INT_GRAD_TENSOR = runtime_pb2.Tensor(buffer=b"\x00" * 8, size=[1, 1, 1], dtype="int64", requires_grad=True)
+NOT_MSGPACK = b"\xc1\xc1 this is not msgpack \xff"
+HOSTS = f"this server hosts blocks 0:{NUM_BLOCKS}"
+LIMIT = f"tokens exceed this server's limit of {MAX_BATCH_TOKENS}"
+SHAPE = r"shape \[batch, tokens, hidden\]"
+POSITIONS_RANGE = rf"position ids must be in \[0, {MAX_SESSION_LENGTH}\)"
+
+# ---- the healthy session and well-formed raw requests are right -------------------------------------------------
+
+
+def test_healthy_session_and_raw_requests_match_reference(server, healthy, reference, check_after):
+    """Sanity of the harness: well-formed raw requests (unary, streamed, inference) give the reference outputs."""
+    ids = torch.randint(10, 400, (2, 5), generator=torch.Generator().manual_seed(1))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]])
+    expected = reference.blocks(ids, attention_mask=mask)[mask.bool()]
+    embeddings = reference.embed(ids)
+    flags = dict(has_attention_mask=True, has_position_ids=True)
+
+    (output,) = server.forward(fwd(embeddings, mask, positions, **flags))
+    torch.testing.assert_close(output[mask.bool()], expected, atol=1e-4, rtol=1e-4)
+
+    responses = server.forward_stream(chunked(fwd(embeddings, mask, positions, **flags), 256))
+    (streamed,) = unpack_tensors(runtime_pb2.ExpertResponse(tensors=[t for r in responses for t in r.tensors]))
+    torch.testing.assert_close(streamed, output)
+
+    first = opening(embeddings[:, :3], mask[:, :3], positions[:, :3], batch_size=2, **flags)
+    second = step(3, embeddings[:, 3:], mask, positions[:, 3:], step_id="repeated", **flags)
+    again = step(3, embeddings[:, 3:], mask, positions[:, 3:], step_id="repeated", **flags)
+    responses = server.inference([first, second, again])
+    outputs = torch.cat([unpack_tensors(r)[0] for r in responses[:2]], dim=1)
+    torch.testing.assert_close(outputs[mask.bool()], expected, atol=1e-4, rtol=1e-4)
+    assert unpack_metadata(responses[1])["position"] == 5
+    assert responses[2] == responses[1], "a repeated step must be answered with the same result"
+    assert 0 < unpack_metadata(responses[0])["cache_tokens_left"] < CACHE_TOKENS
+
+
+# ---- bad unary forward requests ---------------------------------------------------------------------------------
+
+FORWARD_CASES = {  # name: (request, what the error must say)
+    "int hidden states": (fwd(ints(1, 3, HIDDEN)), "must be floating point, got torch.int64"),
+    "bool hidden states": (fwd(ints(1, 3, HIDDEN, dtype=torch.bool)), "must be floating point, got torch.bool"),
+    "wrong hidden size": (fwd(hidden(size=32)), f"hidden size must be {HIDDEN}, got 32"),
+    "rank 2": (fwd(torch.randn(3, HIDDEN)), SHAPE + r", got \[3, 64\]"),
+    "rank 4": (fwd(torch.randn(1, 1, 3, HIDDEN)), SHAPE + r", got \[1, 1, 3, 64\]"),
+    "scalar": (fwd(torch.tensor(1.0)), SHAPE + r", got \[\]"),
+    "nan": (fwd(nan_at(3, 1)), "NaN or Inf"),
+    "inf": (fwd(nan_at(3, 0, float("-inf"))), "NaN or Inf"),
+    "no tokens": (fwd(hidden(tokens=0)), r"empty: shape \[1, 0, 64\]"),
+    "no rows": (fwd(hidden(batch=0)), r"empty: shape \[0, 3, 64\]"),
+    "over max_batch_tokens": (fwd(hidden(tokens=MAX_BATCH_TOKENS + 1)), f"1x257=257 {LIMIT}"),
+    "over max_batch_tokens by rows": (fwd(hidden(batch=5, tokens=60)), f"5x60=300 {LIMIT}"),
+    "blocks past the end": (fwd(start_block=5, end_block=9), f"blocks 5:9 are not hosted here; {HOSTS}"),
+    "unhosted blocks": (fwd(start_block=7, end_block=8), f"blocks 7:8 are not hosted here; {HOSTS}"),
+    "empty block range": (fwd(start_block=3, end_block=3), "block range 3:3 is empty"),
+    "reversed block range": (fwd(start_block=4, end_block=2), "block range 4:2 is empty"),
+    "negative start block": (fwd(start_block=-1), "start_block.*greater than or equal to 0"),
+    "zero end block": (fwd(end_block=0), "end_block.*greater than 0"),
+    "start block not a number": (fwd(start_block="zero"), "start_block.*integer"),
+    "fractional block": (fwd(end_block=2.5), "end_block.*integer"),
+    "not msgpack": (fwd(raw=NOT_MSGPACK), "metadata is not valid msgpack"),
+    "msgpack list": (fwd(raw=MSGPackSerializer.dumps([0, 6])), "metadata must be a dict, got list"),
+    "no metadata": (fwd(raw=b""), "malformed SpanRequest.*start_block.*Field required"),
+    "missing end block": (fwd(end_block=DROP), "end_block.*Field required"),
+    "no tensors": (message([], span_meta()), "expected 1 tensors.*got 0"),
+    "extra tensor": (fwd(hidden(), hidden()), "expected 1 tensors.*got 2"),
+    "mask announced but missing": (fwd(has_attention_mask=True), "expected 2 tensors.*got 1"),
+    "undecodable tensor": (fwd(GARBAGE_TENSOR), "could not be decoded"),
+    "object dtype tensor": (fwd(OBJECT_TENSOR), "could not be decoded"),
+    "huge declared shape": (fwd(HUGE_SHAPE_TENSOR), "could not be decoded"),
+    "int tensor requiring grad": (fwd(INT_GRAD_TENSOR), "could not be decoded"),
+    "mask with 2": (fwd(hidden(), torch.tensor([[1, 2, 1]]), has_attention_mask=True), "only 0 and 1"),
+    "mask with nan": (fwd(hidden(), torch.tensor([[1, float("nan"), 1]]), has_attention_mask=True), "mask.*NaN"),
+    "mask of wrong length": (
+        fwd(hidden(), ints(1, 4), has_attention_mask=True),
+        r"attention mask must have shape \[1, 3\], got \[1, 4\]",
+    ),
+    "positions of wrong shape": (
+        fwd(hidden(), torch.arange(4)[None], has_position_ids=True),
+        r"position ids must have shape \[1, 3\], got \[1, 4\]",
+    ),
+    "flat positions": (
+        fwd(hidden(), torch.arange(3), has_position_ids=True),
+        r"position ids must have shape \[1, 3\], got \[3\]",
+    ),
+    "float positions": (
+        fwd(hidden(), torch.zeros(1, 3), has_position_ids=True),
+        "must be integers, got torch.float32",
+    ),
+    "negative positions": (fwd(hidden(), torch.tensor([[-1, 0, 1]]), has_position_ids=True), POSITIONS_RANGE),
+    "huge positions": (fwd(hidden(), torch.tensor([[0, 1, 10**9]]), has_position_ids=True), POSITIONS_RANGE),
+    "unknown output compression": (fwd(output_compression="ZSTD"), "unknown compression 'ZSTD'"),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES)
+def test_bad_forward(server, check_after, case):
+    request, expected = FORWARD_CASES[case]
+    with pytest.raises(P2PHandlerError, match=expected):
+        server.forward(request)
+
+
+# ---- bad streamed forward requests ------------------------------------------------------------------------------
+
+STREAM_CASES = {  # name: (messages, what the error must say)
+    "larger than the limit": (chunked(fwd(hidden(tokens=5000))), "larger than this server's max_batch_tokens allow"),
+    "not msgpack": (chunked(fwd(raw=NOT_MSGPACK)), "metadata is not valid msgpack"),
+    "no metadata": (chunked(fwd(raw=b"")), "malformed SpanRequest.*Field required"),
+    "nothing at all": ([], "malformed SpanRequest.*Field required"),
+    "truncated chunks": (chunked(fwd(hidden(tokens=200)), 4096)[:-1], "could not be decoded"),
+    "unhosted blocks": (chunked(fwd(start_block=5, end_block=9)), "blocks 5:9 are not hosted here"),
+    "nan": (chunked(fwd(hidden(fill=float("nan")))), "NaN or Inf"),
+}
+
+
+@pytest.mark.parametrize("case", STREAM_CASES)
+def test_bad_forward_stream(server, check_after, case):
+    messages, expected = STREAM_CASES[case]
+    with pytest.raises(P2PHandlerError, match=expected):
+        server.forward_stream(messages)
+
+
+# ---- bad inference sessions -------------------------------------------------------------------------------------
+
+INFERENCE_CASES = {  # name: (messages of one session, what the error must say)
+    # opening
+    "huge max_length": (
+        [opening(max_length=10**9)],
+        f"max_length=1000000000 exceeds this server's --max-session-length {MAX_SESSION_LENGTH}",
+    ),
+    "huge batch_size": ([opening(batch_size=10**9)], f"batch_size=1000000000 exceeds {MAX_BATCH_TOKENS}"),
+    "more cache than the server has": (
+        [opening(batch_size=8, max_length=MAX_SESSION_LENGTH)],
+        f"needs 1024 cache tokens but this server's whole budget is {CACHE_TOKENS}",
+    ),
+    "zero max_length": ([opening(max_length=0)], "max_length.*greater than 0"),
+    "negative batch_size": ([opening(batch_size=-4)], "batch_size.*greater than 0"),
+    "blocks past the end": (
+        [opening(hidden(), start_block=5, end_block=9)],
+        f"blocks 5:9 are not hosted here; {HOSTS}",
+    ),
+    "unhosted blocks": ([opening(hidden(), start_block=7, end_block=8)], "blocks 7:8 are not hosted here"),
+    "negative start block": ([opening(hidden(), start_block=-2)], "start_block.*greater than or equal to 0"),
+    "missing session_id": (
+        [opening(hidden(), session_id=DROP)],
+        "malformed InferenceOpen.*session_id.*Field required",
+    ),
+    "empty session_id": ([opening(hidden(), session_id="")], "session_id.*at least 1 character"),
+    "overlong session_id": ([opening(hidden(), session_id="x" * 10_000)], "session_id.*at most 128 characters"),
+    "not msgpack": ([opening(hidden(), raw=NOT_MSGPACK)], "metadata is not valid msgpack"),
+    "msgpack list": ([opening(hidden(), raw=MSGPackSerializer.dumps(["open", 0, 6]))], "must be a dict, got list"),
+    "msgpack string": ([opening(hidden(), raw=MSGPackSerializer.dumps("open"))], "must be a dict, got str"),
+    "no metadata": ([opening(hidden(), raw=b"")], "malformed InferenceOpen.*Field required"),
+    "first step without step_id": (
+        [opening(hidden(), step_id=DROP)],
+        "malformed InferenceStep.*step_id.*Field required",
+    ),
+    "unknown output compression": ([opening(hidden(), output_compression="ZSTD")], "unknown compression 'ZSTD'"),
+    # positions in the session
+    "negative position": ([opening(hidden(), position=-1)], "position.*greater than or equal to 0"),
+    "first step skips positions": (
+        [opening(hidden(), position=3)],
+        "step at position 3 would skip positions: the session holds 0 tokens",
+    ),
+    "later step skips positions": (
+        [opening(hidden()), step(7)],
+        "step at position 7 would skip positions: the session holds 3 tokens",
+    ),
+    "step past max_length": (
+        [opening(hidden(), max_length=4), step(3, hidden(tokens=2))],
+        "step would reach 5 tokens, over the session's max_length 4",
+    ),
+    "first step past max_length": (
+        [opening(hidden(tokens=5), max_length=4)],
+        "step would reach 5 tokens, over the session's max_length 4",
+    ),
+    # the tensors of a step
+    "int hidden states": ([opening(ints(1, 3, HIDDEN, dtype=torch.int32))], "must be floating point, got torch.int32"),
+    "wrong hidden size": ([opening(hidden()), step(3, hidden(size=65))], f"hidden size must be {HIDDEN}, got 65"),
+    "rank 2": ([opening(torch.randn(3, HIDDEN))], SHAPE),
+    "nan": ([opening(hidden()), step(3, hidden(fill=float("nan")))], "NaN or Inf"),
+    "inf": ([opening(hidden(fill=float("inf")))], "NaN or Inf"),
+    "empty step": ([opening(hidden()), step(3, hidden(tokens=0))], "hidden states are empty"),
+    "batch differs from the opened one": (
+        [opening(hidden(batch=2), batch_size=1)],
+        "the session was opened for batch size 1, got 2",
+    ),
+    "over max_batch_tokens": (
+        [opening(hidden(batch=3, tokens=90), batch_size=3, max_length=100)],
+        f"3x90=270 {LIMIT}",
+    ),
+    "wrong number of tensors": ([opening(hidden(), has_position_ids=True)], "expected 2 tensors.*got 1"),
+    "too many tensors": ([opening(hidden(), hidden(), hidden())], "expected 1 tensors.*got 3"),
+    "undecodable tensor": ([opening(hidden()), step(3, GARBAGE_TENSOR)], "could not be decoded"),
+    "mask with 2": ([opening(hidden(), torch.tensor([[1, 2, 1]]), has_attention_mask=True)], "only 0 and 1"),
+    "mask not covering the past": (
+        [opening(hidden()), step(3, hidden(tokens=1), ints(1, 1), has_attention_mask=True)],
+        r"attention mask must have shape \[1, 4\], got \[1, 1\]",
+    ),
+    "positions of wrong shape": (
+        [opening(hidden(), torch.arange(2)[None], has_position_ids=True)],
+        r"position ids must have shape \[1, 3\], got \[1, 2\]",
+    ),
+    "huge positions": ([opening(hidden(), torch.tensor([[0, 1, 2**40]]), has_position_ids=True)], POSITIONS_RANGE),
+}
+
+
+@pytest.mark.parametrize("case", INFERENCE_CASES)
+def test_bad_inference(server, check_after, case):
+    messages, expected = INFERENCE_CASES[case]
+    with pytest.raises(P2PHandlerError, match=expected):
+        server.inference(messages)
+
+
+def test_steps_without_tensors_are_ignored(server, check_after):
+    """Messages without tensors after the first are keep-alives, not errors; the session ends cleanly."""
+    responses = server.inference([opening(), message([], step_meta()), step(0)])
+    assert len(responses) == 1 and unpack_metadata(responses[0])["position"] == 3
+
+
+# ---- sessions that go idle or vanish ----------------------------------------------------------------------------
+
+
+def test_idle_sessions_are_closed_after_session_timeout(server, healthy):
+    """A stream that sends nothing, one that only opens, and one that stops after a step: all closed, cache freed."""
+    holds: list[asyncio.Event] = []
+
+    async def idle(messages):
+        hold = asyncio.Event()
+        holds.append(hold)
+        started = time.monotonic()
+        try:
+            await server.inference_async(messages, hold=hold)
+        except P2PHandlerError as e:
+            return time.monotonic() - started, str(e)
+        return time.monotonic() - started, "the stream ended without an error"
+
+    async def all_idle():
+        return await asyncio.gather(
+            idle([]),
+            idle([opening(max_length=16)]),
+            idle([opening(hidden(), max_length=32)]),
+        )
+
+    future = asyncio.run_coroutine_threadsafe(all_idle(), background_loop())
+    wait_for(
+        lambda: server.status().cache_tokens_left == CACHE_TOKENS - HEALTHY_LENGTH - 48,
+        timeout_s=3,
+        what="the idle sessions to reserve their cache",
+    )
+    assert server.status().active_sessions == 3
+    while not future.done():  # the healthy session keeps stepping meanwhile, so it does not time out itself
+        healthy.step()
+        time.sleep(0.5)
+    for elapsed, error in future.result(timeout=1):
+        assert f"no message within {SESSION_TIMEOUT}" in error
+        assert SESSION_TIMEOUT - 0.5 < elapsed < SESSION_TIMEOUT + 5
+    expect_idle(server, healthy_open=True)
+    healthy.step()
+
+
+async def _open_stream(server: Server, *messages):
+    """An inference stream that sends ``messages`` and then stays open without ever ending."""
+
+    async def requests():
+        for item in messages:
+            yield item
+        await asyncio.Event().wait()
+
+    return await (await server.stub()).rpc_inference(requests())
+
+
+async def _drop(responses, after_s: float) -> None:
+    """Cancel the client's read of the stream after ``after_s``: hivemind then closes the connection."""
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(anext(responses), after_s)
+
+
+async def _vanish_after_answer(server: Server):
+    """Open, step, read the answer, then drop the connection without ending the stream."""
+    responses = await _open_stream(server, opening(hidden()))
+    await anext(responses)
+    await responses.aclose()  # closes the connection; the request stream was never ended
+
+
+async def _vanish_while_waiting(server: Server):
+    """Open, step, read the answer, then give up waiting for the next one (a client timeout, or Ctrl+C)."""
+    responses = await _open_stream(server, opening(hidden()))
+    await anext(responses)
+    await _drop(responses, 0.2)
+
+
+async def _vanish_before_answer(server: Server):
+    """Send a long step and drop the connection before the server answers (the step may be computing)."""
+    responses = await _open_stream(server, opening(hidden(tokens=100), max_length=100))
+    await _drop(responses, 0.005)
+
+
+async def _vanish_right_after_open(server: Server):
+    """Open without a step; once the server holds the session, drop the connection."""
+    responses = await _open_stream(server, opening())
+    deadline = time.monotonic() + 3
+    while (await asyncio.to_thread(server.status)).active_sessions < 2:
+        assert time.monotonic() < deadline, "the session did not open"
+        await asyncio.sleep(0.05)
+    await _drop(responses, 0.01)
+
+
+@pytest.mark.parametrize(
+    "vanish", [_vanish_after_answer, _vanish_while_waiting, _vanish_before_answer, _vanish_right_after_open]
+)
+def test_vanished_client_frees_its_session(server, healthy, vanish):
+    """A client that disappears mid-session is noticed at once (well before the session timeout)."""
+    run_sync(vanish(server), timeout_s=10)
+    started = time.monotonic()
+    expect_idle(server, healthy_open=True, timeout_s=SESSION_TIMEOUT - 1)
+    assert time.monotonic() - started < SESSION_TIMEOUT - 1
+    healthy.step()
+
+
+# ---- cache budget -----------------------------------------------------------------------------------------------
+
+
+def test_busy_server_refuses_after_alloc_timeout(server, healthy, check_after):
+    """When the cache is full, a new session waits --alloc-timeout and fails with a clear 'busy' error."""
+    holder_tokens = 2 * MAX_SESSION_LENGTH
+    free_after = CACHE_TOKENS - HEALTHY_LENGTH - holder_tokens
+
+    async def scenario():
+        hold = asyncio.Event()
+        holder = asyncio.create_task(
+            server.inference_async([opening(batch_size=2, max_length=MAX_SESSION_LENGTH)], hold=hold)
+        )
+        deadline = time.monotonic() + 3
+        while (await asyncio.to_thread(server.status)).cache_tokens_left != free_after:
+            assert time.monotonic() < deadline, "the holder session did not reserve its cache"
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        try:
+            await server.inference_async([opening(hidden(batch=2), batch_size=2, max_length=100)])
+        except P2PHandlerError as e:
+            error, waited = str(e), time.monotonic() - started
+        else:
+            error, waited = "no error", 0.0
+        hold.set()
+        assert await holder == []  # ended cleanly by its client
+        return error, waited
+
+    error, waited = run_sync(scenario(), timeout_s=SESSION_TIMEOUT)
+    assert (
+        f"server busy: no room for 200 cache tokens within {ALLOC_TIMEOUT:.1f} s ({free_after} of {CACHE_TOKENS} free)"
+        in error
+    )
+    assert ALLOC_TIMEOUT - 0.2 < waited < ALLOC_TIMEOUT + 3
+
+
+# ---- after all of it --------------------------------------------------------------------------------------------
+
+
+def test_server_survives_and_frees_all_cache(swarm, server, healthy, reference):
+    """The healthy session finishes correctly; afterwards all cache is free and the server still serves."""
+    healthy.step(2)
+    healthy.close()
+    expect_idle(server, healthy_open=False, timeout_s=10)
+    status = server.status()
+    assert status.cache_tokens_left == status.cache_tokens_total == CACHE_TOKENS
+    assert swarm.processes["server0"].poll() is None, "the server process died"
+
+    ids = torch.randint(10, 400, (1, 6), generator=torch.Generator().manual_seed(2))
+    (output,) = server.forward(fwd(reference.embed(ids)))
+    torch.testing.assert_close(output, reference.blocks(ids), atol=1e-4, rtol=1e-4)
