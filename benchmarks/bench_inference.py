@@ -45,13 +45,20 @@ def _time_generation(model, ids, new_tokens: int, session_factory=None) -> tuple
     streamer = _FirstToken()
     start = time.perf_counter()
     if session_factory is None:
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                             streamer=streamer)
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=streamer
+        )
     else:
         with session_factory() as session:
             start = time.perf_counter()
-            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                 streamer=streamer, session=session)
+            out = model.generate(
+                ids,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=streamer,
+                session=session,
+            )
     end = time.perf_counter()
     generated = out.shape[1] - ids.shape[1]
     per_token = (end - streamer.first_at) / max(1, generated - 1)
@@ -69,8 +76,9 @@ def main() -> None:
     torch.set_num_threads(1)
     folder = resolve_checkpoint(args.model).folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
-                                        return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
     local = AutoModelForCausalLM.from_pretrained(folder).eval()
 
     with LocalSwarm(model=args.model, spans=[]) as swarm:
@@ -90,19 +98,26 @@ def main() -> None:
             _time_generation(model, ids, 2)
             for _ in range(preset["repeats"]):
                 rows["local"].append(_time_generation(local, ids, preset["new_tokens"]))
-                rows["swarm"].append(_time_generation(
-                    model, ids, preset["new_tokens"], lambda: model.inference_session(max_length=max_length)))
+                rows["swarm"].append(
+                    _time_generation(
+                        model, ids, preset["new_tokens"], lambda: model.inference_session(max_length=max_length)
+                    )
+                )
         model.shutdown()
 
     local_tok = statistics.median(r[0] for r in rows["local"])
     swarm_tok = statistics.median(r[0] for r in rows["swarm"])
     ttft = statistics.median(r[1] for r in rows["swarm"])
-    print(f"\n## Inference, {args.model}, {len(args.spans)} servers ({' '.join(args.spans)}), float32, CPU, "
-          f"prompt {ids.shape[1]} tokens, {preset['new_tokens']} new tokens, preset {args.preset}\n")
+    print(
+        f"\n## Inference, {args.model}, {len(args.spans)} servers ({' '.join(args.spans)}), float32, CPU, "
+        f"prompt {ids.shape[1]} tokens, {preset['new_tokens']} new tokens, preset {args.preset}\n"
+    )
     print("| metric | swarm | local | ratio | target |")
     print("|---|---|---|---|---|")
-    print(f"| per-token latency | {swarm_tok * 1e3:.1f} ms | {local_tok * 1e3:.1f} ms | "
-          f"{swarm_tok / local_tok:.2f}x | <= 1.5x |")
+    print(
+        f"| per-token latency | {swarm_tok * 1e3:.1f} ms | {local_tok * 1e3:.1f} ms | "
+        f"{swarm_tok / local_tok:.2f}x | <= 1.5x |"
+    )
     print(f"| tokens/s | {1 / swarm_tok:.1f} | {1 / local_tok:.1f} | {local_tok / swarm_tok:.2f} | |")
     print(f"| time to first token (session open) | {ttft:.3f} s | | | < 1 s |")
     print(f"| server cold start (median of {len(cold_starts)}) | {statistics.median(cold_starts):.2f} s | | | < 4 s |")

@@ -6,21 +6,26 @@ NF4 code values. Two 4-bit indices are packed into one uint8 (first value in the
 0.5 byte per weight plus 4 bytes per block: 0.5625 byte per weight, about 14% of float32.
 
 :class:`NF4Linear` keeps only the packed codes and the scales; its forward dequantizes the weight into the input's
-dtype and calls ``F.linear``. It runs on any device torch runs on.
+dtype, a chunk of rows at a time (:func:`chunked_linear`), and calls ``F.linear``. It runs on any device.
 """
 
 from __future__ import annotations
 
 import math
+from math import gcd
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 NF4_BLOCK = 64
+#: weights dequantized per chunk by :func:`chunked_linear`: 1 MiB of float32 stays in a core's L2 cache and avoids
+#: allocating (and page-faulting) a whole float weight on every forward. Measured here (1 thread, 1 token, 4096x4096):
+#: int8 42 ms -> 5.7 ms (float32: 5.1 ms), nf4 129 ms -> 19 ms; at 576x1536 chunking changes nothing.
+CHUNK_ELEMENTS = 1 << 18
 
-#: QLoRA's offset: the outermost quantiles are taken at 1 - delta, delta = (1/(2*15) + 1/(2*16)) / 2, so that the
-#: 7 negative and 8 positive halves of the code both end exactly at -1 and +1 after normalization.
+#: QLoRA's offset: the outermost quantiles are taken at 1 - delta, delta = (1/30 + 1/32) / 2, rather than at 1 (an
+#: infinite quantile). Both halves start at the same offset, so after normalization the code ends exactly at -1 and +1.
 _NF4_OFFSET = 1.0 - 0.5 * (1.0 / 32.0 + 1.0 / 30.0)
 
 
@@ -81,6 +86,22 @@ def dequantize_nf4(
     return values.view(-1)[: math.prod(shape)].view(shape).to(dtype)
 
 
+def chunked_linear(
+    x: torch.Tensor, weight_rows, out_features: int, in_features: int, row_multiple: int = 1
+) -> torch.Tensor:
+    """``F.linear(x, W)`` where ``weight_rows(first, last)`` returns rows ``first..last-1`` of W in x's dtype.
+
+    Rows are requested in chunks of about :data:`CHUNK_ELEMENTS` weights (a multiple of ``row_multiple`` rows).
+    Shared by the int8 and NF4 layers.
+    """
+    rows = max(1, CHUNK_ELEMENTS // in_features // row_multiple) * row_multiple
+    if rows >= out_features:
+        return F.linear(x, weight_rows(0, out_features))
+    starts = range(0, out_features, rows)
+    chunks = [F.linear(x, weight_rows(first, min(first + rows, out_features))) for first in starts]
+    return torch.cat(chunks, dim=-1)
+
+
 class NF4Linear(nn.Module):
     """``nn.Linear`` with a blockwise NF4 weight (dequantized on every forward) and a float bias."""
 
@@ -105,11 +126,20 @@ class NF4Linear(nn.Module):
         return cls(linear.in_features, linear.out_features, packed, absmax, linear.bias, block)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_nf4(self.packed, self.absmax, (self.out_features, self.in_features), dtype)
+        return self._weight_rows(0, self.out_features, dtype)
+
+    def _weight_rows(self, first: int, last: int, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``first..last-1`` of the weight; ``first * in_features`` must start a block."""
+        first_block, last_block = first * self.in_features // self.block, -(-last * self.in_features // self.block)
+        half = self.block // 2
+        packed, absmax = self.packed[first_block * half : last_block * half], self.absmax[first_block:last_block]
+        return dequantize_nf4(packed, absmax, (last - first, self.in_features), dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized_weight(x.dtype), bias)
+        rows = lambda first, last: self._weight_rows(first, last, x.dtype)
+        row_multiple = self.block // gcd(self.in_features, self.block)  # so that every chunk starts a block
+        out = chunked_linear(x, rows, self.out_features, self.in_features, row_multiple)
+        return out if self.bias is None else out + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}"

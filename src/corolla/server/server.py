@@ -112,6 +112,11 @@ class Server:
         dtype = resolve_dtype(cfg.dtype, cfg.device, getattr(model_config, "dtype", None))
         span = load_span(checkpoint, *blocks, config=model_config, dtype=dtype, device=cfg.device)
         logger.info("Loaded blocks %d:%d (%s, %s)", *blocks, dtype, cfg.device)
+        if cfg.quant != "none":
+            from corolla.models.quantization import quantize_blocks
+
+            backend = quantize_blocks(span, cfg.quant, device=cfg.device)
+            logger.info("Quantized blocks %d:%d to %s with %s", *blocks, cfg.quant, backend)
         return span
 
     def _explicit_span(self, model_config) -> tuple[int, int]:
