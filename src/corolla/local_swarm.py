@@ -115,12 +115,45 @@ class LocalSwarm:
         args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
         return self._spawn(name, [*args, *self.server_args, *extra_args], stdout=subprocess.DEVNULL)
 
+    def served_spans(self) -> dict[str, tuple[int, int]]:
+        """Server name -> the span it currently announces as ONLINE (servers this swarm started only)."""
+        from hivemind.dht import DHT
+        from hivemind.utils.crypto import RSAPrivateKey
+        from transformers import AutoConfig
+
+        from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
+        from corolla.net.dht_records import collect_servers, fetch_block_records
+        from corolla.net.identity import swarm_validators
+
+        num_blocks = AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
+        dht = DHT(
+            initial_peers=self.initial_peers,
+            start=True,
+            client_mode=True,
+            record_validators=swarm_validators(RSAPrivateKey()),
+        )
+        try:
+            records = fetch_block_records(dht, dht_prefix=default_dht_prefix(self.model), num_blocks=num_blocks)
+        finally:
+            dht.shutdown()
+        names = {peer: name for name, peer in self.peer_ids.items()}
+        return {
+            names[p.to_base58()]: (i.start_block, i.end_block)
+            for p, i in collect_servers(records).items()
+            if p.to_base58() in names
+        }
+
     def name_of(self, peer_id: str) -> str:
         """The name of the server process with ``peer_id``."""
         return next(name for name, known in self.peer_ids.items() if known == peer_id)
 
-    def wait_until_served(self, num_blocks: int | None = None, *, min_servers: int | None = None) -> None:
-        """Wait until every block has an ONLINE server (and at least ``min_servers`` servers are ONLINE)."""
+    def wait_until_served(
+        self, num_blocks: int | None = None, *, min_servers: int | None = None, exclude: Sequence[str] = ()
+    ) -> None:
+        """Wait until every block has an ONLINE server (and at least ``min_servers`` servers are ONLINE).
+
+        Servers whose peer ids are in ``exclude`` (e.g. killed ones whose records have not expired yet) don't count.
+        """
         from hivemind.dht import DHT
         from hivemind.utils.crypto import RSAPrivateKey
         from transformers import AutoConfig
@@ -142,7 +175,7 @@ class LocalSwarm:
         def served() -> bool:
             self._check_alive()
             records = fetch_block_records(dht, dht_prefix=prefix, num_blocks=num_blocks)
-            online = collect_servers(records)
+            online = {p: i for p, i in collect_servers(records).items() if p.to_base58() not in exclude}
             covered = all(any(i.start_block <= b < i.end_block for i in online.values()) for b in range(num_blocks))
             return covered and len(online) >= servers_wanted
 

@@ -174,7 +174,10 @@ class InferenceSession:
         return hidden
 
     async def _open_chain(self, start: int, end: int, *, batch_size: int) -> list[_SpanState]:
-        route = self.swarm.inference_route(start, end, cache_tokens=batch_size * self.max_length)
+        # DHT reads block: keep them off the event loop (hivemind resolves their futures through it)
+        route = await asyncio.to_thread(
+            self.swarm.inference_route, start, end, cache_tokens=batch_size * self.max_length
+        )
         logger.info("Route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
         spans = []
         for hop in route:
@@ -193,7 +196,7 @@ class InferenceSession:
         """Ban the failed server, open a new chain for its blocks and replay everything it was sent."""
         self.swarm.ban(failed.hop.peer_id)
         failed.stream.close()
-        self.swarm.refresh()
+        await asyncio.to_thread(self.swarm.refresh)
         replacement = await self._open_chain(failed.hop.start, failed.hop.end, batch_size=batch_size)
         if failed.sent:
             hidden = torch.cat([s.hidden_states for s in failed.sent], dim=1)

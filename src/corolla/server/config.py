@@ -39,6 +39,12 @@ class ServerConfig:
     request_timeout: float = field(default=180.0, metadata=_help("seconds a request may take before it is failed"))
     session_timeout: float = field(default=300.0, metadata=_help("seconds a session may wait for its next step"))
     alloc_timeout: float = field(default=5.0, metadata=_help("seconds a session waits for cache room"))
+    balance_quality: float = field(
+        default=0.75,
+        metadata=_help("move when the swarm's bottleneck is under this share of the achievable (0: never)"),
+    )
+    balance_period: float = field(default=120.0, metadata=_help("mean seconds between balance checks"))
+    join_jitter: float = field(default=2.0, metadata=_help("random delay (s) before choosing blocks, avoids herds"))
     num_threads: int = field(default=1, metadata=_help("torch threads for compute (1 suits many processes)"))
 
     def __post_init__(self):
@@ -59,7 +65,11 @@ class ServerConfig:
         for name in ("cache_tokens", "max_batch_tokens", "max_session_length", "num_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("update_period", "request_timeout", "session_timeout", "alloc_timeout"):
+        if not 0 <= self.balance_quality <= 1:
+            raise ValueError(f"balance_quality must be in [0, 1], got {self.balance_quality}")
+        if self.join_jitter < 0:
+            raise ValueError(f"join_jitter must be >= 0 seconds, got {self.join_jitter}")
+        for name in ("update_period", "request_timeout", "session_timeout", "alloc_timeout", "balance_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)}")
         if self.throughput not in ("auto", "eval"):

@@ -41,6 +41,7 @@ class _Session:
     """Server-side state of one inference session over blocks start..end-1."""
 
     opened: InferenceOpen
+    span: SpanModel
     cache: object
     length: int = 0  # tokens already in the cache
     last_step_id: str | None = None
@@ -56,6 +57,10 @@ class BlockServicer(ServicerBase):
         self.dtype = next(span.parameters()).dtype
         self.device = next(span.parameters()).device
         self.active_sessions = 0
+
+    def swap_span(self, span: SpanModel) -> None:
+        """Serve other blocks from now on; sessions opened before keep running on the span they started with."""
+        self.span = span
 
     # ---- info -------------------------------------------------------------------------------------------------
     def status(self) -> ServerStatus:
@@ -113,9 +118,10 @@ class BlockServicer(ServicerBase):
                 yield runtime_pb2.ExpertResponse(tensors=[chunk])
 
     async def _forward(self, meta: SpanRequest, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
-        validation.check_span(meta.start_block, meta.end_block, served=(self.span.start, self.span.end))
+        span = self.span
+        validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
         inputs = self._span_inputs(meta, tensors, past_length=0, batch_size=None)
-        task = lambda: self.span(inputs, start=meta.start_block, end=meta.end_block)  # noqa: E731
+        task = lambda: span(inputs, start=meta.start_block, end=meta.end_block)  # noqa: E731
         output = await self._compute(PRIORITY_FORWARD, task)
         return pack_response([output.cpu()], {}, compression=meta.output_compression)
 
@@ -133,7 +139,8 @@ class BlockServicer(ServicerBase):
         tokens = opened.batch_size * opened.max_length
         async with self.budget.reserve(tokens, timeout_s=self.config.alloc_timeout):
             self.active_sessions += 1
-            session = _Session(opened=opened, cache=self.span.new_cache(opened.start_block, opened.end_block))
+            span = self.span
+            session = _Session(opened=opened, span=span, cache=span.new_cache(opened.start_block, opened.end_block))
             logger.debug("Session %s opened for %d tokens", opened.session_id, tokens)
             try:
                 message = first
@@ -176,7 +183,7 @@ class BlockServicer(ServicerBase):
         def task():
             if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
                 session.cache.crop(step.position - session.length)  # a negative crop removes tokens
-            return self.span(inputs, session.cache, start=opened.start_block, end=opened.end_block)
+            return session.span(inputs, session.cache, start=opened.start_block, end=opened.end_block)
 
         output = await self._compute(PRIORITY_INFERENCE, task)
         session.length = step.position + new_tokens

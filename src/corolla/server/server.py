@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import signal
 import time
 
@@ -10,6 +11,7 @@ import torch
 from hivemind.dht import DHT
 from transformers import AutoConfig
 
+from corolla.algorithms.spans import ServerSpan
 from corolla.log import get_logger
 from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
 from corolla.models.families import family_for
@@ -22,6 +24,7 @@ from corolla.server.compute import ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.handler import BlockServicer
 from corolla.server.memory_cache import CacheBudget
+from corolla.server.rebalancer import Rebalancer
 from corolla.server.throughput import SpeedReport, get_speed
 
 logger = get_logger(__name__)
@@ -80,6 +83,8 @@ class Server:
             if early is not None:
                 span = await early
             else:
+                # a random delay keeps servers that start together from all choosing the same weakest span
+                await asyncio.sleep(random.uniform(0, cfg.join_jitter))
                 span = await self._loop.run_in_executor(
                     None, self._load, checkpoint, model_config, self._auto_span(dht, model_config, dht_prefix)
                 )
@@ -143,22 +148,22 @@ class Server:
 
     async def _serve(self, dht: DHT, key, span, dht_prefix: str, started: float) -> None:
         cfg = self.config
-        start, end = span.start, span.end
-        dtype = next(span.parameters()).dtype
-        speed: SpeedReport | None = None
         budget = CacheBudget(cfg.cache_tokens)
+        state = {"span": span, "speed": None}
 
-        def make_info(state: ServerState = ServerState.ONLINE) -> ServerInfo:
+        def make_info(state_now: ServerState = ServerState.ONLINE, span=None) -> ServerInfo:
+            span = span or state["span"]
+            speed: SpeedReport | None = state["speed"]
             return ServerInfo(
-                state=state,
-                start_block=start,
-                end_block=end,
+                state=state_now,
+                start_block=span.start,
+                end_block=span.end,
                 throughput=speed.throughput if speed else 0.0,
                 inference_rps=speed.inference_rps if speed else None,
                 forward_rps=speed.forward_rps if speed else None,
                 network_rps=speed.network_rps if speed else None,
                 cache_tokens_left=budget.tokens_left,
-                dtype=str(dtype).removeprefix("torch."),
+                dtype=str(next(span.parameters()).dtype).removeprefix("torch."),
                 quant=cfg.quant,
                 public_name=cfg.public_name,
             )
@@ -167,19 +172,20 @@ class Server:
             dht=dht, dht_prefix=dht_prefix, owner=owner_marker(key), make_info=make_info, period_s=cfg.update_period
         )
         await announcer.announce_now(make_info(ServerState.JOINING))
-        speed = await self._loop.run_in_executor(None, self._speed, span)
+        state["speed"] = await self._loop.run_in_executor(None, self._speed, span)
         compute = ComputeQueue()
         servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
         p2p = await dht.replicate_p2p()
         await servicer.add_p2p_handlers(p2p)
         await announcer.announce_now(make_info())
         announcer.start()
+        rebalancer = self._rebalancer(dht, dht_prefix, span.config, state, servicer, announcer, make_info)
         logger.info(
             "Serving blocks %d:%d of %s (%s, %s) as peer %s; ready in %.2f s",
-            start,
-            end,
+            span.start,
+            span.end,
             cfg.model,
-            dtype,
+            next(span.parameters()).dtype,
             cfg.device,
             dht.peer_id,
             time.perf_counter() - started,
@@ -188,6 +194,8 @@ class Server:
             await self._stop.wait()
         finally:
             logger.info("Shutting down: announcing OFFLINE")
+            if rebalancer is not None:
+                await rebalancer.stop()
             await announcer.stop()
             try:
                 await announcer.announce_now(make_info(ServerState.OFFLINE), timeout_s=5)
@@ -195,6 +203,45 @@ class Server:
                 logger.warning("Could not announce OFFLINE: %s", e)
             await servicer.remove_p2p_handlers(p2p)
             compute.shutdown()
+
+    def _rebalancer(self, dht, dht_prefix, span_config, state, servicer, announcer, make_info) -> Rebalancer | None:
+        """Servers that chose their blocks themselves (no --blocks) keep checking whether to move."""
+        cfg = self.config
+        if cfg.blocks is not None or cfg.balance_quality <= 0:
+            return None
+        checkpoint = resolve_checkpoint(cfg.model)
+        model_config = AutoConfig.from_pretrained(checkpoint.folder)
+
+        def own() -> ServerSpan:
+            speed, span = state["speed"], state["span"]
+            return ServerSpan(
+                peer_id=dht.peer_id.to_base58(),
+                start=span.start,
+                end=span.end,
+                throughput=speed.throughput,
+                inference_rps=speed.inference_rps,
+            )
+
+        async def move(start: int, end: int) -> None:
+            old = state["span"]
+            await announcer.announce_now(make_info(ServerState.OFFLINE, span=old))
+            new = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, (start, end))
+            state["span"] = new
+            servicer.swap_span(new)  # sessions already open finish on the old span
+            await announcer.announce_now(make_info())
+            logger.info("Now serving blocks %d:%d", start, end)
+
+        rebalancer = Rebalancer(
+            dht=dht,
+            dht_prefix=dht_prefix,
+            num_layers=model_config.num_hidden_layers,
+            own=own,
+            move=move,
+            period_s=cfg.balance_period,
+            balance_quality=cfg.balance_quality,
+        )
+        rebalancer.start()
+        return rebalancer
 
     def _speed(self, span) -> SpeedReport:
         cfg = self.config

@@ -1,0 +1,62 @@
+"""Servers that choose their own blocks cover the model, and the swarm heals when one of them dies."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import pytest
+
+from corolla.local_swarm import LocalSwarm, wait_for
+
+logger = logging.getLogger(__name__)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+BALANCE_PERIOD_S = 3.0
+
+
+def test_servers_without_span_flags_cover_all_blocks_and_heal(smollm2_path, tmp_path):
+    args = [
+        "--num-blocks", "10", "--throughput", "100", "--update-period", "1",
+        "--balance-period", str(BALANCE_PERIOD_S), "--join-jitter", "0",
+    ]  # fmt: skip
+    with LocalSwarm(model="smollm2-135m", server_args=args, log_dir=tmp_path) as swarm:
+        for i in range(3):  # started together: they may all pick the same span first, then rebalance
+            swarm.start_server(f"server{i}")
+        swarm.wait_until_served(min_servers=3)
+        spans = swarm.served_spans()
+        assert sorted(spans.values()) == [(0, 10), (10, 20), (20, 30)], spans
+
+        middle = next(name for name, span in spans.items() if span == (10, 20))
+        swarm.kill(middle, signal.SIGKILL)
+        killed_at = time.monotonic()
+        swarm.start_server("newcomer")
+        swarm.wait_until_served(min_servers=3, exclude=[swarm.peer_ids[middle]])
+        healed_s = time.monotonic() - killed_at
+        survivors = {name: span for name, span in swarm.served_spans().items() if name != middle}
+        assert sorted(survivors.values()) == [(0, 10), (10, 20), (20, 30)], survivors
+        logger.info("coverage restored %.1f s after the kill (balance period %.0f s)", healed_s, BALANCE_PERIOD_S)
+
+
+def test_a_server_at_the_optimum_never_moves(tmp_path):
+    from tests.fixtures.zoo import zoo_checkpoint
+
+    path = str(zoo_checkpoint("llama"))
+    args = ["--num-blocks", "3", "--throughput", "100", "--balance-period", "1", "--join-jitter", "0"]
+    env = dict(os.environ, COROLLA_LOGLEVEL="DEBUG")
+    with LocalSwarm(model=path, server_args=args, log_dir=tmp_path, env=env) as swarm:
+        swarm.start_server("server0")
+        swarm.wait_until_served(num_blocks=3, min_servers=1)
+        swarm.start_server("server1")
+        swarm.wait_until_served(min_servers=2)
+        before = swarm.served_spans()
+        assert sorted(before.values()) == [(0, 3), (3, 6)]
+
+        def checks_done(name: str) -> int:
+            return (tmp_path / f"{name}.log").read_text().count("Balance check: staying")
+
+        wait_for(lambda: all(checks_done(n) >= 3 for n in before), timeout_s=60, what="three balance checks each")
+        assert swarm.served_spans() == before
+        assert not any("Rebalancing" in (tmp_path / f"{n}.log").read_text() for n in before)
