@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     path = str(zoo_checkpoint("llama"))
-    args = ["--throughput", "100", "--max-batch-tokens", "32768"]
+    args = ["--throughput", "100", "--max-batch-tokens", "32768", "--update-period", "2"]
     with LocalSwarm(model=path, spans=["0:4", "4:6"], server_args=args, log_dir=tmp_path_factory.mktemp("logs")) as s:
         yield path, s
 
@@ -97,3 +97,24 @@ def test_every_command_has_help(command):
         [sys.executable, "-m", "corolla.cli.main", command, "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "usage: corolla" in result.stdout
+
+
+def test_latency_measurements_feed_routing(swarm):
+    """The client pings servers; servers publish their pings to the servers that follow them in a chain."""
+    from corolla.local_swarm import wait_for
+
+    path, s = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers)
+    try:
+        view = model.remote_blocks.swarm
+        assert set(view.rtt.rtts) == {p.to_base58() for p in view.servers}
+        assert all(0 < rtt < 2 for rtt in view.rtt.rtts.values())
+
+        def first_server_pinged_the_second() -> bool:
+            view.refresh()
+            by_start = {info.start_block: (peer.to_base58(), info) for peer, info in view.servers.items()}
+            return by_start[4][0] in by_start[0][1].next_pings
+
+        wait_for(first_server_pinged_the_second, timeout_s=60, what="a published ping to the next server", poll_s=1)
+    finally:
+        model.shutdown()

@@ -20,9 +20,12 @@ from corolla.log import get_logger
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
 from corolla.net.identity import swarm_validators
 from corolla.net.loop import run_sync
+from corolla.net.ping import RttTracker, ping_many
 from corolla.protocol.server_info import ServerInfo
 
 logger = get_logger(__name__)
+
+PING_TIMEOUT_S = 2.0
 
 
 class SwarmView:
@@ -36,6 +39,7 @@ class SwarmView:
         self._updated_at = -float("inf")
         self._lock = threading.Lock()
         self._p2p: P2P | None = None
+        self.rtt = RttTracker()  # this client's round trips to servers, for latency-aware routing
 
     @classmethod
     def connect(cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str) -> SwarmView:
@@ -79,7 +83,14 @@ class SwarmView:
         with self._lock:
             self.servers = servers
             self._updated_at = time.monotonic()
+        try:
+            self.rtt.update(run_sync(self._ping(list(servers)), timeout_s=PING_TIMEOUT_S + 5))
+        except Exception as e:  # routing falls back to default delays for peers without a measurement
+            logger.debug("Pinging servers failed: %s", e)
         logger.debug("Swarm view: %d servers", len(servers))
+
+    async def _ping(self, peers: list[PeerID]) -> dict[str, float]:
+        return await ping_many(await self.p2p(), peers, timeout_s=PING_TIMEOUT_S)
 
     def maybe_refresh(self) -> None:
         if time.monotonic() - self._updated_at > self.config.update_period_s:
@@ -107,7 +118,7 @@ class SwarmView:
                     to_spans(self.servers),
                     start_block=start,
                     end_block=end,
-                    client_pings={},
+                    client_pings=self.rtt.snapshot(),
                     required_cache_tokens=cache_tokens,
                     banned=self.banned(),
                 )

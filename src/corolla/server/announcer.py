@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from hivemind.dht import DHT
 
@@ -18,15 +18,18 @@ class Announcer:
     """Announces ``make_info()`` for blocks start..end-1 now and then every ``period_s`` seconds."""
 
     def __init__(
-        self, *, dht: DHT, dht_prefix: str, owner: bytes, make_info: Callable[[], ServerInfo], period_s: float
+        self,
+        *,
+        dht: DHT,
+        dht_prefix: str,
+        owner: bytes,
+        make_info: Callable[[], ServerInfo],
+        period_s: float,
+        before_announce: Callable[[], Awaitable[None]] | None = None,
     ):
-        self.dht, self.dht_prefix, self.owner, self.make_info, self.period_s = (
-            dht,
-            dht_prefix,
-            owner,
-            make_info,
-            period_s,
-        )
+        self.dht, self.dht_prefix, self.owner = dht, dht_prefix, owner
+        self.make_info, self.period_s = make_info, period_s
+        self.before_announce = before_announce  # e.g. refresh the pings published in the record
         self._task: asyncio.Task | None = None
 
     @property
@@ -60,6 +63,11 @@ class Announcer:
         while True:
             await asyncio.sleep(self.period_s)
             try:
+                if self.before_announce is not None:
+                    try:
+                        await self.before_announce()
+                    except Exception as e:  # stale pings must never stop the announcement itself
+                        logger.debug("Preparing the announcement failed: %s", e)
                 await self.announce_now()
             except Exception as e:  # a background loop logs and keeps going
                 logger.warning("Announcing to the DHT failed: %s", e, exc_info=logger.isEnabledFor(10))

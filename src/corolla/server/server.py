@@ -18,6 +18,7 @@ from corolla.models.families import family_for
 from corolla.models.span import load_span
 from corolla.net.dht_records import collect_servers, fetch_block_records
 from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
+from corolla.net.ping import RttTracker, ping_many
 from corolla.protocol.server_info import ServerInfo, ServerState
 from corolla.server.announcer import Announcer
 from corolla.server.compute import ComputeQueue
@@ -28,6 +29,8 @@ from corolla.server.rebalancer import Rebalancer
 from corolla.server.throughput import SpeedReport, get_speed
 
 logger = get_logger(__name__)
+
+MAX_PUBLISHED_PINGS = 5
 
 
 def resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -66,6 +69,7 @@ class Server:
         checkpoint = resolve_checkpoint(cfg.model)
         model_config = AutoConfig.from_pretrained(checkpoint.folder)
         family_for(model_config.model_type)  # fail early on an unsupported architecture
+        self._num_layers = model_config.num_hidden_layers
         dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         # the peer id and the records' signatures come from one key, so clients can tell who wrote a record
         identity_path, key = load_or_create_identity(cfg.identity)
@@ -150,6 +154,7 @@ class Server:
         cfg = self.config
         budget = CacheBudget(cfg.cache_tokens)
         state = {"span": span, "speed": None}
+        next_rtts = RttTracker()
 
         def make_info(state_now: ServerState = ServerState.ONLINE, span=None) -> ServerInfo:
             span = span or state["span"]
@@ -166,10 +171,25 @@ class Server:
                 dtype=str(next(span.parameters()).dtype).removeprefix("torch."),
                 quant=cfg.quant,
                 public_name=cfg.public_name,
+                next_pings=next_rtts.snapshot(limit=MAX_PUBLISHED_PINGS),
             )
 
+        async def ping_next_servers() -> None:
+            """RTTs to servers that start where this one ends: clients route through them after this one."""
+            records = await asyncio.to_thread(
+                fetch_block_records, dht, dht_prefix=dht_prefix, num_blocks=self._num_layers
+            )
+            end = state["span"].end
+            peers = [p for p, info in collect_servers(records).items() if info.start_block <= end < info.end_block]
+            next_rtts.update(await ping_many(p2p, peers[: MAX_PUBLISHED_PINGS * 2], timeout_s=2.0))
+
         announcer = Announcer(
-            dht=dht, dht_prefix=dht_prefix, owner=owner_marker(key), make_info=make_info, period_s=cfg.update_period
+            dht=dht,
+            dht_prefix=dht_prefix,
+            owner=owner_marker(key),
+            make_info=make_info,
+            period_s=cfg.update_period,
+            before_announce=ping_next_servers,
         )
         await announcer.announce_now(make_info(ServerState.JOINING))
         state["speed"] = await self._loop.run_in_executor(None, self._speed, span)
