@@ -117,16 +117,16 @@ class LocalSwarm:
 
     def served_spans(self) -> dict[str, tuple[int, int]]:
         """Server name -> the span it currently announces as ONLINE (servers this swarm started only)."""
-        from hivemind.dht import DHT
         from hivemind.utils.crypto import RSAPrivateKey
         from transformers import AutoConfig
 
         from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
+        from corolla.net.dht_process import ParentBoundDHT
         from corolla.net.dht_records import collect_servers, fetch_block_records
         from corolla.net.identity import swarm_validators
 
         num_blocks = AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
-        dht = DHT(
+        dht = ParentBoundDHT(
             initial_peers=self.initial_peers,
             start=True,
             client_mode=True,
@@ -154,17 +154,17 @@ class LocalSwarm:
 
         Servers whose peer ids are in ``exclude`` (e.g. killed ones whose records have not expired yet) don't count.
         """
-        from hivemind.dht import DHT
         from hivemind.utils.crypto import RSAPrivateKey
         from transformers import AutoConfig
 
         from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
+        from corolla.net.dht_process import ParentBoundDHT
         from corolla.net.dht_records import collect_servers, fetch_block_records
         from corolla.net.identity import swarm_validators
 
         num_blocks = num_blocks or AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
         servers_wanted = len(self.spans) if min_servers is None else min_servers
-        dht = DHT(
+        dht = ParentBoundDHT(
             initial_peers=self.initial_peers,
             start=True,
             client_mode=True,

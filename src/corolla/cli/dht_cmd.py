@@ -21,9 +21,8 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hivemind.dht import DHT
-
     from corolla.log import get_logger
+    from corolla.net.dht_process import ParentBoundDHT
     from corolla.net.identity import load_or_create_identity, swarm_validators
 
     logger = get_logger("corolla.cli.dht")
@@ -31,7 +30,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = dict(host_maddrs=args.host_maddrs, identity_path=str(identity_path))
     if args.announce_maddrs:
         kwargs["announce_maddrs"] = args.announce_maddrs
-    dht = DHT(initial_peers=args.initial_peers, start=True, record_validators=swarm_validators(key), **kwargs)
+    dht = ParentBoundDHT(
+        initial_peers=args.initial_peers, start=True, record_validators=swarm_validators(key), **kwargs
+    )
     if args.identity is None:
         identity_path.unlink(missing_ok=True)
     maddrs = [str(m) for m in dht.get_visible_maddrs()]

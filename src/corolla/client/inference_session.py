@@ -11,12 +11,12 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.p2p import PeerID
+from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.algorithms.routing import RouteHop
 from corolla.client.swarm import SwarmView
-from corolla.errors import RemoteCallError
+from corolla.errors import MissingBlocksError, RemoteCallError
 from corolla.log import get_logger
 from corolla.net.loop import run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
@@ -36,26 +36,25 @@ class _Sent:
 
 
 class _ServerStream:
-    """One open inference stream to one server for blocks ``hop.start..hop.end-1``."""
+    """One open inference stream to one server for blocks ``hop.start..hop.end-1``.
+
+    It speaks hivemind's stream framing directly (rather than through a stub) so that a server whose connection
+    closes is noticed at once, instead of after a timeout.
+    """
 
     def __init__(self, hop: RouteHop, *, max_length: int, batch_size: int, compression: str, timeout_s: float):
         self.hop, self.max_length, self.batch_size = hop, max_length, batch_size
         self.compression, self.timeout_s = compression, timeout_s
-        self._outbox: asyncio.Queue = asyncio.Queue()
-        self._responses = None
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
         self._opened = False
 
     async def open(self, swarm: SwarmView) -> None:
         p2p = await swarm.p2p()
-        stub = BlockServicer.get_stub(p2p, PeerID.from_base58(self.hop.peer_id))
-        self._responses = await asyncio.wait_for(stub.rpc_inference(self._requests()), self.timeout_s)
-
-    async def _requests(self):
-        while True:
-            message = await self._outbox.get()
-            if message is None:
-                return
-            yield message
+        handle = BlockServicer._get_handle_name(None, "rpc_inference")
+        _, self._reader, self._writer = await asyncio.wait_for(
+            p2p.call_binary_stream_handler(PeerID.from_base58(self.hop.peer_id), handle), self.timeout_s
+        )
 
     async def step(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, position: int
@@ -80,16 +79,31 @@ class _ServerStream:
             )
             self._opened = True
         tensors = [hidden] + [t for t in (mask, positions) if t is not None]
-        await self._outbox.put(pack(tensors, step, compression=self.compression))
-        response: runtime_pb2.ExpertResponse = await asyncio.wait_for(anext(self._responses), self.timeout_s)
+        await P2P.send_protobuf(pack(tensors, step, compression=self.compression), self._writer)
+        try:
+            response, error = await asyncio.wait_for(
+                P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader), self.timeout_s
+            )
+        except asyncio.IncompleteReadError:
+            raise ConnectionError(f"server {self.hop.peer_id} closed the stream") from None
+        if error is not None:
+            raise RemoteCallError(f"server {self.hop.peer_id} refused the step: {error.message}")
         unpack_metadata(response)
         outputs = unpack_tensors(response)
         if len(outputs) != 1 or outputs[0].shape != hidden.shape:
             raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
         return outputs[0]
 
-    def close(self) -> None:
-        self._outbox.put_nowait(None)
+    async def close(self) -> None:
+        """End the stream politely (the server then frees the session's cache at once)."""
+        if self._writer is None:
+            return
+        writer, self._writer = self._writer, None
+        try:
+            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
+        except Exception as e:
+            logger.debug("Could not end a stream: %s", e)
+        writer.close()
 
 
 @dataclass(kw_only=True)
@@ -144,8 +158,9 @@ class InferenceSession:
         return output
 
     async def _step(self, hidden, mask, positions):
+        batch_size = hidden.shape[0]
         if self._spans is None:
-            self._spans = await self._open_chain(self.start, self.end, batch_size=hidden.shape[0])
+            self._spans = await self._open_chain_with_retries(self.start, self.end, batch_size, replay_from=None)
         failures, index = 0, 0
         while index < len(self._spans):
             span = self._spans[index]
@@ -160,53 +175,86 @@ class InferenceSession:
                     ) from e
                 logger.warning(
                     "Server %s failed on blocks %d:%d (%s); recovering",
-                    span.hop.peer_id,
-                    span.hop.start,
-                    span.hop.end,
-                    _describe(e),
-                )
+                    span.hop.peer_id, span.hop.start, span.hop.end, _describe(e),
+                )  # fmt: skip
+                self.swarm.ban(span.hop.peer_id)
+                await span.stream.close()
+                await asyncio.to_thread(self.swarm.refresh)
                 replay_mask = None if mask is None else mask[:, : self.position]
-                self._spans[index : index + 1] = await self._replace(span, hidden.shape[0], replay_mask)
+                self._spans[index : index + 1] = await self._open_chain_with_retries(
+                    span.hop.start, span.hop.end, batch_size, replay_from=(span, replay_mask)
+                )
                 continue  # retry this step on the replacement chain
             span.sent.append(_Sent(position=self.position, hidden_states=hidden, position_ids=positions))
             hidden = output
             index += 1
         return hidden
 
-    async def _open_chain(self, start: int, end: int, *, batch_size: int) -> list[_SpanState]:
-        # DHT reads block: keep them off the event loop (hivemind resolves their futures through it)
-        route = await asyncio.to_thread(
-            self.swarm.inference_route, start, end, cache_tokens=batch_size * self.max_length
-        )
-        logger.info("Route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
-        spans = []
-        for hop in route:
-            stream = _ServerStream(
-                hop,
-                max_length=self.max_length,
-                batch_size=batch_size,
-                compression=self.swarm.config.compression,
-                timeout_s=self.swarm.config.step_timeout_s,
-            )
-            await stream.open(self.swarm)
-            spans.append(_SpanState(hop=hop, stream=stream))
-        return spans
+    async def _open_chain_with_retries(self, start: int, end: int, batch_size: int, *, replay_from):
+        """A chain for blocks start..end-1 whose caches hold the session so far (replayed from ``replay_from``).
 
-    async def _replace(self, failed: _SpanState, batch_size: int, mask: torch.Tensor | None) -> list[_SpanState]:
-        """Ban the failed server, open a new chain for its blocks and replay everything it was sent."""
-        self.swarm.ban(failed.hop.peer_id)
-        failed.stream.close()
-        await asyncio.to_thread(self.swarm.refresh)
-        replacement = await self._open_chain(failed.hop.start, failed.hop.end, batch_size=batch_size)
-        if failed.sent:
-            hidden = torch.cat([s.hidden_states for s in failed.sent], dim=1)
-            has_positions = all(s.position_ids is not None for s in failed.sent)
-            positions = torch.cat([s.position_ids for s in failed.sent], dim=1) if has_positions else None
-            for span in replacement:
+        A server that fails while being opened or replayed to is banned and another chain is tried, up to
+        ``max_retries`` times. MissingBlocksError (nobody left to serve the blocks) is raised at once.
+        """
+        last_error: Exception | None = None
+        for _ in range(self.swarm.config.max_retries + 1):
+            spans: list[_SpanState] = []
+            try:
+                route = await asyncio.to_thread(
+                    self.swarm.inference_route, start, end, cache_tokens=batch_size * self.max_length
+                )  # DHT reads block: keep them off the event loop (hivemind resolves their futures through it)
+                logger.info("Route: %s", " -> ".join(f"{h.peer_id[-6:]}[{h.start}:{h.end}]" for h in route))
+                for hop in route:
+                    spans.append(_SpanState(hop=hop, stream=self._new_stream(hop, batch_size)))
+                    await spans[-1].stream.open(self.swarm)
+                if replay_from is not None:
+                    await self._replay(replay_from[0], spans, replay_from[1])
+                return spans
+            except MissingBlocksError:
+                raise
+            except Exception as e:
+                last_error = e
+                bad = spans[-1] if spans else None
+                for span in spans:
+                    await span.stream.close()
+                if bad is not None:
+                    logger.warning("Server %s failed while joining the session (%s)", bad.hop.peer_id, _describe(e))
+                    self.swarm.ban(bad.hop.peer_id)
+        raise RemoteCallError(
+            f"could not open servers for blocks {start}:{end} after {self.swarm.config.max_retries + 1} attempts; "
+            f"last error: {_describe(last_error)}"
+        ) from last_error
+
+    def _new_stream(self, hop: RouteHop, batch_size: int) -> _ServerStream:
+        return _ServerStream(
+            hop,
+            max_length=self.max_length,
+            batch_size=batch_size,
+            compression=self.swarm.config.compression,
+            timeout_s=self.swarm.config.step_timeout_s,
+        )
+
+    async def _replay(self, failed: _SpanState, replacement: list[_SpanState], mask: torch.Tensor | None) -> None:
+        """Send everything ``failed`` was sent to the replacement chain, so it rebuilds the lost caches.
+
+        If a replacement server fails, the exception propagates with the failing span last in ``replacement``
+        (spans after it are dropped from the list) so the caller knows whom to ban.
+        """
+        if not failed.sent:
+            return
+        hidden = torch.cat([s.hidden_states for s in failed.sent], dim=1)
+        has_positions = all(s.position_ids is not None for s in failed.sent)
+        positions = torch.cat([s.position_ids for s in failed.sent], dim=1) if has_positions else None
+        for i, span in enumerate(replacement):
+            try:
                 output = await span.stream.step(hidden, mask, positions, 0)
-                span.sent.append(_Sent(position=0, hidden_states=hidden, position_ids=positions))
-                hidden = output
-        return replacement
+            except Exception:
+                for later in replacement[i + 1 :]:
+                    await later.stream.close()
+                del replacement[i + 1 :]
+                raise
+            span.sent.append(_Sent(position=0, hidden_states=hidden, position_ids=positions))
+            hidden = output
 
     def close(self) -> None:
         if self._closed:
@@ -222,7 +270,7 @@ class InferenceSession:
 
 
 async def _close(stream: _ServerStream) -> None:
-    stream.close()
+    await stream.close()
 
 
 def _describe(error: Exception) -> str:

@@ -17,6 +17,7 @@ from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_ro
 from corolla.client.config import ClientConfig
 from corolla.errors import MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
+from corolla.net.dht_process import ParentBoundDHT
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
 from corolla.net.identity import swarm_validators
 from corolla.net.loop import run_sync
@@ -45,7 +46,7 @@ class SwarmView:
     def connect(cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str) -> SwarmView:
         """Join the DHT through ``config.initial_peers`` (client mode); SwarmConnectionError if none answers."""
         try:
-            dht = DHT(
+            dht = ParentBoundDHT(
                 initial_peers=list(config.initial_peers),
                 start=True,
                 client_mode=True,

@@ -16,6 +16,7 @@ from corolla.log import get_logger
 from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
 from corolla.models.families import family_for
 from corolla.models.span import load_span
+from corolla.net.dht_process import ParentBoundDHT
 from corolla.net.dht_records import collect_servers, fetch_block_records
 from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
 from corolla.net.ping import RttTracker, ping_many
@@ -111,7 +112,7 @@ class Server:
         )
         if cfg.announce_maddrs:
             kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
-        dht = DHT(**kwargs)
+        dht = ParentBoundDHT(**kwargs)
         dht.run_in_background(await_ready=False)
         return dht
 
