@@ -50,13 +50,13 @@ def _one_run(
         hop = next(s.hop for s in session._spans if s.hop.start <= 10 < s.hop.end)
         swarm.kill(swarm.name_of(hop.peer_id), signal.SIGKILL)
         killed.append(hop.peer_id)
-        swarm.start_server(f"spare{spare_index}", ["--blocks", "10:20"])  # a spare for the next repeat
 
     timer = _StepTimer(kill)
     with model.inference_session(max_length=ids.shape[1] + new_tokens) as session:
         model.generate(
             ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, session=session, streamer=timer
         )
+    swarm.start_server(f"spare{spare_index}", ["--blocks", "10:20"])  # a spare for the next repeat
     steps = [b - a for a, b in zip(timer.times[1:], timer.times[2:])]
     failed = steps[KILL_AFTER - 1]
     normal = statistics.median(steps[: KILL_AFTER - 1] + steps[KILL_AFTER:])

@@ -130,6 +130,7 @@ class InferenceSession:
         self._spans: list[_SpanState] | None = None
         self._masks: list[torch.Tensor | None] = []
         self._closed = False
+        self._background: set[asyncio.Future] = set()
 
     def __enter__(self) -> InferenceSession:
         return self
@@ -179,7 +180,10 @@ class InferenceSession:
                 )  # fmt: skip
                 self.swarm.ban(span.hop.peer_id)
                 await span.stream.close()
-                await asyncio.to_thread(self.swarm.refresh)
+                # refresh the swarm view in the background: the current view (minus the banned server) usually
+                # already has a replacement, and routing refreshes by itself when blocks seem missing
+                self._background.add(asyncio.ensure_future(asyncio.to_thread(self.swarm.refresh)))
+                self._background = {task for task in self._background if not task.done()}
                 replay_mask = None if mask is None else mask[:, : self.position]
                 self._spans[index : index + 1] = await self._open_chain_with_retries(
                     span.hop.start, span.hop.end, batch_size, replay_from=(span, replay_mask)
