@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Coroutine
 from typing import Any
@@ -19,6 +20,7 @@ def background_loop() -> asyncio.AbstractEventLoop:
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="corolla-client-loop", daemon=True).start()
             _loop = loop
+            atexit.register(_stop, loop)
         return _loop
 
 
@@ -30,3 +32,21 @@ def run_sync(coro: Coroutine, timeout_s: float | None = None) -> Any:
     except TimeoutError:
         future.cancel()
         raise
+
+
+def _stop(loop: asyncio.AbstractEventLoop, timeout_s: float = 2.0) -> None:
+    """At exit: cancel what still runs on the loop (e.g. hivemind's connection readers), then stop it quietly."""
+
+    async def cancel_all() -> None:
+        tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    if loop.is_closed() or not loop.is_running():
+        return
+    try:
+        asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout_s)
+    except Exception:  # exiting anyway: never turn a clean exit into a traceback
+        pass
+    loop.call_soon_threadsafe(loop.stop)
