@@ -118,3 +118,15 @@ def test_latency_measurements_feed_routing(swarm):
         wait_for(first_server_pinged_the_second, timeout_s=60, what="a published ping to the next server", poll_s=1)
     finally:
         model.shutdown()
+
+
+def test_chat_command_keeps_one_session(swarm):
+    path, s = swarm
+    result = subprocess.run(
+        [sys.executable, "-m", "corolla.cli.main", "chat", path, "--initial-peers", *s.initial_peers,
+         "--max-new-tokens", "4", "--max-length", "256"],
+        input="hello there\nand again\n\n", capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("model> ") == 2
+    assert result.stderr.count("Route:") == 1  # both turns ran in one session over one chain
