@@ -74,7 +74,8 @@ def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FA
             session=session,
             streamer=_AfterTokens(when, fail),
         )
-    return out, victim
+        chain = [swarm.name_of(span.hop.peer_id) for span in session._spans]
+    return out, victim, chain
 
 
 @pytest.mark.parametrize(
@@ -88,7 +89,7 @@ def test_middle_server_dies_mid_generation(reference, tmp_path, spare, sig):
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
         started = time.monotonic()
-        out, victim = _generate_with_fault(model, swarm, ids, block=2, sig=sig)
+        out, victim, _ = _generate_with_fault(model, swarm, ids, block=2, sig=sig)
         assert victim, "the fault was never injected"
         assert out.tolist() == expected.tolist()
         assert time.monotonic() - started < 60
@@ -104,7 +105,7 @@ def test_frozen_server_times_out_and_is_replaced(reference, tmp_path):
         model = AutoDistributedModelForCausalLM.from_pretrained(
             path, initial_peers=swarm.initial_peers, step_timeout_s=3.0
         )
-        out, victim = _generate_with_fault(model, swarm, ids, block=2, sig=signal.SIGSTOP)
+        out, victim, _ = _generate_with_fault(model, swarm, ids, block=2, sig=signal.SIGSTOP)
         assert victim and out.tolist() == expected.tolist()
         model.shutdown()
     finally:
@@ -135,3 +136,58 @@ def test_failure_during_prefill_and_in_a_chat_session(reference, tmp_path):
         model.shutdown()
     finally:
         swarm.stop()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_failed_server_is_used_again_after_its_ban(reference, tmp_path):
+    import math
+
+    from hivemind.p2p import PeerID
+
+    from corolla.local_swarm import wait_for
+    from corolla.net.loop import run_sync
+
+    path, ids, expected = reference
+    swarm = LocalSwarm(model=path, server_args=["--throughput", "100"], log_dir=tmp_path / "logs")
+    addresses = {name: ["--host-maddrs", f"/ip4/127.0.0.1/tcp/{_free_port()}"] for name in ("a", "b")}
+    try:
+        swarm.start_bootstrap()
+        for name, address in addresses.items():  # fixed ports, as a real server that restarts would have
+            swarm.start_server(name, ["--blocks", "0:6", *address])
+        swarm.wait_until_served(min_servers=2)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, ban_timeout_s=1.0
+        )
+        out, first_victim, _ = _generate_with_fault(model, swarm, ids, block=0, sig=signal.SIGKILL)
+        assert out.tolist() == expected.tolist()
+        (name,) = first_victim
+        swarm.processes[name].wait(timeout=30)
+        swarm.start_server(name, ["--blocks", "0:6", *addresses[name]])  # same identity and address: same peer
+        swarm.wait_until_served(min_servers=2)
+        view = model.remote_blocks.swarm
+        peer = PeerID.from_base58(swarm.peer_ids[name])
+
+        def reachable() -> bool:  # the client's transport may hold off re-dialling a peer that failed recently
+            return math.isfinite(run_sync(_ping_via(view, peer), timeout_s=10))
+
+        wait_for(reachable, timeout_s=120, what="the restarted server to be reachable again", poll_s=1)
+        # a server of the chain dies again: either way the restarted server serves this session at some point
+        out, second_victim, chain = _generate_with_fault(model, swarm, ids, block=0, sig=signal.SIGKILL)
+        assert name in second_victim + chain
+        assert out.tolist() == expected.tolist()
+        model.shutdown()
+    finally:
+        swarm.stop()
+
+
+async def _ping_via(view, peer):
+    from corolla.net.ping import ping
+
+    return await ping(await view.p2p(), peer, timeout_s=3)
