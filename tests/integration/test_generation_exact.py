@@ -88,3 +88,27 @@ def test_inputs_embeds_match_local(family_swarm):
         expected = local(inputs_embeds=embeds).logits
         got = model(inputs_embeds=embeds).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_servers_push_outputs_to_the_next_server(family_swarm):
+    """With push on (the default) the second server computes steps from the first server's push; tokens stay exact."""
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from corolla.net.loop import run_sync
+    from corolla.server.handler import BlockServicer
+
+    _, _, model, local = family_swarm
+    view = model.remote_blocks.swarm
+
+    async def pushed_steps() -> int:
+        (second,) = [peer for peer, info in view.servers.items() if info.start_block == 3]
+        stub = BlockServicer.get_stub(await view.p2p(), second)
+        info = await stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)
+        return MSGPackSerializer.loads(info.serialized_info)["steps_from_pushes"]
+
+    before = run_sync(pushed_steps(), timeout_s=30)
+    ids = torch.randint(4, 400, (1, 6), generator=torch.Generator().manual_seed(8))
+    expected = local.generate(ids, max_new_tokens=12, do_sample=False)
+    assert model.generate(ids, max_new_tokens=12, do_sample=False).tolist() == expected.tolist()
+    assert run_sync(pushed_steps(), timeout_s=30) > before

@@ -150,4 +150,5 @@ def test_streaming_rpcs_are_registered_as_streams():
         "rpc_forward": (False, False),
         "rpc_forward_stream": (True, True),
         "rpc_inference": (True, True),
+        "rpc_push": (False, False),
     }

@@ -18,6 +18,7 @@ class ClientConfig:
     max_retries: int = 3  # attempts per failed span before giving up
     ban_timeout_s: float = 15.0  # first ban of a failed server (doubles on each repeated failure)
     compression: str = "NONE"  # activations on the wire: NONE, FLOAT16, UNIFORM_8BIT, QUANTILE_8BIT
+    push: bool = True  # servers send step outputs straight to the next server of the chain
     allowed_servers: tuple[str, ...] | None = None
     blocked_servers: tuple[str, ...] = ()
 

@@ -20,7 +20,7 @@ from corolla.errors import MissingBlocksError, RemoteCallError
 from corolla.log import get_logger
 from corolla.net.loop import run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
-from corolla.protocol.messages import InferenceOpen, InferenceStep
+from corolla.protocol.messages import InferenceOpen, InferenceStep, PushTarget
 from corolla.server.handler import BlockServicer
 
 logger = get_logger(__name__)
@@ -48,6 +48,7 @@ class _ServerStream:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._opened = False
+        self.session_id = uuid.uuid4().hex
 
     async def open(self, swarm: SwarmView) -> None:
         p2p = await swarm.p2p()
@@ -57,18 +58,26 @@ class _ServerStream:
         )
 
     async def step(
-        self, hidden: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, position: int
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        positions: torch.Tensor | None,
+        position: int,
+        *,
+        step_id: str | None = None,
+        push_chain: list[PushTarget] = (),
     ) -> torch.Tensor:
         step = InferenceStep(
-            step_id=uuid.uuid4().hex,
+            step_id=step_id or uuid.uuid4().hex,
             position=position,
             has_attention_mask=mask is not None,
             has_position_ids=positions is not None,
+            push_chain=list(push_chain),
         ).model_dump()
         if not self._opened:
             step = (
                 InferenceOpen(
-                    session_id=uuid.uuid4().hex,
+                    session_id=self.session_id,
                     max_length=self.max_length,
                     batch_size=self.batch_size,
                     start_block=self.hop.start,
@@ -163,10 +172,14 @@ class InferenceSession:
         if self._spans is None:
             self._spans = await self._open_chain_with_retries(self.start, self.end, batch_size, replay_from=None)
         failures, index = 0, 0
+        step_ids = [uuid.uuid4().hex for _ in self._spans]
         while index < len(self._spans):
             span = self._spans[index]
             try:
-                output = await span.stream.step(hidden, mask, positions, self.position)
+                output = await span.stream.step(
+                    hidden, mask, positions, self.position,
+                    step_id=step_ids[index], push_chain=self._push_chain(index, step_ids),
+                )  # fmt: skip
             except Exception as e:
                 failures += 1
                 if failures > self.swarm.config.max_retries:
@@ -188,11 +201,21 @@ class InferenceSession:
                 self._spans[index : index + 1] = await self._open_chain_with_retries(
                     span.hop.start, span.hop.end, batch_size, replay_from=(span, replay_mask)
                 )
+                step_ids = step_ids[:index] + [uuid.uuid4().hex for _ in self._spans[index:]]
                 continue  # retry this step on the replacement chain
             span.sent.append(_Sent(position=self.position, hidden_states=hidden, position_ids=positions))
             hidden = output
             index += 1
         return hidden
+
+    def _push_chain(self, index: int, step_ids: list[str]) -> list[PushTarget]:
+        """The servers after ``index``: each server pushes its output to the next one (if push is on)."""
+        if not self.swarm.config.push:
+            return []
+        return [
+            PushTarget(peer_id=span.hop.peer_id, session_id=span.stream.session_id, step_id=step_id)
+            for span, step_id in zip(self._spans[index + 1 :], step_ids[index + 1 :])
+        ]
 
     async def _open_chain_with_retries(self, start: int, end: int, batch_size: int, *, replay_from):
         """A chain for blocks start..end-1 whose caches hold the session so far (replayed from ``replay_from``).

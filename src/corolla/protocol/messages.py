@@ -34,13 +34,32 @@ class InferenceOpen(SpanRequest):
     batch_size: int = Field(gt=0, default=1)
 
 
+class PushTarget(_Message):
+    """Where a server sends its step output directly: the next server of the chain and its session/step ids."""
+
+    peer_id: str = Field(min_length=1, max_length=128)
+    session_id: str = Field(min_length=1, max_length=128)
+    step_id: str = Field(min_length=1, max_length=128)
+
+
 class InferenceStep(_Message):
-    """One step of a session: new tokens placed at ``position`` (their index in the sequence)."""
+    """One step of a session: new tokens placed at ``position`` (their index in the sequence).
+
+    ``push_chain`` lists the servers after this one; the server pushes its output to the first of them (passing
+    the rest along), so the next server can start before the client's own copy of the input arrives.
+    """
 
     step_id: str = Field(min_length=1, max_length=128)
     position: int = Field(ge=0)
     has_attention_mask: bool = False
     has_position_ids: bool = False
+    push_chain: list[PushTarget] = Field(default_factory=list, max_length=256)
+
+
+class PushedStep(InferenceStep):
+    """A step pushed by the previous server of the chain into session ``session_id`` on this server."""
+
+    session_id: str = Field(min_length=1, max_length=128)
 
 
 class StepResult(_Message):
@@ -67,3 +86,4 @@ class ServerStatus(_Message):
     max_batch_tokens: int
     max_session_length: int
     active_sessions: int
+    steps_from_pushes: int = 0  # inference steps computed from a previous server's push (before the client's copy)

@@ -8,12 +8,13 @@ that is released whatever way the session ends (done, error, timeout, client gon
 from __future__ import annotations
 
 import asyncio
+import collections
 import uuid
 from dataclasses import dataclass, field
 from typing import AsyncIterator  # noqa: UP035 - hivemind spots streaming RPCs only by typing.AsyncIterator
 
 import torch
-from hivemind.p2p import P2PContext, ServicerBase
+from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
@@ -23,8 +24,15 @@ from corolla import __version__
 from corolla.errors import InvalidRequestError
 from corolla.log import get_logger
 from corolla.models.span import SpanInputs, SpanModel
-from corolla.net.tensors import pack_response, unpack_metadata, unpack_tensors
-from corolla.protocol.messages import InferenceOpen, InferenceStep, ServerStatus, SpanRequest, StepResult
+from corolla.net.tensors import pack, pack_response, unpack_metadata, unpack_tensors
+from corolla.protocol.messages import (
+    InferenceOpen,
+    InferenceStep,
+    PushedStep,
+    ServerStatus,
+    SpanRequest,
+    StepResult,
+)
 from corolla.protocol.versions import PROTOCOL_VERSION
 from corolla.server import validation
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
@@ -46,7 +54,8 @@ class _Session:
     length: int = 0  # tokens already in the cache
     last_step_id: str | None = None
     last_output: runtime_pb2.ExpertResponse | None = None
-    history: list = field(default_factory=list)
+    inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (source, message) from the client and pushes
+    answered: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # step id -> source
 
 
 class BlockServicer(ServicerBase):
@@ -57,6 +66,15 @@ class BlockServicer(ServicerBase):
         self.dtype = next(span.parameters()).dtype
         self.device = next(span.parameters()).device
         self.active_sessions = 0
+        self.sessions: dict[str, _Session] = {}  # open sessions by id, so the previous server can push to them
+        self._p2p: P2P | None = None
+        self._pushes: set[asyncio.Task] = set()
+        self.steps_from_pushes = 0
+
+    async def start(self, p2p: P2P) -> None:
+        """Register the RPC handlers on ``p2p`` (also used to push outputs to the next servers)."""
+        self._p2p = p2p
+        await self.add_p2p_handlers(p2p)
 
     def swap_span(self, span: SpanModel) -> None:
         """Serve other blocks from now on; sessions opened before keep running on the span they started with."""
@@ -79,6 +97,7 @@ class BlockServicer(ServicerBase):
             max_batch_tokens=self.config.max_batch_tokens,
             max_session_length=self.config.max_session_length,
             active_sessions=self.active_sessions,
+            steps_from_pushes=self.steps_from_pushes,
         )
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -141,17 +160,36 @@ class BlockServicer(ServicerBase):
             self.active_sessions += 1
             span = self.span
             session = _Session(opened=opened, span=span, cache=span.new_cache(opened.start_block, opened.end_block))
+            if opened.session_id in self.sessions:
+                raise InvalidRequestError(f"session id {opened.session_id!r} is already in use")
+            self.sessions[opened.session_id] = session
+            reader = asyncio.create_task(_read_client(requests, session.inbox))
             logger.debug("Session %s opened for %d tokens", opened.session_id, tokens)
             try:
-                message = first
-                while message is not None:
+                source, message = "client", first
+                while source != "end":
+                    if source == "error":
+                        raise message
                     if message.tensors:
-                        yield await self._step(session, message)
-                    message = await anext(requests, None)
+                        response = await self._step(session, message, source)
+                        if response is not None:
+                            yield response
+                    source, message = await session.inbox.get()
             finally:
+                reader.cancel()
+                self.sessions.pop(opened.session_id, None)
                 self.active_sessions -= 1
                 session.cache = None
                 logger.debug("Session %s closed", opened.session_id)
+
+    async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
+        """The previous server of a chain hands over its output for a step of one of our sessions."""
+        pushed, _ = _parse(PushedStep, request)
+        session = self.sessions.get(pushed.session_id)
+        if session is None:
+            raise InvalidRequestError(f"no open session {pushed.session_id!r} on this server")
+        session.inbox.put_nowait(("push", request))
+        return runtime_pb2.ExpertResponse()
 
     def _check_open(self, opened: InferenceOpen) -> None:
         validation.check_span(opened.start_block, opened.end_block, served=(self.span.start, self.span.end))
@@ -163,10 +201,19 @@ class BlockServicer(ServicerBase):
         if opened.batch_size > self.config.max_batch_tokens:
             raise InvalidRequestError(f"batch_size={opened.batch_size} exceeds {self.config.max_batch_tokens}")
 
-    async def _step(self, session: _Session, message: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
+    async def _step(
+        self, session: _Session, message: runtime_pb2.ExpertRequest, source: str
+    ) -> runtime_pb2.ExpertResponse | None:
+        """Run one step; None when it needs no answer (a second copy of a step already answered)."""
         step, tensors = _parse(InferenceStep, message)
-        if step.step_id == session.last_step_id and session.last_output is not None:
-            return session.last_output  # a repeated step is answered, not recomputed
+        if step.step_id in session.answered:
+            first_source = session.answered[step.step_id]
+            if source == "push" or first_source == "push":
+                session.answered[step.step_id] = "client" if source == "client" else first_source
+                return None  # the other copy of a pushed step: it was computed and answered once
+            if step.step_id == session.last_step_id and session.last_output is not None:
+                return session.last_output  # a repeated step is answered, not recomputed
+            raise InvalidRequestError(f"step {step.step_id!r} was already processed")
         if step.position > session.length:
             raise InvalidRequestError(
                 f"step at position {step.position} would skip positions: the session holds {session.length} tokens"
@@ -190,7 +237,38 @@ class BlockServicer(ServicerBase):
         result = StepResult(step_id=step.step_id, position=session.length, cache_tokens_left=self.budget.tokens_left)
         response = pack_response([output.cpu()], result.model_dump(), compression=opened.output_compression)
         session.last_step_id, session.last_output = step.step_id, response
+        session.answered[step.step_id] = source
+        self.steps_from_pushes += source == "push"
+        while len(session.answered) > 64:
+            session.answered.popitem(last=False)
+        if step.push_chain:
+            self._push(step, output, tensors[1:])
         return response
+
+    def _push(self, step: InferenceStep, output: torch.Tensor, extras: list[torch.Tensor]) -> None:
+        """Send the step's output to the next server of the chain; failures only cost that speed-up."""
+        target, rest = step.push_chain[0], step.push_chain[1:]
+        pushed = PushedStep(
+            session_id=target.session_id,
+            step_id=target.step_id,
+            position=step.position,
+            has_attention_mask=step.has_attention_mask,
+            has_position_ids=step.has_position_ids,
+            push_chain=rest,
+        )
+        request = pack([output.cpu(), *extras], pushed.model_dump())
+
+        async def send() -> None:
+            try:
+                p2p = self._p2p
+                stub = BlockServicer.get_stub(p2p, PeerID.from_base58(target.peer_id))
+                await stub.rpc_push(request, timeout=self.config.request_timeout)
+            except Exception as e:
+                logger.debug("Push to %s failed: %s", target.peer_id, e)
+
+        task = asyncio.create_task(send())
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     # ---- shared -----------------------------------------------------------------------------------------------
     def _span_inputs(self, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None):
@@ -227,6 +305,18 @@ class BlockServicer(ServicerBase):
             raise InvalidRequestError(
                 f"the request took over {self.config.request_timeout} s and was cancelled"
             ) from None
+
+
+async def _read_client(requests: AsyncIterator, inbox: asyncio.Queue) -> None:
+    """Move the client's messages into the session inbox; then ("end", None), or ("error", exc) on failure."""
+    try:
+        async for message in requests:
+            await inbox.put(("client", message))
+        await inbox.put(("end", None))
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        await inbox.put(("error", e))
 
 
 def _parse(schema, message) -> tuple:

@@ -197,7 +197,7 @@ class Server:
         compute = ComputeQueue()
         servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
         p2p = await dht.replicate_p2p()
-        await servicer.add_p2p_handlers(p2p)
+        await servicer.start(p2p)
         await announcer.announce_now(make_info())
         announcer.start()
         rebalancer = self._rebalancer(dht, dht_prefix, span.config, state, servicer, announcer, make_info)
