@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
@@ -112,39 +113,37 @@ class SwarmView:
 
     def inference_route(self, start: int, end: int, *, cache_tokens: int = 0) -> list[RouteHop]:
         """The fastest chain over blocks start..end-1 (refreshing once if blocks seem missing)."""
-        self.maybe_refresh()
-        for attempt in range(2):
-            try:
-                return find_inference_route(
-                    to_spans(self.servers),
-                    start_block=start,
-                    end_block=end,
-                    client_pings=self.rtt.snapshot(),
-                    required_cache_tokens=cache_tokens,
-                    banned=self.banned(),
-                )
-            except NoRouteError as e:
-                if attempt == 0:
-                    self.refresh()
-                    continue
-                raise MissingBlocksError(e.missing, self.model_name) from None
-        raise AssertionError("unreachable")
+        return self._route(
+            lambda: find_inference_route(
+                to_spans(self.servers),
+                start_block=start,
+                end_block=end,
+                client_pings=self.rtt.snapshot(),
+                required_cache_tokens=cache_tokens,
+                banned=self.banned(),
+            )
+        )
 
     def forward_route(self, start: int, end: int, rng) -> list[RouteHop]:
         """A chain over blocks start..end-1 with servers drawn in proportion to their throughput."""
+        return self._route(
+            lambda: split_by_throughput(
+                to_spans(self.servers), start_block=start, end_block=end, num_items=1, rng=rng, banned=self.banned()
+            )[0]
+        )
+
+    def _route(self, compute: Callable[[], list[RouteHop]]) -> list[RouteHop]:
+        """Run a routing algorithm on the current view; if blocks seem missing, refresh once, then give up with
+        MissingBlocksError naming the missing ranges."""
         self.maybe_refresh()
-        for attempt in range(2):
-            try:
-                spans = to_spans(self.servers)
-                return split_by_throughput(
-                    spans, start_block=start, end_block=end, num_items=1, rng=rng, banned=self.banned()
-                )[0]
-            except NoRouteError as e:
-                if attempt == 0:
-                    self.refresh()
-                    continue
-                raise MissingBlocksError(e.missing, self.model_name) from None
-        raise AssertionError("unreachable")
+        try:
+            return compute()
+        except NoRouteError:
+            self.refresh()
+        try:
+            return compute()
+        except NoRouteError as e:
+            raise MissingBlocksError(e.missing, self.model_name) from None
 
     def shutdown(self) -> None:
         if self._p2p is not None:

@@ -10,6 +10,7 @@ from hivemind.dht import DHT
 from corolla.log import get_logger
 from corolla.net.dht_records import declare_blocks
 from corolla.protocol.server_info import ServerInfo
+from corolla.server.periodic import PeriodicTask
 
 logger = get_logger(__name__)
 
@@ -30,7 +31,7 @@ class Announcer:
         self.dht, self.dht_prefix, self.owner = dht, dht_prefix, owner
         self.make_info, self.period_s = make_info, period_s
         self.before_announce = before_announce  # e.g. refresh the pings published in the record
-        self._task: asyncio.Task | None = None
+        self._periodic = PeriodicTask("Announcing to the DHT", self._announce_periodically, lambda: self.period_s)
 
     @property
     def expiration_s(self) -> float:
@@ -52,22 +53,15 @@ class Announcer:
         return ok
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._periodic.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s)
+    async def _announce_periodically(self) -> None:
+        if self.before_announce is not None:
             try:
-                if self.before_announce is not None:
-                    try:
-                        await self.before_announce()
-                    except Exception as e:  # stale pings must never stop the announcement itself
-                        logger.debug("Preparing the announcement failed: %s", e)
-                await self.announce_now()
-            except Exception as e:  # a background loop logs and keeps going
-                logger.warning("Announcing to the DHT failed: %s", e, exc_info=logger.isEnabledFor(10))
+                await self.before_announce()
+            except Exception as e:  # stale pings must never stop the announcement itself
+                logger.debug("Preparing the announcement failed: %s", e)
+        await self.announce_now()

@@ -17,6 +17,7 @@ from corolla.algorithms.block_selection import choose_best_span, should_choose_o
 from corolla.algorithms.spans import ServerSpan
 from corolla.log import get_logger
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
+from corolla.server.periodic import PeriodicTask
 
 logger = get_logger(__name__)
 
@@ -40,23 +41,16 @@ class Rebalancer:
         self.own, self.move = own, move
         self.period_s, self.balance_quality = period_s, balance_quality
         self.rng = rng or random.Random()
-        self._task: asyncio.Task | None = None
+        # a random period around the mean, so that servers do not all move at once
+        self._periodic = PeriodicTask(
+            "Balance check", self.check_once, lambda: self.period_s * self.rng.uniform(0.5, 1.5)
+        )
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        self._periodic.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s * self.rng.uniform(0.5, 1.5))
-            try:
-                await self.check_once()
-            except Exception as e:  # a background loop logs and keeps going
-                logger.warning("Balance check failed: %s", e, exc_info=logger.isEnabledFor(10))
+        await self._periodic.stop()
 
     async def check_once(self) -> bool:
         """Look at the swarm now and move if worthwhile; returns whether the server moved."""
