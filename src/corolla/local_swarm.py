@@ -46,6 +46,7 @@ class LocalSwarm:
     peer_ids: dict[str, str] = field(default_factory=dict)  # server name -> base58 peer id
 
     _identity_dir: Path | None = None
+    _retired: list[subprocess.Popen] = field(default_factory=list)
 
     def __enter__(self) -> LocalSwarm:
         try:
@@ -77,6 +78,8 @@ class LocalSwarm:
             start_new_session=True,
             **kwargs,
         )
+        if name in self.processes:  # a restarted process: the old one (and its group) is still ours to clean up
+            self._retired.append(self.processes[name])
         self.processes[name] = process
         return process
 
@@ -202,6 +205,9 @@ class LocalSwarm:
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop every process this swarm started: SIGTERM, then SIGKILL if one outlives ``grace_s``."""
+        for process in self._retired:
+            self._signal_group(process, signal.SIGKILL)
+        self._retired.clear()
         for process in self.processes.values():
             self._signal_group(process, signal.SIGCONT)  # a frozen (SIGSTOPped) process cannot exit
             if process.poll() is None:
