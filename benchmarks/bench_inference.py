@@ -65,12 +65,50 @@ def _time_generation(model, ids, new_tokens: int, session_factory=None) -> tuple
     return per_token, streamer.first_at - start
 
 
+def _start_servers_timed(swarm: LocalSwarm, model: str, spans: list[str]) -> list[float]:
+    """Start one server per span; for each, seconds from launching it to its ONLINE record in the DHT.
+
+    The DHT peer that watches is started beforehand, so its own start-up is not counted.
+    """
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from corolla.local_swarm import wait_for
+    from corolla.models.checkpoint import default_dht_prefix
+    from corolla.net.dht_process import ParentBoundDHT
+    from corolla.net.dht_records import collect_servers, fetch_block_records
+    from corolla.net.identity import swarm_validators
+
+    watcher = ParentBoundDHT(
+        initial_peers=swarm.initial_peers, start=True, client_mode=True,
+        record_validators=swarm_validators(RSAPrivateKey()),
+    )  # fmt: skip
+    num_blocks = max(int(span.split(":")[1]) for span in spans)
+
+    def online(peer_id: str) -> bool:
+        records = fetch_block_records(watcher, dht_prefix=default_dht_prefix(model), num_blocks=num_blocks)
+        return any(peer.to_base58() == peer_id for peer in collect_servers(records))
+
+    cold_starts = []
+    try:
+        for i, span in enumerate(spans):
+            started = time.perf_counter()
+            name = f"server{i}"
+            swarm.start_server(name, ["--blocks", span])  # includes making the server's identity key
+            peer_id = swarm.peer_ids[name]
+            wait_for(lambda: online(peer_id), timeout_s=120, what=f"{name} to be online", poll_s=0.02)  # noqa: B023
+            cold_starts.append(time.perf_counter() - started)
+    finally:
+        watcher.shutdown()
+    return cold_starts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--spans", nargs="+", default=["0:10", "10:20", "20:30"])
     parser.add_argument("--plot", default=None, help="save a PNG bar chart here")
+    parser.add_argument("--no-push", action="store_true", help="servers do not push outputs to the next server")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     torch.set_num_threads(1)
@@ -82,15 +120,10 @@ def main() -> None:
     local = AutoModelForCausalLM.from_pretrained(folder).eval()
 
     with LocalSwarm(model=args.model, spans=[]) as swarm:
-        cold_starts = []
-        for i, span in enumerate(args.spans):
-            started = time.perf_counter()
-            swarm.start_server(f"server{i}", ["--blocks", span])
-            a, b = (int(x) for x in span.split(":"))
-            swarm.spans = list(args.spans[: i + 1])
-            swarm.wait_until_served(num_blocks=b, min_servers=i + 1)
-            cold_starts.append(time.perf_counter() - started)
-        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
+        cold_starts = _start_servers_timed(swarm, args.model, args.spans)
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            args.model, initial_peers=swarm.initial_peers, push=not args.no_push
+        )
         max_length = ids.shape[1] + preset["new_tokens"]
         rows = {"local": [], "swarm": []}
         with torch.inference_mode():
