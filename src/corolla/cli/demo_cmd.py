@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     with LocalSwarm(model=args.model, spans=spans, log_dir=log_dir) as swarm:
         print(f"[demo] Swarm ready in {time.perf_counter() - started:.1f} s; bootstrap: {swarm.initial_peers[0]}")
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        # the demo prints the route itself; keep the client's lifecycle logs from splitting the streamed answer
+        logging.getLogger("corolla.client").setLevel(logging.WARNING)
         model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=swarm.initial_peers)
         messages = [{"role": "user", "content": args.prompt}]
         ids = tokenizer.apply_chat_template(
