@@ -70,18 +70,12 @@ def _start_servers_timed(swarm: LocalSwarm, model: str, spans: list[str]) -> lis
 
     The DHT peer that watches is started beforehand, so its own start-up is not counted.
     """
-    from hivemind.utils.crypto import RSAPrivateKey
-
     from corolla.local_swarm import wait_for
     from corolla.models.checkpoint import default_dht_prefix
-    from corolla.net.dht_process import ParentBoundDHT
+    from corolla.net.dht_process import client_dht
     from corolla.net.dht_records import collect_servers, fetch_block_records
-    from corolla.net.identity import swarm_validators
 
-    watcher = ParentBoundDHT(
-        initial_peers=swarm.initial_peers, start=True, client_mode=True,
-        record_validators=swarm_validators(RSAPrivateKey()),
-    )  # fmt: skip
+    watcher = client_dht(swarm.initial_peers)
     num_blocks = max(int(span.split(":")[1]) for span in spans)
 
     def online(peer_id: str) -> bool:

@@ -120,35 +120,36 @@ class LocalSwarm:
 
     def served_spans(self) -> dict[str, tuple[int, int]]:
         """Server name -> the span it currently announces as ONLINE (servers this swarm started only)."""
-        from hivemind.utils.crypto import RSAPrivateKey
-        from transformers import AutoConfig
+        from corolla.net.dht_process import client_dht
 
-        from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
-        from corolla.net.dht_process import ParentBoundDHT
-        from corolla.net.dht_records import collect_servers, fetch_block_records
-        from corolla.net.identity import swarm_validators
-
-        num_blocks = AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
-        dht = ParentBoundDHT(
-            initial_peers=self.initial_peers,
-            start=True,
-            client_mode=True,
-            record_validators=swarm_validators(RSAPrivateKey()),
-        )
+        dht = client_dht(self.initial_peers)
         try:
-            records = fetch_block_records(dht, dht_prefix=default_dht_prefix(self.model), num_blocks=num_blocks)
+            online = self._online_servers(dht, self._num_blocks())
         finally:
             dht.shutdown()
         names = {peer: name for name, peer in self.peer_ids.items()}
         return {
-            names[p.to_base58()]: (i.start_block, i.end_block)
-            for p, i in collect_servers(records).items()
-            if p.to_base58() in names
+            names[p.to_base58()]: (i.start_block, i.end_block) for p, i in online.items() if p.to_base58() in names
         }
 
     def name_of(self, peer_id: str) -> str:
         """The name of the server process with ``peer_id``."""
         return next(name for name, known in self.peer_ids.items() if known == peer_id)
+
+    def _num_blocks(self) -> int:
+        from transformers import AutoConfig
+
+        from corolla.models.checkpoint import resolve_checkpoint
+
+        return AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
+
+    def _online_servers(self, dht, num_blocks: int) -> dict:
+        """PeerID -> ServerInfo of every ONLINE server of this swarm's model, as ``dht`` sees it now."""
+        from corolla.models.checkpoint import default_dht_prefix
+        from corolla.net.dht_records import collect_servers, fetch_block_records
+
+        records = fetch_block_records(dht, dht_prefix=default_dht_prefix(self.model), num_blocks=num_blocks)
+        return collect_servers(records)
 
     def wait_until_served(
         self, num_blocks: int | None = None, *, min_servers: int | None = None, exclude: Sequence[str] = ()
@@ -157,29 +158,16 @@ class LocalSwarm:
 
         Servers whose peer ids are in ``exclude`` (e.g. killed ones whose records have not expired yet) don't count.
         """
-        from hivemind.utils.crypto import RSAPrivateKey
-        from transformers import AutoConfig
+        from corolla.net.dht_process import client_dht
 
-        from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
-        from corolla.net.dht_process import ParentBoundDHT
-        from corolla.net.dht_records import collect_servers, fetch_block_records
-        from corolla.net.identity import swarm_validators
-
-        num_blocks = num_blocks or AutoConfig.from_pretrained(resolve_checkpoint(self.model).folder).num_hidden_layers
+        num_blocks = num_blocks or self._num_blocks()
         servers_wanted = len(self.spans) if min_servers is None else min_servers
-        dht = ParentBoundDHT(
-            initial_peers=self.initial_peers,
-            start=True,
-            client_mode=True,
-            record_validators=swarm_validators(RSAPrivateKey()),
-        )
-        prefix = default_dht_prefix(self.model)
+        dht = client_dht(self.initial_peers)
 
         def served() -> bool:
             self._check_alive()
-            records = fetch_block_records(dht, dht_prefix=prefix, num_blocks=num_blocks)
-            online = {p: i for p, i in collect_servers(records).items() if p.to_base58() not in exclude}
-            covered = all(any(i.start_block <= b < i.end_block for i in online.values()) for b in range(num_blocks))
+            online = [i for p, i in self._online_servers(dht, num_blocks).items() if p.to_base58() not in exclude]
+            covered = all(any(i.start_block <= b < i.end_block for i in online) for b in range(num_blocks))
             return covered and len(online) >= servers_wanted
 
         try:

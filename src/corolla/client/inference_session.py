@@ -30,7 +30,6 @@ logger = get_logger(__name__)
 class _Sent:
     """What the client sent to a span at one step (kept to replay it to a replacement server)."""
 
-    position: int
     hidden_states: torch.Tensor
     position_ids: torch.Tensor | None
 
@@ -203,7 +202,7 @@ class InferenceSession:
                 )
                 step_ids = step_ids[:index] + [uuid.uuid4().hex for _ in self._spans[index:]]
                 continue  # retry this step on the replacement chain
-            span.sent.append(_Sent(position=self.position, hidden_states=hidden, position_ids=positions))
+            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions))
             hidden = output
             index += 1
         return hidden
@@ -280,7 +279,7 @@ class InferenceSession:
                     await later.stream.close()
                 del replacement[i + 1 :]
                 raise
-            span.sent.append(_Sent(position=0, hidden_states=hidden, position_ids=positions))
+            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions))
             hidden = output
 
     def close(self) -> None:

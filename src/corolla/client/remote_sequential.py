@@ -14,7 +14,7 @@ from corolla.client.swarm import SwarmView
 from corolla.errors import RemoteCallError
 from corolla.log import get_logger
 from corolla.net.loop import run_sync
-from corolla.net.tensors import pack, unpack_tensors
+from corolla.net.tensors import STREAM_CHUNK_BYTES, combine_chunks, pack, unpack_tensors
 from corolla.protocol.messages import SpanRequest
 from corolla.server.handler import BlockServicer
 
@@ -111,8 +111,6 @@ async def _forward_streaming(stub, request) -> list[torch.Tensor]:
     from hivemind.proto import runtime_pb2
     from hivemind.utils.streaming import split_for_streaming
 
-    from corolla.server.handler import STREAM_CHUNK_BYTES, _combine_chunks
-
     async def chunks():
         yield runtime_pb2.ExpertRequest(metadata=request.metadata)
         for tensor in request.tensors:
@@ -122,5 +120,5 @@ async def _forward_streaming(stub, request) -> list[torch.Tensor]:
     parts = []
     async for response in await stub.rpc_forward_stream(chunks()):
         parts.extend(response.tensors)
-    combined = runtime_pb2.ExpertResponse(tensors=_combine_chunks(parts))
+    combined = runtime_pb2.ExpertResponse(tensors=combine_chunks(parts))
     return unpack_tensors(combined)

@@ -12,15 +12,13 @@ from collections.abc import Callable
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils.crypto import RSAPrivateKey
 
 from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_route, split_by_throughput
 from corolla.client.config import ClientConfig
 from corolla.errors import MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
-from corolla.net.dht_process import ParentBoundDHT
+from corolla.net.dht_process import client_dht
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
-from corolla.net.identity import swarm_validators
 from corolla.net.loop import run_sync
 from corolla.net.ping import RttTracker, ping_many
 from corolla.protocol.server_info import ServerInfo
@@ -47,11 +45,8 @@ class SwarmView:
     def connect(cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str) -> SwarmView:
         """Join the DHT through ``config.initial_peers`` (client mode); SwarmConnectionError if none answers."""
         try:
-            dht = ParentBoundDHT(
-                initial_peers=list(config.initial_peers),
-                start=True,
-                client_mode=True,
-                record_validators=swarm_validators(RSAPrivateKey()),
+            dht = client_dht(
+                config.initial_peers,
                 startup_timeout=config.connect_timeout_s,
                 bootstrap_timeout=config.connect_timeout_s,
             )

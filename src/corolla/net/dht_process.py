@@ -38,3 +38,18 @@ class ParentBoundDHT(DHT):
     def run(self) -> None:
         _exit_when_parent_dies(self._parent_pid)
         super().run()
+
+
+def client_dht(initial_peers, **kwargs) -> ParentBoundDHT:
+    """A client-mode DHT peer (stores nothing) that validates records like every corolla node."""
+    from hivemind.utils.crypto import RSAPrivateKey
+
+    from corolla.net.identity import swarm_validators
+
+    return ParentBoundDHT(
+        initial_peers=list(initial_peers),
+        start=True,
+        client_mode=True,
+        record_validators=swarm_validators(RSAPrivateKey()),
+        **kwargs,
+    )

@@ -8,6 +8,9 @@ import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming
+
+STREAM_CHUNK_BYTES = 2**20  # chunk size of tensors sent over streams (the transport caps unary messages at 4 MiB)
 
 COMPRESSIONS = {name: getattr(runtime_pb2.CompressionType, name) for name in runtime_pb2.CompressionType.keys()}
 
@@ -52,3 +55,16 @@ def unpack_tensors(message) -> list[torch.Tensor]:
         return [deserialize_torch_tensor(t) for t in message.tensors]
     except Exception as e:
         raise ValueError(f"a tensor could not be decoded: {type(e).__name__}: {e}") from None
+
+
+def combine_chunks(parts: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
+    """Reassemble tensors split by split_for_streaming: a chunk with ``chunks`` > 0 starts a new tensor."""
+    tensors, pending = [], []
+    for part in parts:
+        if part.chunks and pending:
+            tensors.append(combine_from_streaming(pending))
+            pending = []
+        pending.append(part)
+    if pending:
+        tensors.append(combine_from_streaming(pending))
+    return tensors

@@ -17,14 +17,21 @@ import torch
 from hivemind.p2p import P2P, P2PContext, PeerID, ServicerBase
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
+from hivemind.utils.streaming import split_for_streaming
 from pydantic import ValidationError
 
 from corolla import __version__
 from corolla.errors import InvalidRequestError
 from corolla.log import get_logger
 from corolla.models.span import SpanInputs, SpanModel
-from corolla.net.tensors import pack, pack_response, unpack_metadata, unpack_tensors
+from corolla.net.tensors import (
+    STREAM_CHUNK_BYTES,
+    combine_chunks,
+    pack,
+    pack_response,
+    unpack_metadata,
+    unpack_tensors,
+)
 from corolla.protocol.messages import (
     InferenceOpen,
     InferenceStep,
@@ -40,8 +47,6 @@ from corolla.server.config import ServerConfig
 from corolla.server.memory_cache import CacheBudget
 
 logger = get_logger(__name__)
-
-STREAM_CHUNK_BYTES = 2**20
 
 
 @dataclass(kw_only=True)
@@ -129,7 +134,7 @@ class BlockServicer(ServicerBase):
             parts.extend(message.tensors)
         if received > limit:
             raise InvalidRequestError("streamed request is larger than this server's max_batch_tokens allow")
-        request = runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=_combine_chunks(parts))
+        request = runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=combine_chunks(parts))
         meta, tensors = _parse(SpanRequest, request)
         response = await self._forward(meta, tensors)
         for tensor in response.tensors:
@@ -332,19 +337,6 @@ def _parse(schema, message) -> tuple:
 def _short(error: Exception) -> str:
     text = str(error).replace("\n", "; ")
     return text if len(text) < 300 else text[:300] + "..."
-
-
-def _combine_chunks(parts: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
-    """Reassemble tensors split by split_for_streaming: a chunk with ``chunks`` > 0 starts a new tensor."""
-    tensors, pending = [], []
-    for part in parts:
-        if part.chunks and pending:
-            tensors.append(combine_from_streaming(pending))
-            pending = []
-        pending.append(part)
-    if pending:
-        tensors.append(combine_from_streaming(pending))
-    return tensors
 
 
 async def _timed(iterator: AsyncIterator, timeout_s: float) -> AsyncIterator:

@@ -70,7 +70,7 @@ class Server:
         checkpoint = resolve_checkpoint(cfg.model)
         model_config = AutoConfig.from_pretrained(checkpoint.folder)
         family_for(model_config.model_type)  # fail early on an unsupported architecture
-        self._num_layers = model_config.num_hidden_layers
+        self._checkpoint, self._model_config = checkpoint, model_config
         dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         # the peer id and the records' signatures come from one key, so clients can tell who wrote a record
         identity_path, key = load_or_create_identity(cfg.identity)
@@ -178,7 +178,7 @@ class Server:
         async def ping_next_servers() -> None:
             """RTTs to servers that start where this one ends: clients route through them after this one."""
             records = await asyncio.to_thread(
-                fetch_block_records, dht, dht_prefix=dht_prefix, num_blocks=self._num_layers
+                fetch_block_records, dht, dht_prefix=dht_prefix, num_blocks=self._model_config.num_hidden_layers
             )
             end = state["span"].end
             peers = [p for p, info in collect_servers(records).items() if info.start_block <= end < info.end_block]
@@ -230,8 +230,7 @@ class Server:
         cfg = self.config
         if cfg.blocks is not None or cfg.balance_quality <= 0:
             return None
-        checkpoint = resolve_checkpoint(cfg.model)
-        model_config = AutoConfig.from_pretrained(checkpoint.folder)
+        checkpoint, model_config = self._checkpoint, self._model_config
 
         def own() -> ServerSpan:
             speed, span = state["speed"], state["span"]
