@@ -136,7 +136,6 @@ class InferenceSession:
         self.token_history: torch.Tensor | None = None  # ids the servers have seen (kept by generate)
         self.mask_history: torch.Tensor | None = None
         self._spans: list[_SpanState] | None = None
-        self._masks: list[torch.Tensor | None] = []
         self._closed = False
         self._background: set[asyncio.Future] = set()
 

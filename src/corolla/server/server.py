@@ -118,7 +118,6 @@ class Server:
 
     def _load(self, checkpoint, model_config, blocks: tuple[int, int]):
         cfg = self.config
-        torch.set_num_threads(cfg.num_threads)
         dtype = resolve_dtype(cfg.dtype, cfg.device, getattr(model_config, "dtype", None))
         span = load_span(checkpoint, *blocks, config=model_config, dtype=dtype, device=cfg.device)
         logger.info("Loaded blocks %d:%d (%s, %s)", *blocks, dtype, cfg.device)
