@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "AutoDistributedModelForCausalLM": "corolla.client.model",
-    "DistributedModelForCausalLM": "corolla.client.model",
+    "AutoDistributedModelForSequenceClassification": "corolla.client.model",
     "RemoteSequential": "corolla.client.remote_sequential",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 import corolla.models.checkpoint as checkpoint_module
 from corolla.client.config import ClientConfig
@@ -29,7 +30,7 @@ def test_client_reads_only_embeddings_norm_and_head(family, monkeypatch):
         return original(ckpt, keys, weight_map)
 
     monkeypatch.setattr(checkpoint_module, "load_tensors", spy)
-    model = _build_local_parts(config, spec, torch.float32)
+    model = _build_local_parts(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)], config, spec, torch.float32)
     _load_local_weights(model, checkpoint, spec)
     assert read and not [k for k in read if parse_block_key(k) is not None]
     assert len(getattr(getattr(model, spec.base_model_attr), spec.layers_attr)) == 0

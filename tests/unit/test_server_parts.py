@@ -149,6 +149,8 @@ def test_streaming_rpcs_are_registered_as_streams():
         "rpc_info": (False, False),
         "rpc_forward": (False, False),
         "rpc_forward_stream": (True, True),
+        "rpc_backward": (False, False),
+        "rpc_backward_stream": (True, True),
         "rpc_inference": (True, True),
         "rpc_push": (False, False),
     }

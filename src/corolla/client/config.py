@@ -12,13 +12,14 @@ class ClientConfig:
     initial_peers: tuple[str, ...]
     dht_prefix: str | None = None  # default: derived from the model name like the servers do
     connect_timeout_s: float = 20.0  # joining the DHT through the initial peers
-    request_timeout_s: float = 60.0  # one forward RPC
+    request_timeout_s: float = 60.0  # one forward or backward RPC
     step_timeout_s: float = 30.0  # one inference step on one server
     update_period_s: float = 30.0  # how often the swarm view is refreshed
     max_retries: int = 3  # attempts per failed span before giving up
     ban_timeout_s: float = 15.0  # first ban of a failed server (doubles on each repeated failure)
     compression: str = "NONE"  # activations on the wire: NONE, FLOAT16, UNIFORM_8BIT, QUANTILE_8BIT
     push: bool = True  # servers send step outputs straight to the next server of the chain
+    sub_batch_tokens: int = 1024  # forward/backward batches are split into sub-batches of about this many tokens
     allowed_servers: tuple[str, ...] | None = None
     blocked_servers: tuple[str, ...] = ()
 
@@ -35,5 +36,7 @@ class ClientConfig:
         compression_type(self.compression)  # ValueError naming the choices
         if self.compression.upper() == "BLOCKWISE_8BIT":
             raise ValueError("BLOCKWISE_8BIT needs bitsandbytes on every peer; use UNIFORM_8BIT or QUANTILE_8BIT")
+        if self.sub_batch_tokens <= 0:
+            raise ValueError(f"sub_batch_tokens must be positive, got {self.sub_batch_tokens}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")

@@ -65,12 +65,14 @@ class _ServerStream:
         *,
         step_id: str | None = None,
         push_chain: list[PushTarget] = (),
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         step = InferenceStep(
             step_id=step_id or uuid.uuid4().hex,
             position=position,
             has_attention_mask=mask is not None,
             has_position_ids=positions is not None,
+            has_prompts=prompts is not None,
             push_chain=list(push_chain),
         ).model_dump()
         if not self._opened:
@@ -86,7 +88,7 @@ class _ServerStream:
                 | step
             )
             self._opened = True
-        tensors = [hidden] + [t for t in (mask, positions) if t is not None]
+        tensors = [hidden] + [t for t in (mask, positions, prompts) if t is not None]
         await P2P.send_protobuf(pack(tensors, step, compression=self.compression), self._writer)
         try:
             response, error = await asyncio.wait_for(
@@ -136,6 +138,7 @@ class InferenceSession:
         self.token_history: torch.Tensor | None = None  # ids the servers have seen (kept by generate)
         self.mask_history: torch.Tensor | None = None
         self._spans: list[_SpanState] | None = None
+        self._prompts: torch.Tensor | None = None  # deep prompts of the first step, kept for replays
         self._closed = False
         self._background: set[asyncio.Future] = set()
 
@@ -150,10 +153,20 @@ class InferenceSession:
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run new tokens through all blocks; returns hidden states of the same shape."""
+        """Run new tokens through all blocks; returns hidden states of the same shape.
+
+        ``prompts``: deep prompts [blocks, batch or 1, prefix, hidden] for the session's first step only.
+        """
         if self._closed:
             raise RuntimeError("this inference session is closed")
+        if prompts is not None:
+            if self.position != 0:
+                raise ValueError("deep prompts can only be passed with the first step of a session")
+            if prompts.shape[0] != self.end - self.start:
+                raise ValueError(f"prompts are for {prompts.shape[0]} blocks, the session has {self.end - self.start}")
+            self._prompts = prompts.detach()
         new_tokens = hidden_states.shape[1]
         if self.position + new_tokens > self.max_length:
             raise ValueError(
@@ -161,11 +174,12 @@ class InferenceSession:
                 f"{self.position + new_tokens}. Open a longer session."
             )
         timeout = self.swarm.config.step_timeout_s * (self.end - self.start + 2)
-        output = run_sync(self._step(hidden_states, attention_mask, position_ids), timeout_s=timeout)
+        step = self._step(hidden_states, attention_mask, position_ids, with_prompts=prompts is not None)
+        output = run_sync(step, timeout_s=timeout)
         self.position += new_tokens
         return output
 
-    async def _step(self, hidden, mask, positions):
+    async def _step(self, hidden, mask, positions, *, with_prompts: bool):
         batch_size = hidden.shape[0]
         if self._spans is None:
             self._spans = await self._open_chain_with_retries(self.start, self.end, batch_size, replay_from=None)
@@ -175,8 +189,9 @@ class InferenceSession:
             span = self._spans[index]
             try:
                 output = await span.stream.step(
-                    hidden, mask, positions, self.position,
-                    step_id=step_ids[index], push_chain=self._push_chain(index, step_ids),
+                    hidden, mask, positions, self.position, step_id=step_ids[index],
+                    push_chain=[] if with_prompts else self._push_chain(index, step_ids),
+                    prompts=self._prompts_for(span.hop) if with_prompts else None,
                 )  # fmt: skip
             except Exception as e:
                 failures += 1
@@ -205,6 +220,12 @@ class InferenceSession:
             hidden = output
             index += 1
         return hidden
+
+    def _prompts_for(self, hop: RouteHop) -> torch.Tensor | None:
+        """The session's deep prompts for the blocks of one hop (None without deep prompts)."""
+        if self._prompts is None:
+            return None
+        return self._prompts[hop.start - self.start : hop.end - self.start]
 
     def _push_chain(self, index: int, step_ids: list[str]) -> list[PushTarget]:
         """The servers after ``index``: each server pushes its output to the next one (if push is on)."""
@@ -272,7 +293,7 @@ class InferenceSession:
         positions = torch.cat([s.position_ids for s in failed.sent], dim=1) if has_positions else None
         for i, span in enumerate(replacement):
             try:
-                output = await span.stream.step(hidden, mask, positions, 0)
+                output = await span.stream.step(hidden, mask, positions, 0, prompts=self._prompts_for(span.hop))
             except Exception:
                 for later in replacement[i + 1 :]:
                     await later.stream.close()

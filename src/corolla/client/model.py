@@ -14,10 +14,14 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import MoeModelOutputWithPast
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+)
 
 from corolla.client.config import ClientConfig
 from corolla.client.inference_session import InferenceSession
+from corolla.client.ptune import TUNING_MODES, PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.client.swarm import SwarmView
 from corolla.log import get_logger
@@ -29,14 +33,17 @@ logger = get_logger(__name__)
 
 
 class RemoteCache(Cache):
-    """Stands in for transformers' KV cache during ``generate``: the real caches live on the servers."""
+    """Stands in for transformers' KV cache during ``generate``: the real caches live on the servers.
 
-    def __init__(self, session: InferenceSession):
+    ``prefix_length``: tokens of a trainable prompt at the start of the session, invisible to ``generate``.
+    """
+
+    def __init__(self, session: InferenceSession, prefix_length: int = 0):
         super().__init__(layers=[])
-        self.session = session
+        self.session, self.prefix_length = session, prefix_length
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return max(0, self.session.position - self.prefix_length)
 
     @property
     def is_linear(self) -> list[bool]:
@@ -52,7 +59,12 @@ class RemoteCache(Cache):
 
 
 class DistributedBaseMixin:
-    """Replaces a base model's forward: embeddings (local) -> RemoteSequential (swarm) -> final norm (local)."""
+    """Replaces a base model's forward: embeddings (local) -> RemoteSequential (swarm) -> final norm (local).
+
+    With prompt tuning (``self.prompt_tuning``), the trainable prefix is put in front of the embeddings (and its
+    deep prompts sent to the servers) for training passes and for the first step of an inference session; the
+    outputs for the prefix are dropped.
+    """
 
     _family: FamilySpec
 
@@ -72,34 +84,64 @@ class DistributedBaseMixin:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         hidden = getattr(self, family.embed_attr)(input_ids) if inputs_embeds is None else inputs_embeds
+        session = cache.session if isinstance(cache, RemoteCache) else None
+        tuning: PromptTuning | None = getattr(self, "prompt_tuning", None)  # a submodule, when tuning prompts
+        deep_prompts = None
+        with_prefix = tuning is not None and (session is None or session.position == 0)
+        if tuning is not None:
+            attention_mask = tuning.extend_mask(attention_mask)
+            position_ids = tuning.shift_positions(position_ids, with_prefix=with_prefix)
+        if with_prefix:
+            hidden = torch.cat([tuning.prefix(hidden.shape[0], hidden.dtype), hidden], dim=1)
+            deep_prompts = tuning.deep_prompts
         if family.input_norm_attr is not None:
             hidden = getattr(self, family.input_norm_attr)(hidden)
         blocks: RemoteSequential = getattr(self, family.layers_attr)
-        if isinstance(cache, RemoteCache):
-            hidden = cache.session.step(hidden, attention_mask, position_ids)
+        if session is not None:
+            hidden = session.step(hidden, attention_mask, position_ids, prompts=deep_prompts)
         else:
-            hidden = blocks(hidden, attention_mask, position_ids)
+            hidden = blocks(hidden, attention_mask, position_ids, prompts=deep_prompts)
+        if with_prefix:
+            hidden = hidden[:, tuning.pre_seq_len :]
         hidden = getattr(self, family.final_norm_attr)(hidden)
         # the MoE output type is a superset of the dense one (router_logits stay None: routing is server-side)
         return MoeModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
 
 
-class DistributedCausalLMMixin:
-    """Adds ``inference_session`` and a session-aware ``generate`` to a transformers CausalLM class."""
+class DistributedModelMixin:
+    """What every distributed model class has: its remote blocks, its trainable prompts, and ``shutdown``."""
 
     _family: FamilySpec
 
     @property
     def remote_blocks(self) -> RemoteSequential:
-        return getattr(getattr(self, self._family.base_model_attr), self._family.layers_attr)
+        return getattr(self._base_model, self._family.layers_attr)
+
+    @property
+    def prompt_tuning(self) -> PromptTuning | None:
+        return getattr(self._base_model, "prompt_tuning", None)
+
+    @property
+    def _base_model(self):
+        return getattr(self, self._family.base_model_attr)
 
     def shutdown(self) -> None:
         """Leave the swarm (stops this client's DHT peer). The model cannot be used afterwards."""
         self.remote_blocks.swarm.shutdown()
 
+
+class DistributedCausalLMMixin(DistributedModelMixin):
+    """Adds ``inference_session`` and a session-aware ``generate`` to a transformers CausalLM class."""
+
+    def _prefix_length(self) -> int:
+        return 0 if self.prompt_tuning is None else self.prompt_tuning.pre_seq_len
+
     def inference_session(self, *, max_length: int) -> InferenceSession:
-        """A session that keeps attention caches on the servers across ``generate`` calls (multi-turn chat)."""
-        return self.remote_blocks.inference_session(max_length=max_length)
+        """A session that keeps attention caches on the servers across ``generate`` calls (multi-turn chat).
+
+        ``max_length`` counts your tokens; room for a trainable prompt prefix is added.
+        """
+        return self.remote_blocks.inference_session(max_length=max_length + self._prefix_length())
 
     def generate(self, inputs: torch.Tensor | None = None, *, session: InferenceSession | None = None, **kwargs):
         """transformers' ``generate``, with server-side caches. With ``session``, continue where it stopped:
@@ -134,7 +176,8 @@ class DistributedCausalLMMixin:
         elif attention_mask is None and input_ids is not None:
             attention_mask = torch.ones_like(input_ids)
         kwargs.pop("cache", None)
-        output = super().generate(input_ids, attention_mask=attention_mask, cache=RemoteCache(session), **kwargs)
+        cache = RemoteCache(session, prefix_length=self._prefix_length())
+        output = super().generate(input_ids, attention_mask=attention_mask, cache=cache, **kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         session.token_history = sequences
         generated = sequences.shape[1] - (attention_mask.shape[1] if attention_mask is not None else 0)
@@ -147,8 +190,12 @@ class DistributedCausalLMMixin:
         return output
 
 
-class AutoDistributedModelForCausalLM:
-    """Loads the client half of a model and connects its blocks to a swarm."""
+class _AutoDistributedModel:
+    """Loads the client half of a model (of the class ``_mapping`` gives) and connects its blocks to a swarm."""
+
+    _mapping = None  # transformers' config class -> model class mapping
+    _mixin: type = DistributedModelMixin
+    _new_head_prefixes: tuple[str, ...] = ()  # client weights that are new (trained from scratch), not read
 
     @classmethod
     def from_pretrained(
@@ -159,53 +206,83 @@ class AutoDistributedModelForCausalLM:
         dht_prefix: str | None = None,
         dtype: torch.dtype = torch.float32,
         client_config: ClientConfig | None = None,
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        config_kwargs: dict | None = None,
         **config_overrides,
     ):
         """``model_name``: a bundled short name, a local checkpoint folder or a Hub repo id.
 
-        Reads only the embeddings, final norm and LM head. Raises SwarmConnectionError if the initial peers do
-        not answer, ModelNotFoundError for an unknown model.
+        Reads only the embeddings, final norm and LM head. ``tuning_mode`` ("ptune" or "deep_ptune") with
+        ``pre_seq_len`` adds trainable prompts (see ``corolla.client.ptune``); ``config_kwargs`` override fields of
+        the model's config (e.g. ``num_labels``); other keyword arguments are ``ClientConfig`` fields. Raises
+        SwarmConnectionError if the initial peers do not answer, ModelNotFoundError for an unknown model.
         """
+        if tuning_mode not in TUNING_MODES:
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES}, got {tuning_mode!r}")
         checkpoint = resolve_checkpoint(model_name)
-        hf_config = AutoConfig.from_pretrained(checkpoint.folder)
+        hf_config = AutoConfig.from_pretrained(checkpoint.folder, **(config_kwargs or {}))
         family = family_for(hf_config.model_type)
         client_config = client_config or ClientConfig(
             initial_peers=tuple(initial_peers), dht_prefix=dht_prefix, **config_overrides
         )
         prefix = client_config.dht_prefix or default_dht_prefix(model_name)
-        model = _build_local_parts(hf_config, family, dtype)
-        _load_local_weights(model, checkpoint, family)
+        model = _build_local_parts(cls._mapping[type(hf_config)], hf_config, family, dtype)
+        _load_local_weights(model, checkpoint, family, new_prefixes=cls._new_head_prefixes)
         swarm = SwarmView.connect(
             config=client_config, num_blocks=hf_config.num_hidden_layers, model_name=model_name, dht_prefix=prefix
         )
         base = getattr(model, family.base_model_attr)
         setattr(base, family.layers_attr, RemoteSequential(swarm))
+        if tuning_mode is not None:
+            base.prompt_tuning = PromptTuning(
+                mode=tuning_mode,
+                pre_seq_len=pre_seq_len,
+                hidden_size=hf_config.hidden_size,
+                num_blocks=hf_config.num_hidden_layers,
+                init_std=getattr(hf_config, "initializer_range", 0.02),
+            ).to(dtype)
         base.__class__ = type(
             f"Distributed{type(base).__name__}", (DistributedBaseMixin, type(base)), {"_family": family}
         )
-        model.__class__ = type(
-            f"Distributed{type(model).__name__}", (DistributedCausalLMMixin, type(model)), {"_family": family}
-        )
+        model.__class__ = type(f"Distributed{type(model).__name__}", (cls._mixin, type(model)), {"_family": family})
         return model.eval()
 
 
-def _build_local_parts(hf_config: PretrainedConfig, family: FamilySpec, dtype: torch.dtype):
-    """The CausalLM with zero blocks (its config still says how many the model has)."""
-    causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf_config)]
+class AutoDistributedModelForCausalLM(_AutoDistributedModel):
+    """A causal LM whose blocks run on the swarm: transformers' ``generate``, sessions, training."""
+
+    _mapping = MODEL_FOR_CAUSAL_LM_MAPPING
+    _mixin = DistributedCausalLMMixin
+
+
+class AutoDistributedModelForSequenceClassification(_AutoDistributedModel):
+    """transformers' sequence classifier (a new, trainable ``score`` head on the last token) over the swarm.
+
+    Pass ``config_kwargs={"num_labels": N}``; set ``pad_token_id`` in the config for batches with padding.
+    """
+
+    _mapping = MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+    _new_head_prefixes = ("score.",)
+
+
+def _build_local_parts(model_class, hf_config: PretrainedConfig, family: FamilySpec, dtype: torch.dtype):
+    """The model with zero blocks (its config still says how many the model has)."""
     empty = copy.deepcopy(hf_config)
     empty.num_hidden_layers = 0
     if isinstance(getattr(empty, "layer_types", None), list):
         empty.layer_types = []
     with _quiet_transformers():
-        model = causal_lm_class(empty).to(dtype)
+        model = model_class(empty).to(dtype)
     model.config = hf_config
     base = getattr(model, family.base_model_attr)
     base.config = hf_config
     return model
 
 
-def _load_local_weights(model, checkpoint, family: FamilySpec) -> None:
-    """Embeddings, norms and LM head from the checkpoint; block tensors are never read."""
+def _load_local_weights(model, checkpoint, family: FamilySpec, *, new_prefixes: tuple[str, ...] = ()) -> None:
+    """Embeddings, norms and LM head from the checkpoint; block tensors are never read. Weights under
+    ``new_prefixes`` (a new task head) keep their fresh initialization."""
     expected = model.state_dict()
     tensors = load_non_block_tensors(checkpoint, lambda key: True)
     state = {}
@@ -214,7 +291,7 @@ def _load_local_weights(model, checkpoint, family: FamilySpec) -> None:
             if candidate in expected:
                 state[candidate] = tensor.to(expected[candidate].dtype)
                 break
-    missing = [k for k in expected if k not in state]
+    missing = [k for k in expected if k not in state and not k.startswith(new_prefixes)]
     model.load_state_dict(state, strict=False)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()

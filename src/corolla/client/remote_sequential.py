@@ -6,21 +6,16 @@ import asyncio
 
 import numpy as np
 import torch
-from hivemind.p2p import PeerID
 from torch import nn
 
 from corolla.client.inference_session import InferenceSession
+from corolla.client.span_calls import SpanCallInputs, call_backward, call_forward
 from corolla.client.swarm import SwarmView
 from corolla.errors import RemoteCallError
 from corolla.log import get_logger
 from corolla.net.loop import run_sync
-from corolla.net.tensors import STREAM_CHUNK_BYTES, combine_chunks, pack, unpack_tensors
-from corolla.protocol.messages import SpanRequest
-from corolla.server.handler import BlockServicer
 
 logger = get_logger(__name__)
-
-MAX_UNARY_BYTES = 2 * 2**20  # the transport refuses unary messages over 4 MiB; stream anything bigger than this
 
 
 class RemoteSequential(nn.Module):
@@ -58,67 +53,151 @@ class RemoteSequential(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states [batch, tokens, hidden] through all blocks (no cache), retrying failed servers."""
-        if torch.is_grad_enabled() and hidden_states.requires_grad:
-            raise NotImplementedError(
-                "gradients through remote blocks are not supported yet; run under torch.no_grad()"
-            )
-        return run_sync(self._forward(hidden_states, attention_mask, position_ids))
+        """Hidden states [batch, tokens, hidden] through all blocks (no cache), retrying failed servers.
 
-    async def _forward(self, hidden, mask, positions) -> torch.Tensor:
-        block = self.start
-        failures = 0
-        while block < self.end:
-            route = await asyncio.to_thread(self.swarm.forward_route, block, self.end, self._rng)
-            hop = route[0]
+        Differentiable: gradients flow back to ``hidden_states`` and to the deep ``prompts`` [blocks, batch or 1,
+        prefix, hidden] (added to the first ``prefix`` hidden states before each block) through the servers'
+        backward passes. The batch is split into sub-batches that run concurrently on servers drawn in proportion
+        to their throughput.
+        """
+        if prompts is not None and prompts.shape[0] != len(self):
+            raise ValueError(f"prompts are for {prompts.shape[0]} blocks, this RemoteSequential has {len(self)}")
+        needs_grad = any(t is not None and t.requires_grad for t in (hidden_states, prompts))
+        if torch.is_grad_enabled() and needs_grad:
+            return _RemoteBlocks.apply(hidden_states, prompts, attention_mask, position_ids, self)
+        outputs, _ = run_sync(self._forward_all(hidden_states, attention_mask, position_ids, prompts))
+        return outputs
+
+    # ---- the batch, split into sub-batches --------------------------------------------------------------------
+    def _sub_batches(self, hidden: torch.Tensor) -> list[slice]:
+        batch, tokens = hidden.shape[:2]
+        rows = max(1, self.swarm.config.sub_batch_tokens // tokens)
+        return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+    async def _forward_all(self, hidden, mask, positions, prompts) -> tuple[torch.Tensor, list]:
+        """Outputs, and per sub-batch the (hop, input) records that backward needs."""
+        parts = self._sub_batches(hidden)
+        results = await asyncio.gather(
+            *(
+                self._forward_range(self.start, self.end, hidden[rows], _extra(mask, positions, prompts, rows))
+                for rows in parts
+            )
+        )
+        outputs = torch.cat([output for output, _ in results])
+        return outputs, [(rows, records) for rows, (_, records) in zip(parts, results)]
+
+    async def _backward_all(self, records, grad_outputs, mask, positions, prompts):
+        grads = await asyncio.gather(
+            *(
+                self._backward_records(hops, grad_outputs[rows], _extra(mask, positions, prompts, rows))
+                for rows, hops in records
+            )
+        )
+        grad_hidden = torch.cat([g for g, _ in grads])
+        if prompts is None:
+            return grad_hidden, None
+        grad_prompts = torch.zeros_like(prompts)
+        for (rows, _), (_, grad) in zip(records, grads):
+            if prompts.shape[1] == 1:
+                grad_prompts += grad
+            else:
+                grad_prompts[:, rows] = grad
+        return grad_hidden, grad_prompts
+
+    # ---- one sub-batch ----------------------------------------------------------------------------------------
+    async def _forward_range(self, start: int, end: int, hidden, extra: SpanCallInputs):
+        """Through blocks start..end-1 hop by hop, re-routing around failed servers; (output, [(hop, input)])."""
+        block, records, failures, route = start, [], 0, None
+        while block < end:
+            if not route:
+                route = await asyncio.to_thread(self.swarm.forward_route, block, end, self._rng)
+            hop = route.pop(0)
             try:
-                hidden = await self._call(hop, hidden, mask, positions)
+                output = await call_forward(self.swarm, hop, hidden, self._slice(extra, hop))
             except Exception as e:
                 failures += 1
-                if failures > self.swarm.config.max_retries:
-                    raise RemoteCallError(f"blocks {hop.start}:{hop.end} failed {failures} times: {e}") from e
-                logger.warning("Server %s failed on blocks %d:%d (%s); retrying", hop.peer_id, hop.start, hop.end, e)
-                self.swarm.ban(hop.peer_id)
+                self._failed(hop, e, failures)
+                route = None
                 continue
-            block = hop.end
-        return hidden
+            records.append((hop, hidden))
+            hidden, block = output, hop.end
+        return hidden, records
 
-    async def _call(self, hop, hidden, mask, positions) -> torch.Tensor:
-        meta = SpanRequest(
-            start_block=hop.start,
-            end_block=hop.end,
-            has_attention_mask=mask is not None,
-            has_position_ids=positions is not None,
-            output_compression=self.swarm.config.compression,
-        ).model_dump()
-        tensors = [hidden] + [t for t in (mask, positions) if t is not None]
-        request = pack(tensors, meta, compression=self.swarm.config.compression)
-        p2p = await self.swarm.p2p()
-        stub = BlockServicer.get_stub(p2p, PeerID.from_base58(hop.peer_id))
-        timeout = self.swarm.config.request_timeout_s
-        if request.ByteSize() <= MAX_UNARY_BYTES:
-            response = await stub.rpc_forward(request, timeout=timeout)
-            outputs = unpack_tensors(response)
-        else:
-            outputs = await asyncio.wait_for(_forward_streaming(stub, request), timeout)
-        if len(outputs) != 1 or outputs[0].shape != hidden.shape:
-            raise RemoteCallError(f"server {hop.peer_id} returned a malformed forward result")
-        return outputs[0].to(hidden.dtype)
+    async def _backward_records(self, records, grad, extra: SpanCallInputs):
+        """Backward through the hops of a forward pass, last first; a failed hop is redone elsewhere."""
+        prompt_grads = []
+        for hop, hidden in reversed(records):
+            grad, prompt_grad = await self._backward_range(hop, hidden, grad, extra)
+            prompt_grads.insert(0, prompt_grad)
+        return grad, None if extra.prompts is None else torch.cat(prompt_grads)
+
+    async def _backward_range(self, hop, hidden, grad, extra: SpanCallInputs):
+        """Backward over ``hop``'s blocks: on its server, or after a failure on a new chain for the same blocks
+        (recomputing the chain's intermediate inputs with forward calls first)."""
+        route, failures = [hop], 0
+        while True:
+            current = route[0]
+            try:
+                inputs = [hidden]
+                for current in route[:-1]:
+                    inputs.append(await call_forward(self.swarm, current, inputs[-1], self._slice(extra, current)))
+                result, prompt_grads = grad, []
+                for current, x in reversed(list(zip(route, inputs))):
+                    result, prompt_grad = await call_backward(
+                        self.swarm, current, x, result, self._slice(extra, current)
+                    )
+                    prompt_grads.insert(0, prompt_grad)
+                return result, None if extra.prompts is None else torch.cat(prompt_grads)
+            except Exception as e:
+                failures += 1
+                self._failed(current, e, failures)
+                route = await asyncio.to_thread(self.swarm.forward_route, hop.start, hop.end, self._rng)
+
+    def _failed(self, hop, error: Exception, failures: int) -> None:
+        """Ban a server that failed a call; give up after ``max_retries`` failures of one range."""
+        if failures > self.swarm.config.max_retries:
+            raise RemoteCallError(
+                f"blocks {hop.start}:{hop.end} failed {failures} times, last on {hop.peer_id}: {error}"
+            ) from error
+        logger.warning("Server %s failed on blocks %d:%d (%s); retrying", hop.peer_id, hop.start, hop.end, error)
+        self.swarm.ban(hop.peer_id)
+
+    def _slice(self, extra: SpanCallInputs, hop) -> SpanCallInputs:
+        """The call inputs of one hop: deep prompts only for its blocks."""
+        if extra.prompts is None:
+            return extra
+        prompts = extra.prompts[hop.start - self.start : hop.end - self.start]
+        return SpanCallInputs(attention_mask=extra.attention_mask, position_ids=extra.position_ids, prompts=prompts)
 
 
-async def _forward_streaming(stub, request) -> list[torch.Tensor]:
-    from hivemind.proto import runtime_pb2
-    from hivemind.utils.streaming import split_for_streaming
+def _extra(mask, positions, prompts, rows: slice) -> SpanCallInputs:
+    """Call inputs for some rows of the batch (deep prompts shared by all rows are passed whole)."""
+    if prompts is not None and prompts.shape[1] != 1:
+        prompts = prompts[:, rows]
+    return SpanCallInputs(
+        attention_mask=None if mask is None else mask[rows],
+        position_ids=None if positions is None else positions[rows],
+        prompts=None if prompts is None else prompts.detach(),
+    )
 
-    async def chunks():
-        yield runtime_pb2.ExpertRequest(metadata=request.metadata)
-        for tensor in request.tensors:
-            for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
-                yield runtime_pb2.ExpertRequest(tensors=[chunk])
 
-    parts = []
-    async for response in await stub.rpc_forward_stream(chunks()):
-        parts.extend(response.tensors)
-    combined = runtime_pb2.ExpertResponse(tensors=combine_chunks(parts))
-    return unpack_tensors(combined)
+class _RemoteBlocks(torch.autograd.Function):
+    """Autograd through a RemoteSequential: forward calls now; backward calls when gradients are needed."""
+
+    @staticmethod
+    def forward(ctx, hidden, prompts, mask, positions, blocks: RemoteSequential):
+        hidden = hidden.detach()
+        outputs, records = run_sync(blocks._forward_all(hidden, mask, positions, prompts))
+        ctx.blocks, ctx.records, ctx.mask, ctx.positions = blocks, records, mask, positions
+        ctx.prompts = None if prompts is None else prompts.detach()
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        blocks: RemoteSequential = ctx.blocks
+        grad_hidden, grad_prompts = run_sync(
+            blocks._backward_all(ctx.records, grad_outputs.contiguous(), ctx.mask, ctx.positions, ctx.prompts)
+        )
+        return grad_hidden, grad_prompts, None, None, None

@@ -92,16 +92,21 @@ class SpanModel(nn.Module):
         *,
         start: int | None = None,
         end: int | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run blocks ``start..end-1`` (default: all hosted); with ``cache``, append the new keys/values to it.
 
+        ``prompts`` [end - start, batch or 1, prefix, hidden] are deep prompts: before block ``start + i`` runs,
+        ``prompts[i]`` is added to the hidden states of the first ``prefix`` new tokens (differentiably).
         Returns hidden states [batch, new_tokens, hidden]. Not thread-safe for sub-ranges: call from one thread.
         """
         start, end = self._range(start, end)
-        if (start, end) == (self.start, self.end):
-            return self._run(self.base_model, inputs, cache)
-        with self._sub_range(start - self.start, end - self.start) as view:
-            return self._run(view, inputs, cache)
+        first, last = start - self.start, end - self.start
+        with _deep_prompts(self.blocks[first:last], prompts):
+            if (start, end) == (self.start, self.end):
+                return self._run(self.base_model, inputs, cache)
+            with self._sub_range(first, last) as view:
+                return self._run(view, inputs, cache)
 
     def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
         start = self.start if start is None else start
@@ -141,6 +146,36 @@ class SpanModel(nn.Module):
         finally:
             for module, layer_idx in renumbered:
                 module.layer_idx = layer_idx
+
+
+@contextlib.contextmanager
+def _deep_prompts(blocks, prompts: torch.Tensor | None):
+    """While active, each block adds its slice of ``prompts`` to the first hidden states it receives."""
+    if prompts is None:
+        yield
+        return
+    if prompts.shape[0] != len(blocks):
+        raise ValueError(f"deep prompts are for {prompts.shape[0]} blocks, the range has {len(blocks)}")
+
+    def add_prompt(prompt: torch.Tensor):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefix = min(prompt.shape[1], hidden.shape[1])
+            prompted = torch.cat([hidden[:, :prefix] + prompt[:, :prefix].to(hidden.dtype), hidden[:, prefix:]], 1)
+            if args:
+                return (prompted, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": prompted}
+
+        return hook
+
+    handles = [
+        block.register_forward_pre_hook(add_prompt(prompt), with_kwargs=True) for block, prompt in zip(blocks, prompts)
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def load_span(

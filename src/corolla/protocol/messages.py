@@ -15,15 +15,27 @@ class SpanRequest(_Message):
     """Which of the server's blocks to run, and how the tensors that follow are laid out.
 
     Tensors, in order: hidden_states [batch, tokens, hidden]; then attention_mask [batch, past+tokens] if
-    ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``.
+    ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``; then deep prompts
+    [end_block - start_block, batch or 1, prefix, hidden] if ``has_prompts`` (added to the first ``prefix``
+    hidden states before each block).
     """
 
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
     has_attention_mask: bool = False
     has_position_ids: bool = False
+    has_prompts: bool = False
     output_compression: str = "NONE"  # a hivemind CompressionType name
     protocol_version: int = PROTOCOL_VERSION
+
+
+class BackwardRequest(SpanRequest):
+    """A backward pass: the gradient of the span's inputs (and of its deep prompts) given that of its outputs.
+
+    Tensors, in order: the span's input hidden_states, grad_outputs (same shape), then the optional tensors of
+    ``SpanRequest``. The answer holds grad_inputs, then grad_prompts if ``has_prompts``. The server recomputes the
+    forward pass; block weights are frozen and never change.
+    """
 
 
 class InferenceOpen(SpanRequest):
@@ -46,13 +58,15 @@ class InferenceStep(_Message):
     """One step of a session: new tokens placed at ``position`` (their index in the sequence).
 
     ``push_chain`` lists the servers after this one; the server pushes its output to the first of them (passing
-    the rest along), so the next server can start before the client's own copy of the input arrives.
+    the rest along), so the next server can start before the client's own copy of the input arrives. Tensors are
+    laid out as in ``SpanRequest``; deep prompts (``has_prompts``) cannot be combined with a push chain.
     """
 
     step_id: str = Field(min_length=1, max_length=128)
     position: int = Field(ge=0)
     has_attention_mask: bool = False
     has_position_ids: bool = False
+    has_prompts: bool = False
     push_chain: list[PushTarget] = Field(default_factory=list, max_length=256)
 
 

@@ -1,4 +1,8 @@
-"""One compute thread per server, running inference steps before forward/backward work."""
+"""One compute thread per server, running inference steps before forward/backward work.
+
+Tasks run under ``torch.inference_mode`` except backward tasks (``grad=True``), which need autograd. Block
+weights never require gradients, so a backward pass only ever computes gradients of the request's own tensors.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from corolla.log import get_logger
 logger = get_logger(__name__)
 
 PRIORITY_INFERENCE = 0
-PRIORITY_FORWARD = 1
+PRIORITY_FORWARD = 1  # forward and backward passes of training
 
 
 class ComputeQueue:
@@ -28,26 +32,29 @@ class ComputeQueue:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def submit(self, priority: int, fn: Callable[[], Any]) -> asyncio.Future:
-        """Schedule ``fn`` and return an asyncio future (of the running loop) with its result."""
+    def submit(self, priority: int, fn: Callable[[], Any], *, grad: bool = False) -> asyncio.Future:
+        """Schedule ``fn`` and return an asyncio future (of the running loop) with its result.
+
+        ``grad``: run with autograd enabled (backward passes) instead of in inference mode.
+        """
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((priority, next(self._counter), fn, loop, future))
+        self._queue.put((priority, next(self._counter), fn, grad, loop, future))
         return future
 
     def shutdown(self) -> None:
-        self._queue.put((-1, -1, None, None, None))
+        self._queue.put((-1, -1, None, False, None, None))
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
-            _, _, fn, loop, future = self._queue.get()
+            _, _, fn, grad, loop, future = self._queue.get()
             if fn is None:
                 return
             if future.cancelled():
                 continue
             try:
-                with torch.inference_mode():
+                with torch.enable_grad() if grad else torch.inference_mode():
                     result = fn()
             except BaseException as e:  # handed to the awaiting request, which reports it
                 loop.call_soon_threadsafe(_set_exception, future, e)

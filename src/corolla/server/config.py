@@ -26,6 +26,9 @@ class ServerConfig:
     quant: str = field(default="none", metadata=_help("weight quantization: " + ", ".join(_QUANTS)))
     cache_tokens: int = field(default=8192, metadata=_help("attention-cache budget, in tokens, for all sessions"))
     max_batch_tokens: int = field(default=8192, metadata=_help("largest number of tokens in one request"))
+    compute_chunk_tokens: int = field(
+        default=2048, metadata=_help("forward/backward requests over this many tokens run in chunks of rows")
+    )
     max_session_length: int = field(default=4096, metadata=_help("longest inference session (tokens) accepted"))
     public_name: str | None = field(default=None, metadata=_help("a name shown in the swarm monitor"))
     host_maddrs: tuple[str, ...] = field(
@@ -62,7 +65,7 @@ class ServerConfig:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
         if self.blocks is not None:
             self.parse_blocks()
-        for name in ("cache_tokens", "max_batch_tokens", "max_session_length", "num_threads"):
+        for name in ("cache_tokens", "max_batch_tokens", "compute_chunk_tokens", "max_session_length", "num_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.balance_quality <= 1:

@@ -33,6 +33,7 @@ from corolla.net.tensors import (
     unpack_tensors,
 )
 from corolla.protocol.messages import (
+    BackwardRequest,
     InferenceOpen,
     InferenceStep,
     PushedStep,
@@ -108,7 +109,7 @@ class BlockServicer(ServicerBase):
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.status().model_dump()))
 
-    # ---- forward ----------------------------------------------------------------------------------------------
+    # ---- forward and backward ---------------------------------------------------------------------------------
     async def rpc_forward(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """Run hidden states through a sub-range of the hosted blocks (no cache)."""
         meta, tensors = _parse(SpanRequest, request)
@@ -118,8 +119,29 @@ class BlockServicer(ServicerBase):
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Like rpc_forward for payloads over the transport's unary limit: tensors arrive and leave in chunks."""
+        meta, tensors = _parse(SpanRequest, await self._receive_stream(requests))
+        for message in _response_chunks(await self._forward(meta, tensors)):
+            yield message
+
+    async def rpc_backward(
+        self, request: runtime_pb2.ExpertRequest, context: P2PContext
+    ) -> runtime_pb2.ExpertResponse:
+        """Gradients of a sub-range's inputs (and deep prompts) given the gradient of its outputs."""
+        meta, tensors = _parse(BackwardRequest, request)
+        return await self._backward(meta, tensors)
+
+    async def rpc_backward_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """Like rpc_backward for payloads over the transport's unary limit."""
+        meta, tensors = _parse(BackwardRequest, await self._receive_stream(requests))
+        for message in _response_chunks(await self._backward(meta, tensors)):
+            yield message
+
+    async def _receive_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
+        """Reassemble a streamed request, refusing (after draining) anything over the server's token limits."""
         parts, metadata, received = [], None, 0
-        limit = 64 * self.config.max_batch_tokens * self.span.config.hidden_size
+        limit = 2 * 64 * self.config.max_batch_tokens * self.span.config.hidden_size
         async for message in _timed(requests, self.config.request_timeout):
             received += message.ByteSize()
             if received > limit:
@@ -134,20 +156,67 @@ class BlockServicer(ServicerBase):
             parts.extend(message.tensors)
         if received > limit:
             raise InvalidRequestError("streamed request is larger than this server's max_batch_tokens allow")
-        request = runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=combine_chunks(parts))
-        meta, tensors = _parse(SpanRequest, request)
-        response = await self._forward(meta, tensors)
-        for tensor in response.tensors:
-            for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
-                yield runtime_pb2.ExpertResponse(tensors=[chunk])
+        return runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=combine_chunks(parts))
 
     async def _forward(self, meta: SpanRequest, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
         span = self.span
         validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
-        inputs = self._span_inputs(meta, tensors, past_length=0, batch_size=None)
-        task = lambda: span(inputs, start=meta.start_block, end=meta.end_block)  # noqa: E731
+        inputs, prompts = self._span_inputs(meta, tensors, past_length=0, batch_size=None, blocks=_blocks(meta))
+
+        def task() -> torch.Tensor:
+            outputs = []
+            for rows in self._row_chunks(inputs.hidden_states):
+                chunk_prompts = None if prompts is None else _prompt_rows(prompts, rows)
+                chunk = span(_rows(inputs, rows), start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+                outputs.append(chunk)
+            return torch.cat(outputs)
+
         output = await self._compute(PRIORITY_FORWARD, task)
         return pack_response([output.cpu()], {}, compression=meta.output_compression)
+
+    async def _backward(self, meta: BackwardRequest, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
+        span = self.span
+        validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
+        if len(tensors) < 2:
+            raise InvalidRequestError(f"backward needs hidden states and grad_outputs, got {len(tensors)} tensors")
+        grad_outputs = tensors[1]
+        inputs, prompts = self._span_inputs(
+            meta, tensors[:1] + tensors[2:], past_length=0, batch_size=None, blocks=_blocks(meta)
+        )
+        validation.check_grad_outputs(grad_outputs, like=inputs.hidden_states)
+        grad_outputs = grad_outputs.to(self.device, self.dtype)
+
+        def task() -> list[torch.Tensor]:
+            grad_inputs = []
+            grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+            for rows in self._row_chunks(inputs.hidden_states):
+                chunk = _rows(inputs, rows)
+                hidden = chunk.hidden_states.detach().requires_grad_(True)
+                chunk_prompts = None
+                if prompts is not None:
+                    chunk_prompts = _prompt_rows(prompts, rows).detach().requires_grad_(True)
+                chunk = SpanInputs(
+                    hidden_states=hidden, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids
+                )
+                output = span(chunk, start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+                leaves = [hidden] if chunk_prompts is None else [hidden, chunk_prompts]
+                grads = torch.autograd.grad(output, leaves, grad_outputs[rows])
+                grad_inputs.append(grads[0])
+                if prompts is not None:
+                    if prompts.shape[1] == 1:
+                        grad_prompts += grads[1]
+                    else:
+                        grad_prompts[:, rows] = grads[1]
+            return [torch.cat(grad_inputs)] + ([] if grad_prompts is None else [grad_prompts])
+
+        grads = await self._compute(PRIORITY_FORWARD, task, grad=True)
+        return pack_response([g.detach().cpu() for g in grads], {}, compression=meta.output_compression)
+
+    def _row_chunks(self, hidden: torch.Tensor) -> list[slice]:
+        """Rows of a batch in chunks of at most ``compute_chunk_tokens`` tokens (at least one row each)."""
+        batch, tokens = hidden.shape[:2]
+        rows = max(1, self.config.compute_chunk_tokens // tokens)
+        return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
     # ---- inference --------------------------------------------------------------------------------------------
     async def rpc_inference(
@@ -224,7 +293,11 @@ class BlockServicer(ServicerBase):
                 f"step at position {step.position} would skip positions: the session holds {session.length} tokens"
             )
         opened = session.opened
-        inputs = self._span_inputs(step, tensors, past_length=step.position, batch_size=opened.batch_size)
+        if step.has_prompts and step.push_chain:
+            raise InvalidRequestError("a step with deep prompts cannot be pushed: send it to every server directly")
+        inputs, prompts = self._span_inputs(
+            step, tensors, past_length=step.position, batch_size=opened.batch_size, blocks=_blocks(opened)
+        )
         new_tokens = inputs.hidden_states.shape[1]
         if step.position + new_tokens > opened.max_length:
             raise InvalidRequestError(
@@ -235,7 +308,7 @@ class BlockServicer(ServicerBase):
         def task():
             if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
                 session.cache.crop(step.position - session.length)  # a negative crop removes tokens
-            return session.span(inputs, session.cache, start=opened.start_block, end=opened.end_block)
+            return session.span(inputs, session.cache, start=opened.start_block, end=opened.end_block, prompts=prompts)
 
         output = await self._compute(PRIORITY_INFERENCE, task)
         session.length = step.position + new_tokens
@@ -276,11 +349,15 @@ class BlockServicer(ServicerBase):
         task.add_done_callback(self._pushes.discard)
 
     # ---- shared -----------------------------------------------------------------------------------------------
-    def _span_inputs(self, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None):
-        expected = 1 + int(meta.has_attention_mask) + int(meta.has_position_ids)
+    def _span_inputs(
+        self, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None, blocks: int
+    ) -> tuple[SpanInputs, torch.Tensor | None]:
+        """Validated inputs of a span call, plus its deep prompts (None without them)."""
+        has_prompts = getattr(meta, "has_prompts", False)
+        expected = 1 + int(meta.has_attention_mask) + int(meta.has_position_ids) + int(has_prompts)
         if len(tensors) != expected:
             raise InvalidRequestError(
-                f"expected {expected} tensors (hidden states, mask, positions), got {len(tensors)}"
+                f"expected {expected} tensors (hidden states, mask, positions, prompts), got {len(tensors)}"
             )
         hidden = tensors[0]
         validation.check_hidden_states(
@@ -291,25 +368,57 @@ class BlockServicer(ServicerBase):
         )
         batch, new_tokens, _ = hidden.shape
         rest = iter(tensors[1:])
-        mask = positions = None
+        mask = positions = prompts = None
         if meta.has_attention_mask:
             mask = validation.check_attention_mask(next(rest), batch=batch, length=past_length + new_tokens)
         if meta.has_position_ids:
             limit = max(self.config.max_session_length, past_length + new_tokens)
             positions = validation.check_position_ids(next(rest), batch=batch, tokens=new_tokens, limit=limit)
-        return SpanInputs(
+        if has_prompts:
+            prompts = next(rest)
+            validation.check_prompts(
+                prompts, blocks=blocks, batch=batch, tokens=new_tokens, hidden_size=self.span.config.hidden_size
+            )
+            prompts = prompts.to(self.device, self.dtype)
+        inputs = SpanInputs(
             hidden_states=hidden.to(self.device, self.dtype),
             attention_mask=None if mask is None else mask.to(self.device),
             position_ids=None if positions is None else positions.to(self.device),
         )
+        return inputs, prompts
 
-    async def _compute(self, priority: int, task):
+    async def _compute(self, priority: int, task, *, grad: bool = False):
         try:
-            return await asyncio.wait_for(self.compute.submit(priority, task), self.config.request_timeout)
+            future = self.compute.submit(priority, task, grad=grad)
+            return await asyncio.wait_for(future, self.config.request_timeout)
         except asyncio.TimeoutError:
             raise InvalidRequestError(
                 f"the request took over {self.config.request_timeout} s and was cancelled"
             ) from None
+
+
+def _rows(inputs: SpanInputs, rows: slice) -> SpanInputs:
+    return SpanInputs(
+        hidden_states=inputs.hidden_states[rows],
+        attention_mask=None if inputs.attention_mask is None else inputs.attention_mask[rows],
+        position_ids=None if inputs.position_ids is None else inputs.position_ids[rows],
+    )
+
+
+def _prompt_rows(prompts: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Deep prompts for some rows of the batch (prompts shared by all rows have a batch dimension of 1)."""
+    return prompts if prompts.shape[1] == 1 else prompts[:, rows]
+
+
+def _blocks(meta: SpanRequest) -> int:
+    return meta.end_block - meta.start_block
+
+
+def _response_chunks(response: runtime_pb2.ExpertResponse):
+    """A response split into messages under the transport's size limit."""
+    for tensor in response.tensors:
+        for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
+            yield runtime_pb2.ExpertResponse(tensors=[chunk])
 
 
 async def _read_client(requests: AsyncIterator, inbox: asyncio.Queue) -> None:

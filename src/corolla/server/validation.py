@@ -64,3 +64,34 @@ def check_position_ids(position_ids: torch.Tensor, *, batch: int, tokens: int, l
     if (position_ids < 0).any() or (position_ids >= limit).any():
         raise InvalidRequestError(f"position ids must be in [0, {limit})")
     return position_ids.to(torch.int64)
+
+
+def check_grad_outputs(grad: torch.Tensor, *, like: torch.Tensor) -> None:
+    """The gradient of a span's outputs: finite floats of the same shape as its input hidden states."""
+    if not grad.is_floating_point():
+        raise InvalidRequestError(f"grad_outputs must be floating point, got {grad.dtype}")
+    if grad.shape != like.shape:
+        raise InvalidRequestError(
+            f"grad_outputs must have the shape of the hidden states {list(like.shape)}, got {list(grad.shape)}"
+        )
+    if not torch.isfinite(grad).all():
+        raise InvalidRequestError("grad_outputs contain NaN or Inf")
+
+
+def check_prompts(prompts: torch.Tensor, *, blocks: int, batch: int, tokens: int, hidden_size: int) -> None:
+    """Deep prompts: finite floats of shape [blocks, batch or 1, prefix <= tokens, hidden_size]."""
+    if not prompts.is_floating_point():
+        raise InvalidRequestError(f"prompts must be floating point, got {prompts.dtype}")
+    shape = list(prompts.shape)
+    if (
+        prompts.ndim != 4
+        or shape[0] != blocks
+        or shape[1] not in (1, batch)
+        or not 0 < shape[2] <= tokens
+        or shape[3] != hidden_size
+    ):
+        raise InvalidRequestError(
+            f"prompts must have shape [{blocks} blocks, {batch} or 1, prefix <= {tokens}, {hidden_size}], got {shape}"
+        )
+    if not torch.isfinite(prompts).all():
+        raise InvalidRequestError("prompts contain NaN or Inf")

@@ -1,0 +1,165 @@
+"""Fine-tuning through the swarm: gradients equal those of the same model trained locally with transformers.
+
+Trainable parameters live on the client (prompts, LoRA on local layers, a classification head); the servers run
+forward and backward through their frozen blocks. Two families with different block internals (llama: rotary +
+GQA; bloom: ALiBi + an embedding layer norm) on two servers each.
+"""
+
+from __future__ import annotations
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from corolla import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
+from corolla.local_swarm import LocalSwarm
+from tests.fixtures.prompted import prompted_forward
+from tests.fixtures.zoo import zoo_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+PRE_SEQ_LEN = 3
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module", params=["llama", "bloom"])
+def swarm(request, tmp_path_factory):
+    path = str(zoo_checkpoint(request.param))
+    logs = tmp_path_factory.mktemp(f"logs-train-{request.param}")
+    with LocalSwarm(model=path, spans=["0:3", "3:6"], server_args=["--throughput", "100"], log_dir=logs) as swarm:
+        yield path, swarm
+
+
+def _batch(seed: int, batch: int = 3, tokens: int = 10):
+    ids = torch.randint(4, 400, (batch, tokens), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in one row
+    return ids, mask
+
+
+def _lm_loss(logits, ids, mask):
+    labels = ids.masked_fill(mask == 0, -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_prompt_tuning_gradients_match_local(swarm, mode):
+    path, local_swarm = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=local_swarm.initial_peers, tuning_mode=mode, pre_seq_len=PRE_SEQ_LEN
+    )
+    try:
+        tuning = model.prompt_tuning
+        if mode == "deep_ptune":  # start away from zero so that the deep prompts change the outputs
+            with torch.no_grad():
+                tuning.deep_prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+        assert {n for n, p in model.named_parameters() if p.requires_grad} >= {
+            f"{model._family.base_model_attr}.prompt_tuning.prompt_embeddings"
+        }
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("prompt_tuning" in name)
+        local = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+        prefix = tuning.prompt_embeddings.detach().clone().requires_grad_(True)
+        deep = None if tuning.deep_prompts is None else tuning.deep_prompts.detach().clone().requires_grad_(True)
+
+        ids, mask = _batch(1)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        expected = prompted_forward(local, ids, mask, prefix, deep).logits[:, PRE_SEQ_LEN:]
+        rows = mask.bool()
+        torch.testing.assert_close(logits[rows], expected[rows], **TOL)
+
+        _lm_loss(logits, ids, mask).backward()
+        _lm_loss(expected, ids, mask).backward()
+        torch.testing.assert_close(tuning.prompt_embeddings.grad, prefix.grad, **TOL)
+        assert prefix.grad.abs().sum() > 0
+        if deep is not None:
+            torch.testing.assert_close(tuning.deep_prompts.grad, deep.grad, **TOL)
+            assert deep.grad.abs().sum() > 0
+    finally:
+        model.shutdown()
+
+
+def test_lora_and_input_gradients_match_local(swarm):
+    """PEFT LoRA on the client's LM head, plus gradients w.r.t. inputs_embeds, as with the local model."""
+    path, local_swarm = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    try:
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        lora = dict(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
+        torch.manual_seed(0)
+        tuned = peft.get_peft_model(model, peft.LoraConfig(**lora))
+        torch.manual_seed(0)
+        tuned_local = peft.get_peft_model(local, peft.LoraConfig(**lora))
+
+        ids, mask = _batch(2)
+        embeds = local.get_input_embeddings()(ids).detach()
+        e_remote, e_local = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
+        logits = tuned(inputs_embeds=e_remote, attention_mask=mask).logits
+        expected = tuned_local(inputs_embeds=e_local, attention_mask=mask).logits
+        _lm_loss(logits, ids, mask).backward()
+        _lm_loss(expected, ids, mask).backward()
+
+        torch.testing.assert_close(e_remote.grad, e_local.grad, **TOL)
+        remote_grads = {n: p.grad for n, p in tuned.named_parameters() if p.requires_grad}
+        local_grads = {n: p.grad for n, p in tuned_local.named_parameters() if p.requires_grad}
+        assert remote_grads.keys() == local_grads.keys() and len(remote_grads) == 2  # lora_A and lora_B
+        for name, grad in remote_grads.items():
+            torch.testing.assert_close(grad, local_grads[name], **TOL)
+    finally:
+        model.shutdown()
+
+
+def test_sequence_classification_with_prompts_matches_local(swarm):
+    path, local_swarm = swarm
+    model = AutoDistributedModelForSequenceClassification.from_pretrained(
+        path,
+        initial_peers=local_swarm.initial_peers,
+        tuning_mode="ptune",
+        pre_seq_len=PRE_SEQ_LEN,
+        config_kwargs=dict(num_labels=3),
+    )
+    try:
+        local = AutoModelForSequenceClassification.from_pretrained(path, num_labels=3).eval()
+        local.requires_grad_(False)
+        local.score.load_state_dict(model.score.state_dict())
+        local.score.requires_grad_(True)
+        prefix = model.prompt_tuning.prompt_embeddings.detach().clone().requires_grad_(True)
+
+        ids = torch.randint(4, 400, (4, 7), generator=torch.Generator().manual_seed(3))
+        labels = torch.tensor([0, 1, 2, 1])
+        logits = model(input_ids=ids).logits
+        expected = prompted_forward(local, ids, torch.ones_like(ids), prefix).logits
+        torch.testing.assert_close(logits, expected, **TOL)
+        F.cross_entropy(logits, labels).backward()
+        F.cross_entropy(expected, labels).backward()
+        torch.testing.assert_close(model.prompt_tuning.prompt_embeddings.grad, prefix.grad, **TOL)
+        torch.testing.assert_close(model.score.weight.grad, local.score.weight.grad, **TOL)
+    finally:
+        model.shutdown()
+
+
+def test_tuned_prompt_generates_like_local(swarm):
+    """Generation with a deep prompt goes through sessions (the prefix fills the servers' caches first)."""
+    path, local_swarm = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=local_swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=PRE_SEQ_LEN
+    )
+    try:
+        with torch.no_grad():
+            model.prompt_tuning.deep_prompts.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+            model.prompt_tuning.prompt_embeddings.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+        local = AutoModelForCausalLM.from_pretrained(path).eval()
+        prefix = model.prompt_tuning.prompt_embeddings.detach()
+        deep = model.prompt_tuning.deep_prompts.detach()
+        ids = torch.randint(4, 400, (1, 6), generator=torch.Generator().manual_seed(4))
+        got = model.generate(ids, max_new_tokens=8, do_sample=False)
+        sequence = ids
+        with torch.no_grad():
+            for _ in range(8):  # greedy decoding of the local reference, recomputing the whole prefix each time
+                logits = prompted_forward(local, sequence, torch.ones_like(sequence), prefix, deep).logits
+                sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
+        assert got.tolist() == sequence.tolist()
+    finally:
+        model.shutdown()
