@@ -24,7 +24,7 @@ from corolla import AutoDistributedModelForCausalLM
 from corolla.local_swarm import LocalSwarm, wait_for
 from corolla.net.loop import background_loop, run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
-from corolla.protocol.messages import InferenceOpen, InferenceStep, ServerStatus, SpanRequest
+from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, ServerStatus, SpanRequest
 from corolla.server.handler import BlockServicer
 from tests.fixtures.zoo import zoo_checkpoint
 
@@ -125,6 +125,12 @@ class Server:
     def forward(self, request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
         async def call():
             return await (await self.stub()).rpc_forward(request, timeout=20)
+
+        return unpack_tensors(run_sync(call(), timeout_s=30))
+
+    def backward(self, request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
+        async def call():
+            return await (await self.stub()).rpc_backward(request, timeout=20)
 
         return unpack_tensors(run_sync(call(), timeout_s=30))
 
@@ -278,6 +284,14 @@ def fwd(*tensors, raw: bytes | None = None, **overrides) -> runtime_pb2.ExpertRe
     return message(list(tensors) or [hidden()], raw if raw is not None else span_meta(**overrides))
 
 
+def bwd(*tensors, **overrides) -> runtime_pb2.ExpertRequest:
+    """A backward request: ``tensors`` (default: valid hidden states and grad_outputs) with BackwardRequest
+    metadata."""
+    return message(
+        list(tensors) or [hidden(), hidden()], _apply(BackwardRequest(**span_meta()).model_dump(), overrides)
+    )
+
+
 def opening(*tensors, raw: bytes | None = None, **overrides) -> runtime_pb2.ExpertRequest:
     """The first message of a session: InferenceOpen metadata, plus a step at position 0 if it has tensors."""
     return message(list(tensors), raw if raw is not None else open_meta(with_step=bool(tensors), **overrides))
@@ -396,6 +410,21 @@ FORWARD_CASES = {  # name: (request, what the error must say)
     "negative positions": (fwd(hidden(), torch.tensor([[-1, 0, 1]]), has_position_ids=True), POSITIONS_RANGE),
     "huge positions": (fwd(hidden(), torch.tensor([[0, 1, 10**9]]), has_position_ids=True), POSITIONS_RANGE),
     "unknown output compression": (fwd(output_compression="ZSTD"), "unknown compression 'ZSTD'"),
+    "prompts announced but missing": (fwd(has_prompts=True), "expected 2 tensors.*got 1"),
+    "prompts for too few blocks": (
+        fwd(hidden(), torch.randn(2, 1, 1, HIDDEN), has_prompts=True),
+        rf"prompts must have shape \[{NUM_BLOCKS} blocks, 1 or 1, prefix <= 3, {HIDDEN}\], got \[2, 1, 1, 64\]",
+    ),
+    "prompts longer than the input": (
+        fwd(hidden(), torch.randn(NUM_BLOCKS, 1, 4, HIDDEN), has_prompts=True),
+        r"prefix <= 3",
+    ),
+    "prompts for other rows": (fwd(hidden(), torch.randn(NUM_BLOCKS, 2, 1, HIDDEN), has_prompts=True), "prompts must"),
+    "int prompts": (fwd(hidden(), ints(NUM_BLOCKS, 1, 1, HIDDEN), has_prompts=True), "prompts must be floating"),
+    "nan prompts": (
+        fwd(hidden(), torch.full((NUM_BLOCKS, 1, 1, HIDDEN), float("nan")), has_prompts=True),
+        "prompts contain NaN",
+    ),
 }
 
 
@@ -404,6 +433,53 @@ def test_bad_forward(server, check_after, case):
     request, expected = FORWARD_CASES[case]
     with pytest.raises(P2PHandlerError, match=expected):
         server.forward(request)
+
+
+# ---- bad backward requests --------------------------------------------------------------------------------------
+
+BACKWARD_CASES = {  # name: (request, what the error must say)
+    "no grad_outputs": (message([hidden()], BackwardRequest(**span_meta()).model_dump()), "needs hidden states and"),
+    "grad of another shape": (bwd(hidden(), hidden(tokens=2)), r"shape of the hidden states \[1, 3, 64\]"),
+    "int grad": (bwd(hidden(), ints(1, 3, HIDDEN)), "grad_outputs must be floating point"),
+    "nan grad": (bwd(hidden(), nan_at(3, 2)), "grad_outputs contain NaN or Inf"),
+    "nan hidden states": (bwd(nan_at(3, 0), hidden()), "hidden states contain NaN"),
+    "over max_batch_tokens": (
+        bwd(hidden(batch=5, tokens=60), hidden(batch=5, tokens=60)),
+        f"5x60=300 {LIMIT}",
+    ),
+    "unhosted blocks": (bwd(start_block=5, end_block=9), f"blocks 5:9 are not hosted here; {HOSTS}"),
+    "extra tensor": (bwd(hidden(), hidden(), hidden()), "expected 1 tensors.*got 2"),
+    "bad prompts": (bwd(hidden(), hidden(), torch.randn(1, 1, 1, HIDDEN), has_prompts=True), "prompts must"),
+    "not msgpack": (message([hidden(), hidden()], NOT_MSGPACK), "metadata is not valid msgpack"),
+}
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES)
+def test_bad_backward(server, check_after, case):
+    request, expected = BACKWARD_CASES[case]
+    with pytest.raises(P2PHandlerError, match=expected):
+        server.backward(request)
+
+
+def test_backward_leaves_the_weights_alone(server, reference, check_after):
+    """A valid backward gives the input gradient of the reference blocks; repeated hostile-sized gradients change
+    nothing on the server (the healthy session checked after this test still matches the reference)."""
+    ids = torch.randint(10, 400, (1, 4), generator=torch.Generator().manual_seed(9))
+    embeddings = reference.embed(ids).requires_grad_(True)
+    grad = torch.randn(1, 4, HIDDEN, generator=torch.Generator().manual_seed(10))
+    with torch.enable_grad():
+        captured = {}
+        hook = reference.model.model.layers[-1].register_forward_hook(lambda m, i, o: captured.update(out=o))
+        try:
+            reference.model(inputs_embeds=embeddings)
+        finally:
+            hook.remove()
+        out = captured["out"][0] if isinstance(captured["out"], tuple) else captured["out"]
+        (expected,) = torch.autograd.grad(out, embeddings, grad)
+    (got,) = server.backward(bwd(embeddings.detach(), grad))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for _ in range(3):
+        server.backward(bwd(embeddings.detach(), grad * 1e6))
 
 
 # ---- bad streamed forward requests ------------------------------------------------------------------------------

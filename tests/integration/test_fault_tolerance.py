@@ -191,3 +191,50 @@ async def _ping_via(view, peer):
     from corolla.net.ping import ping
 
     return await ping(await view.p2p(), peer, timeout_s=3)
+
+
+def _remote_blocks_node(output: torch.Tensor):
+    """The autograd node of the RemoteSequential call that produced ``output`` (it holds the forward's route)."""
+    stack, seen = [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "records"):
+            return node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    raise AssertionError("no RemoteSequential call in the autograd graph")
+
+
+@pytest.mark.parametrize("spare", [["2:4"], ["2:3", "3:4"]], ids=["spare", "spare-in-two-pieces"])
+def test_server_dies_between_forward_and_backward(reference, tmp_path, spare):
+    """Training: the server that ran a span's forward is SIGKILLed before backward; the span's backward is redone
+    elsewhere (recomputing intermediate inputs when the replacement comes in pieces) and gradients are exact."""
+    from tests.fixtures.prompted import prompted_forward
+
+    path, _, _ = reference
+    swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=spare)
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            path, initial_peers=swarm.initial_peers, tuning_mode="ptune", pre_seq_len=2
+        )
+        local = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+        prefix = model.prompt_tuning.prompt_embeddings.detach().clone().requires_grad_(True)
+        ids = torch.randint(4, 400, (2, 9), generator=torch.Generator().manual_seed(5))
+        mask = torch.ones_like(ids)
+
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        hops = [hop for _, records in _remote_blocks_node(logits).records for hop, _ in records]
+        victim = swarm.name_of(next(hop.peer_id for hop in hops if hop.start <= 2 < hop.end))
+        swarm.kill(victim, signal.SIGKILL)
+        logits.float().logsumexp(-1).mean().backward()
+
+        expected = prompted_forward(local, ids, mask, prefix).logits[:, 2:]
+        expected.float().logsumexp(-1).mean().backward()
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(model.prompt_tuning.prompt_embeddings.grad, prefix.grad, atol=1e-5, rtol=1e-4)
+        assert victim in {swarm.name_of(p) for p in model.remote_blocks.swarm.banned()}
+        model.shutdown()
+    finally:
+        swarm.stop()

@@ -141,7 +141,7 @@ class BlockServicer(ServicerBase):
     async def _receive_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
         """Reassemble a streamed request, refusing (after draining) anything over the server's token limits."""
         parts, metadata, received = [], None, 0
-        limit = 2 * 64 * self.config.max_batch_tokens * self.span.config.hidden_size
+        limit = 64 * self.config.max_batch_tokens * self.span.config.hidden_size  # bytes; 16x float32 hidden
         async for message in _timed(requests, self.config.request_timeout):
             received += message.ByteSize()
             if received > limit:
