@@ -45,3 +45,31 @@ def test_missing_blocks_error_says_what_to_do(smollm2_swarm):
         AutoDistributedModelForCausalLM.from_pretrained(
             "smollm2-135m", initial_peers=swarm.initial_peers, dht_prefix="nobody-serves-this"
         ).generate(torch.tensor([[1, 2, 3]]), max_new_tokens=1)
+
+
+def test_deep_prompt_tuning_gradients_match_local(smollm2_path, smollm2_swarm):
+    """Fine-tuning exactness on the real model: gradients of both prompt kinds equal local transformers'."""
+    from tests.fixtures.prompted import prompted_forward
+
+    swarm, _ = smollm2_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        "smollm2-135m", initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=4
+    )
+    try:
+        tuning = model.prompt_tuning
+        with torch.no_grad():
+            tuning.deep_prompts.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+        local = AutoModelForCausalLM.from_pretrained(smollm2_path).eval().requires_grad_(False)
+        prefix = tuning.prompt_embeddings.detach().clone().requires_grad_(True)
+        deep = tuning.deep_prompts.detach().clone().requires_grad_(True)
+        ids = torch.randint(100, 10000, (2, 12), generator=torch.Generator().manual_seed(1))
+
+        def loss(logits):
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+        loss(model(input_ids=ids).logits).backward()
+        loss(prompted_forward(local, ids, torch.ones_like(ids), prefix, deep).logits[:, 4:]).backward()
+        torch.testing.assert_close(tuning.prompt_embeddings.grad, prefix.grad, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(tuning.deep_prompts.grad, deep.grad, atol=1e-4, rtol=1e-3)
+    finally:
+        model.shutdown()
