@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corolla-installed
 PIP := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: demo test test-unit test-integration lint format bench-smoke clean
+.PHONY: demo test test-unit test-integration lint format bench-smoke clean netlab-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,13 +16,23 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/corolla demo
 
-test: $(STAMP)
+# the network lab's tools (benchmarks/netlab): installed only when missing, only as root with apt-get; never fails
+netlab-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { ! command -v iptables >/dev/null 2>&1 || ! command -v gcc >/dev/null 2>&1 || [ ! -f /usr/include/libnetfilter_queue/libnetfilter_queue.h ]; }; then \
+	  echo "installing the network lab's packages (iptables, libnetfilter-queue-dev, gcc)"; \
+	  { apt-get install -y -q iptables libnetfilter-queue-dev gcc >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q iptables libnetfilter-queue-dev gcc >/dev/null 2>&1; }; } || \
+	  echo "could not install them; the network lab tests will be skipped"; \
+	fi
+
+test: $(STAMP) netlab-deps
 	$(PY) -m pytest
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration"
 
-test-integration: $(STAMP)
+test-integration: $(STAMP) netlab-deps
 	$(PY) -m pytest -m integration
 
 lint: $(STAMP)

@@ -43,6 +43,11 @@ class LocalSwarm:
     start_timeout_s: float = 120.0
     initial_peers: list[str] = field(default_factory=list)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    # where each process runs: process name ("bootstrap", "server0", ...) -> a command prefix, e.g.
+    # ["ip", "netns", "exec", "lab-h1"] to start it inside a network namespace (benchmarks/netlab)
+    command_prefix: Callable[[str], Sequence[str]] | None = None
+    # process name -> extra command-line arguments, e.g. ["--host-maddrs", "/ip4/10.77.0.2/tcp/0"]
+    process_args: Callable[[str], Sequence[str]] | None = None
     peer_ids: dict[str, str] = field(default_factory=dict)  # server name -> base58 peer id
 
     _identity_dir: Path | None = None
@@ -71,8 +76,10 @@ class LocalSwarm:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             stderr = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 - owned by the process
         # each process leads its own process group, so its helpers (DHT process, p2pd) stop together with it
+        prefix = list(self.command_prefix(name)) if self.command_prefix else []
+        extra = list(self.process_args(name)) if self.process_args else []
         process = subprocess.Popen(
-            [sys.executable, "-m", "corolla.cli.main", *args],
+            [*prefix, sys.executable, "-m", "corolla.cli.main", *args, *extra],
             env=self._env(),
             stderr=stderr,
             start_new_session=True,

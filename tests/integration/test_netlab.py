@@ -1,0 +1,107 @@
+"""The network lab (benchmarks/netlab): shaping it measures itself, peers in two namespaces, clean tear-down, and the
+network experiment's smoke preset. Needs root, network namespaces and either netem or iptables + libnetfilter_queue
+(``make test`` installs them when it can); skipped with the reason otherwise."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from benchmarks.netlab import Lab, LabError, LinkShape, unavailable_reason
+
+ROOT = Path(__file__).resolve().parents[2]
+_REASON = unavailable_reason()
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(_REASON is not None, reason=f"network lab unavailable: {_REASON}"),
+]
+
+
+def _netns() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _root_ns_state() -> tuple[str, str]:
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True).stdout if _has("iptables-save") else ""
+    return "\n".join(sorted(line.split(":")[1] for line in links.splitlines())), rules
+
+
+def _has(tool: str) -> bool:
+    import shutil
+
+    return shutil.which(tool) is not None
+
+
+def test_lab_shapes_talks_and_leaves_nothing_behind():
+    before_ns, before_root = _netns(), _root_ns_state()
+    lab = Lab(hosts=["a", "b"], shapes={h: LinkShape(delay_ms=5, rate_mbit=50) for h in ("a", "b")})
+    with lab:
+        assert _netns() - before_ns == {lab.ns("a"), lab.ns("b"), lab.switch_ns}
+        # RTT a<->b = 2 x (5 + 5) = 20 ms; the check (RTT within 2 ms + 10 %, bandwidth within 60-115 %) passed in up()
+        report = lab.verify()
+        assert abs(report["rtt_ms"]["b"]["measured"] - 20) < 4
+        assert 30 < report["bandwidth_mbit"]["measured"] <= 57.5
+        # nothing routed outside the lab: the only route is the lab's subnet
+        routes = lab.run("a", ["ip", "route"], capture_output=True, text=True).stdout
+        assert "default" not in routes and "10.77.0.0/24" in routes
+
+        # hivemind peers in two namespaces find each other and exchange a record
+        boot = lab.popen(
+            "a",
+            [sys.executable, "-m", "corolla.cli.main", "dht", "--host-maddrs", f"/ip4/{lab.address('a')}/tcp/0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            peers = None
+            for line in boot.stdout:
+                if "--initial-peers" in line:
+                    peers = line.split("--initial-peers", 1)[1].split()
+                    break
+            assert peers and lab.address("a") in peers[0]
+            # peer b joins through a: hivemind raises if the bootstrap fails (no initial peer answered)
+            code = (
+                "import os\n"
+                "from corolla.net.dht_process import client_dht\n"
+                f"dht = client_dht({peers!r})\n"
+                "print('ok', flush=True)\n"
+                "os._exit(0)\n"  # its DHT process and p2pd exit with it
+            )
+            result = lab.run("b", [sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+        finally:
+            boot.terminate()
+            boot.wait(timeout=20)
+
+        # a lab whose shaping is off is refused
+        lab.shapes["b"] = LinkShape(delay_ms=50)  # claims 50 ms but the links still delay 5 ms
+        with pytest.raises(LabError, match="is off"):
+            lab.verify(bandwidth=False, attempts=1)
+    assert _netns() == before_ns
+    assert _root_ns_state() == before_root
+    assert not (Path("/run/corolla-netlab") / lab.name).exists()
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert lab.name not in ps
+    lab.down()  # idempotent
+
+
+def test_inference_network_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "exp_inference_network.py"), "--preset", "smoke", "--out",
+         str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = (tmp_path / "inference_network_smoke.md").read_text()
+    assert "| smollm2 | 100 Mbit/s | 40 ms |" in table
+    assert (tmp_path / "inference_network_smoke.png").stat().st_size > 1000
