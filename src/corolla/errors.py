@@ -32,6 +32,26 @@ class MissingBlocksError(CorollaError):
         )
 
 
+class MissingAdapterError(MissingBlocksError):
+    """No server in the swarm hosts some blocks with the adapter the client selected."""
+
+    def __init__(self, missing: list[tuple[int, int]], model_name: str, adapter: str, available: list[str]):
+        self.missing, self.adapter = missing, adapter
+        ranges = ", ".join(f"{a}:{b}" for a, b in missing)
+        others = f"Adapters served now: {', '.join(available)}. " if available else "No server serves adapters now. "
+        CorollaError.__init__(
+            self,
+            f"No server in the swarm hosts blocks {ranges} of {model_name} with adapter {adapter!r}. {others}"
+            f"Start servers holding it, e.g. `corolla serve {model_name} --adapters {adapter}=PATH_TO_ADAPTER "
+            f"--blocks {missing[0][0]}:{missing[0][1]} --initial-peers ...`, or pick another active_adapter "
+            f"(None for the base model).",
+        )
+
+
+class AdapterError(CorollaError):
+    """A LoRA adapter a server was asked to load is missing, malformed or does not fit the model."""
+
+
 class SwarmConnectionError(CorollaError):
     """Could not reach the initial peers of a swarm."""
 

@@ -82,9 +82,12 @@ def test_prompt_tuning_gradients_match_local(swarm, mode):
 
 
 def test_lora_and_input_gradients_match_local(swarm):
-    """PEFT LoRA on the client's LM head, plus gradients w.r.t. inputs_embeds, as with the local model."""
+    """PEFT LoRA on the client's LM head, plus gradients w.r.t. inputs_embeds, as with the local model; the batch
+    is split into one sub-batch per row, which run concurrently."""
     path, local_swarm = swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=local_swarm.initial_peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=local_swarm.initial_peers, sub_batch_tokens=10
+    )
     try:
         local = AutoModelForCausalLM.from_pretrained(path).eval()
         lora = dict(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)

@@ -10,6 +10,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="Hub repo id, local checkpoint folder, or bundled short name (smollm2-135m)")
     parser.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
     parser.add_argument("--dht-prefix", default=None, help="DHT namespace of the model (default: from its name)")
+    parser.add_argument(
+        "--active-adapter", default=None, help="a LoRA adapter served with `corolla serve --adapters` (its name)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
@@ -54,7 +57,7 @@ def _load(args):
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model).folder)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix
+        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, active_adapter=args.active_adapter
     )
     return tokenizer, model
 

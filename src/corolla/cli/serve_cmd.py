@@ -20,11 +20,15 @@ def register(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from corolla.errors import AdapterError
     from corolla.server.server import Server
 
     try:
         config = dataclass_from_args(ServerConfig, args)
     except ValueError as e:
         raise SystemExit(f"corolla serve: {e}") from None
-    Server(config).run()
+    try:
+        Server(config).run()
+    except AdapterError as e:
+        raise SystemExit(f"corolla serve: {e}") from None
     return 0

@@ -22,6 +22,7 @@ class ClientConfig:
     sub_batch_tokens: int = 1024  # forward/backward batches are split into sub-batches of about this many tokens
     allowed_servers: tuple[str, ...] | None = None
     blocked_servers: tuple[str, ...] = ()
+    active_adapter: str | None = None  # a LoRA adapter (by the name servers announce); routes only via its holders
 
     def __post_init__(self):
         if not self.initial_peers:
@@ -38,5 +39,7 @@ class ClientConfig:
             raise ValueError("BLOCKWISE_8BIT needs bitsandbytes on every peer; use UNIFORM_8BIT or QUANTILE_8BIT")
         if self.sub_batch_tokens <= 0:
             raise ValueError(f"sub_batch_tokens must be positive, got {self.sub_batch_tokens}")
+        if self.active_adapter is not None and not self.active_adapter:
+            raise ValueError("active_adapter must be a non-empty adapter name or None")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")

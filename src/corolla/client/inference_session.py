@@ -41,9 +41,18 @@ class _ServerStream:
     closes is noticed at once, instead of after a timeout.
     """
 
-    def __init__(self, hop: RouteHop, *, max_length: int, batch_size: int, compression: str, timeout_s: float):
+    def __init__(
+        self,
+        hop: RouteHop,
+        *,
+        max_length: int,
+        batch_size: int,
+        compression: str,
+        timeout_s: float,
+        active_adapter: str | None = None,
+    ):
         self.hop, self.max_length, self.batch_size = hop, max_length, batch_size
-        self.compression, self.timeout_s = compression, timeout_s
+        self.compression, self.timeout_s, self.active_adapter = compression, timeout_s, active_adapter
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._opened = False
@@ -84,6 +93,7 @@ class _ServerStream:
                     start_block=self.hop.start,
                     end_block=self.hop.end,
                     output_compression=self.compression,
+                    active_adapter=self.active_adapter,
                 ).model_dump()
                 | step
             )
@@ -278,6 +288,7 @@ class InferenceSession:
             batch_size=batch_size,
             compression=self.swarm.config.compression,
             timeout_s=self.swarm.config.step_timeout_s,
+            active_adapter=self.swarm.config.active_adapter,
         )
 
     async def _replay(self, failed: _SpanState, replacement: list[_SpanState], mask: torch.Tensor | None) -> None:

@@ -45,7 +45,13 @@ class SpanCallInputs:
 async def call_forward(swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCallInputs) -> torch.Tensor:
     """Hidden states through blocks ``hop.start..hop.end-1`` on ``hop.peer_id``."""
     compression = swarm.config.compression
-    meta = SpanRequest(start_block=hop.start, end_block=hop.end, output_compression=compression, **extra.flags())
+    meta = SpanRequest(
+        start_block=hop.start,
+        end_block=hop.end,
+        output_compression=compression,
+        active_adapter=swarm.config.active_adapter,
+        **extra.flags(),
+    )
     request = pack([hidden, *extra.extras()], meta.model_dump(), compression=compression)
     outputs = await _call(swarm, hop, request, "rpc_forward")
     if len(outputs) != 1 or outputs[0].shape != hidden.shape:
@@ -58,7 +64,13 @@ async def call_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad of ``hidden``, grad of ``extra.prompts`` or None) for blocks ``hop.start..hop.end-1``."""
     compression = swarm.config.compression
-    meta = BackwardRequest(start_block=hop.start, end_block=hop.end, output_compression=compression, **extra.flags())
+    meta = BackwardRequest(
+        start_block=hop.start,
+        end_block=hop.end,
+        output_compression=compression,
+        active_adapter=swarm.config.active_adapter,
+        **extra.flags(),
+    )
     request = pack([hidden, grad_outputs, *extra.extras()], meta.model_dump(), compression=compression)
     outputs = await _call(swarm, hop, request, "rpc_backward")
     expected = 1 + int(extra.prompts is not None)

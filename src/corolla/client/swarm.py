@@ -15,7 +15,7 @@ from hivemind.p2p import P2P, PeerID
 
 from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_route, split_by_throughput
 from corolla.client.config import ClientConfig
-from corolla.errors import MissingBlocksError, SwarmConnectionError
+from corolla.errors import MissingAdapterError, MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_process import client_dht
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
@@ -110,7 +110,7 @@ class SwarmView:
         """The fastest chain over blocks start..end-1 (refreshing once if blocks seem missing)."""
         return self._route(
             lambda: find_inference_route(
-                to_spans(self.servers),
+                to_spans(self.usable_servers()),
                 start_block=start,
                 end_block=end,
                 client_pings=self.rtt.snapshot(),
@@ -123,7 +123,12 @@ class SwarmView:
         """A chain over blocks start..end-1 with servers drawn in proportion to their throughput."""
         return self._route(
             lambda: split_by_throughput(
-                to_spans(self.servers), start_block=start, end_block=end, num_items=1, rng=rng, banned=self.banned()
+                to_spans(self.usable_servers()),
+                start_block=start,
+                end_block=end,
+                num_items=1,
+                rng=rng,
+                banned=self.banned(),
             )[0]
         )
 
@@ -138,7 +143,20 @@ class SwarmView:
         try:
             return compute()
         except NoRouteError as e:
-            raise MissingBlocksError(e.missing, self.model_name) from None
+            adapter = self.config.active_adapter
+            if adapter is None:
+                raise MissingBlocksError(e.missing, self.model_name) from None
+            available = sorted({name for info in self.servers.values() for name in info.adapters})
+            raise MissingAdapterError(e.missing, self.model_name, adapter, available) from None
+
+    def usable_servers(self) -> dict[PeerID, ServerInfo]:
+        """The servers routes may use: with an ``active_adapter``, only those that announce it."""
+        adapter = self.config.active_adapter
+        with self._lock:
+            servers = self.servers
+        if adapter is None:
+            return servers
+        return {peer: info for peer, info in servers.items() if adapter in info.adapters}
 
     def shutdown(self) -> None:
         if self._p2p is not None:

@@ -17,7 +17,7 @@ class SpanRequest(_Message):
     Tensors, in order: hidden_states [batch, tokens, hidden]; then attention_mask [batch, past+tokens] if
     ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``; then deep prompts
     [end_block - start_block, batch or 1, prefix, hidden] if ``has_prompts`` (added to the first ``prefix``
-    hidden states before each block).
+    hidden states before each block). ``active_adapter``: compute with this LoRA adapter (None: the base model).
     """
 
     start_block: int = Field(ge=0)
@@ -26,6 +26,7 @@ class SpanRequest(_Message):
     has_position_ids: bool = False
     has_prompts: bool = False
     output_compression: str = "NONE"  # a hivemind CompressionType name
+    active_adapter: str | None = Field(default=None, min_length=1, max_length=128)  # a LoRA adapter the server holds
     protocol_version: int = PROTOCOL_VERSION
 
 
@@ -100,4 +101,5 @@ class ServerStatus(_Message):
     max_batch_tokens: int
     max_session_length: int
     active_sessions: int
+    adapters: tuple[str, ...] = ()  # LoRA adapters a request may select
     steps_from_pushes: int = 0  # inference steps computed from a previous server's push (before the client's copy)

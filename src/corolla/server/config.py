@@ -49,6 +49,14 @@ class ServerConfig:
     balance_period: float = field(default=120.0, metadata=_help("mean seconds between balance checks"))
     join_jitter: float = field(default=2.0, metadata=_help("random delay (s) before choosing blocks, avoids herds"))
     num_threads: int = field(default=1, metadata=_help("torch threads for compute (1 suits many processes)"))
+    adapters: tuple[str, ...] = field(
+        default=(),
+        metadata=_help(
+            "PEFT LoRA adapters to preload, each a folder (adapter_config.json + adapter_model.safetensors; named by "
+            "its folder name), a cached Hub repo id (named by the id) or NAME=PATH; clients pick one by name with "
+            "active_adapter"
+        ),
+    )
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -75,6 +83,9 @@ class ServerConfig:
         for name in ("update_period", "request_timeout", "session_timeout", "alloc_timeout", "balance_period"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)}")
+        names = self.adapter_names()
+        if len(set(names)) != len(names):
+            raise ValueError(f"two --adapters have the same name: {list(names)}; name them with NAME=PATH")
         if self.throughput not in ("auto", "eval"):
             try:
                 if float(self.throughput) <= 0:
@@ -83,6 +94,12 @@ class ServerConfig:
                 raise ValueError(
                     f"throughput must be auto, eval or a positive number, got {self.throughput!r}"
                 ) from None
+
+    def adapter_names(self) -> tuple[str, ...]:
+        """The names clients select the ``--adapters`` by (ValueError for a malformed one)."""
+        from corolla.models.lora import parse_adapter_spec
+
+        return tuple(parse_adapter_spec(spec)[0] for spec in self.adapters)
 
     def parse_blocks(self) -> tuple[int, int]:
         """``"3:7"`` -> ``(3, 7)``; ValueError for anything else."""

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from corolla import __version__
 from corolla.errors import InvalidRequestError
 from corolla.log import get_logger
+from corolla.models.lora import use_adapter
 from corolla.models.span import SpanInputs, SpanModel
 from corolla.net.tensors import (
     STREAM_CHUNK_BYTES,
@@ -76,6 +77,7 @@ class BlockServicer(ServicerBase):
         self._p2p: P2P | None = None
         self._pushes: set[asyncio.Task] = set()
         self.steps_from_pushes = 0
+        self.adapters: tuple[str, ...] = config.adapter_names()  # loaded into every span this server serves
 
     async def start(self, p2p: P2P) -> None:
         """Register the RPC handlers on ``p2p`` (also used to push outputs to the next servers)."""
@@ -103,6 +105,7 @@ class BlockServicer(ServicerBase):
             max_batch_tokens=self.config.max_batch_tokens,
             max_session_length=self.config.max_session_length,
             active_sessions=self.active_sessions,
+            adapters=self.adapters,
             steps_from_pushes=self.steps_from_pushes,
         )
 
@@ -161,14 +164,17 @@ class BlockServicer(ServicerBase):
     async def _forward(self, meta: SpanRequest, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
         span = self.span
         validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
+        self._check_adapter(meta)
         inputs, prompts = self._span_inputs(meta, tensors, past_length=0, batch_size=None, blocks=_blocks(meta))
 
         def task() -> torch.Tensor:
             outputs = []
             for rows in self._row_chunks(inputs.hidden_states):
                 chunk_prompts = None if prompts is None else _prompt_rows(prompts, rows)
-                chunk = span(_rows(inputs, rows), start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
-                outputs.append(chunk)
+                with use_adapter(meta.active_adapter):
+                    outputs.append(
+                        span(_rows(inputs, rows), start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+                    )
             return torch.cat(outputs)
 
         output = await self._compute(PRIORITY_FORWARD, task)
@@ -177,6 +183,7 @@ class BlockServicer(ServicerBase):
     async def _backward(self, meta: BackwardRequest, tensors: list[torch.Tensor]) -> runtime_pb2.ExpertResponse:
         span = self.span
         validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
+        self._check_adapter(meta)
         if len(tensors) < 2:
             raise InvalidRequestError(f"backward needs hidden states and grad_outputs, got {len(tensors)} tensors")
         grad_outputs = tensors[1]
@@ -198,7 +205,8 @@ class BlockServicer(ServicerBase):
                 chunk = SpanInputs(
                     hidden_states=hidden, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids
                 )
-                output = span(chunk, start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+                with use_adapter(meta.active_adapter):
+                    output = span(chunk, start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
                 leaves = [hidden] if chunk_prompts is None else [hidden, chunk_prompts]
                 grads = torch.autograd.grad(output, leaves, grad_outputs[rows])
                 grad_inputs.append(grads[0])
@@ -267,6 +275,7 @@ class BlockServicer(ServicerBase):
 
     def _check_open(self, opened: InferenceOpen) -> None:
         validation.check_span(opened.start_block, opened.end_block, served=(self.span.start, self.span.end))
+        self._check_adapter(opened)
         if opened.max_length > self.config.max_session_length:
             raise InvalidRequestError(
                 f"max_length={opened.max_length} exceeds this server's --max-session-length "
@@ -308,7 +317,10 @@ class BlockServicer(ServicerBase):
         def task():
             if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
                 session.cache.crop(step.position - session.length)  # a negative crop removes tokens
-            return session.span(inputs, session.cache, start=opened.start_block, end=opened.end_block, prompts=prompts)
+            with use_adapter(opened.active_adapter):
+                return session.span(
+                    inputs, session.cache, start=opened.start_block, end=opened.end_block, prompts=prompts
+                )
 
         output = await self._compute(PRIORITY_INFERENCE, task)
         session.length = step.position + new_tokens
@@ -349,6 +361,14 @@ class BlockServicer(ServicerBase):
         task.add_done_callback(self._pushes.discard)
 
     # ---- shared -----------------------------------------------------------------------------------------------
+    def _check_adapter(self, meta: SpanRequest) -> None:
+        if meta.active_adapter is not None and meta.active_adapter not in self.adapters:
+            held = ", ".join(repr(name) for name in self.adapters) or "none"
+            raise InvalidRequestError(
+                f"this server does not hold adapter {meta.active_adapter!r} (it holds: {held}); route to a server "
+                f"that announces it"
+            )
+
     def _span_inputs(
         self, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None, blocks: int
     ) -> tuple[SpanInputs, torch.Tensor | None]:

@@ -1,4 +1,8 @@
-"""A corolla server: joins the swarm, hosts a span of blocks, announces itself, serves until told to stop."""
+"""A corolla server: joins the swarm, hosts a span of blocks, announces itself, serves until told to stop.
+
+Cold start: this module imports neither transformers nor what needs it (span, handler, throughput), so the DHT
+process (a fork of this one) and its p2pd join the swarm while transformers' imports (~2.5 s on 2 CPU cores) run.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +10,15 @@ import asyncio
 import random
 import signal
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from hivemind.dht import DHT
-from transformers import AutoConfig
 
 from corolla.algorithms.spans import ServerSpan
 from corolla.log import get_logger
 from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
 from corolla.models.families import family_for
-from corolla.models.span import load_span
 from corolla.net.dht_process import ParentBoundDHT
 from corolla.net.dht_records import collect_servers, fetch_block_records
 from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
@@ -24,10 +27,11 @@ from corolla.protocol.server_info import ServerInfo, ServerState
 from corolla.server.announcer import Announcer
 from corolla.server.compute import ComputeQueue
 from corolla.server.config import ServerConfig
-from corolla.server.handler import BlockServicer
 from corolla.server.memory_cache import CacheBudget
 from corolla.server.rebalancer import Rebalancer
-from corolla.server.throughput import SpeedReport, get_speed
+
+if TYPE_CHECKING:
+    from corolla.server.throughput import SpeedReport
 
 logger = get_logger(__name__)
 
@@ -48,6 +52,7 @@ class Server:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        self._adapters: list = []  # resolved --adapters (corolla.models.lora.AdapterSource)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -68,14 +73,18 @@ class Server:
         logger.info("Starting with %s", cfg)
 
         checkpoint = resolve_checkpoint(cfg.model)
-        model_config = AutoConfig.from_pretrained(checkpoint.folder)
-        family_for(model_config.model_type)  # fail early on an unsupported architecture
-        self._checkpoint, self._model_config = checkpoint, model_config
         dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
         # the peer id and the records' signatures come from one key, so clients can tell who wrote a record
         identity_path, key = load_or_create_identity(cfg.identity)
+        # the DHT process and p2pd start first: they join the swarm while transformers is imported below
         dht = self._start_dht(key, identity_path)
         try:
+            from transformers import AutoConfig
+
+            model_config = AutoConfig.from_pretrained(checkpoint.folder)
+            family = family_for(model_config.model_type)  # fail early on an unsupported architecture
+            self._checkpoint, self._model_config = checkpoint, model_config
+            self._adapters = self._resolve_adapters(family, model_config)  # fail early on a bad adapter
             # with an explicit span, read the weights while the DHT process and p2pd start up
             early = None
             if cfg.blocks is not None:
@@ -117,6 +126,8 @@ class Server:
         return dht
 
     def _load(self, checkpoint, model_config, blocks: tuple[int, int]):
+        from corolla.models.span import load_span
+
         cfg = self.config
         dtype = resolve_dtype(cfg.dtype, cfg.device, getattr(model_config, "dtype", None))
         span = load_span(checkpoint, *blocks, config=model_config, dtype=dtype, device=cfg.device)
@@ -126,7 +137,23 @@ class Server:
 
             backend = quantize_blocks(span, cfg.quant, device=cfg.device)
             logger.info("Quantized blocks %d:%d to %s with %s", *blocks, cfg.quant, backend)
+        if self._adapters:
+            from corolla.models.lora import attach_adapters
+
+            attach_adapters(span, self._adapters, dtype=dtype)  # LoRA wraps float or quantized layers alike
         return span
+
+    def _resolve_adapters(self, family, model_config) -> list:
+        """The --adapters, found and checked against the model (AdapterError naming the problem)."""
+        if not self.config.adapters:
+            return []
+        from corolla.models.lora import check_adapter, resolve_adapter
+
+        adapters = [resolve_adapter(spec) for spec in self.config.adapters]
+        for adapter in adapters:
+            check_adapter(adapter, family, model_config.num_hidden_layers)
+        logger.info("Adapters: %s", ", ".join(a.name for a in adapters))
+        return adapters
 
     def _explicit_span(self, model_config) -> tuple[int, int]:
         start, end = self.config.parse_blocks()
@@ -151,6 +178,8 @@ class Server:
         return start, start + num_blocks
 
     async def _serve(self, dht: DHT, key, span, dht_prefix: str, started: float) -> None:
+        from corolla.server.handler import BlockServicer
+
         cfg = self.config
         budget = CacheBudget(cfg.cache_tokens)
         state = {"span": span, "speed": None}
@@ -170,6 +199,7 @@ class Server:
                 cache_tokens_left=budget.tokens_left,
                 dtype=str(next(span.parameters()).dtype).removeprefix("torch."),
                 quant=cfg.quant,
+                adapters=cfg.adapter_names(),
                 public_name=cfg.public_name,
                 next_pings=next_rtts.snapshot(limit=MAX_PUBLISHED_PINGS),
             )
@@ -191,12 +221,18 @@ class Server:
             period_s=cfg.update_period,
             before_announce=ping_next_servers,
         )
-        await announcer.announce_now(make_info(ServerState.JOINING))
-        state["speed"] = await self._loop.run_in_executor(None, self._speed, span)
-        compute = ComputeQueue()
-        servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
-        p2p = await dht.replicate_p2p()
-        await servicer.start(p2p)
+        # JOINING is stored while the speed is looked up (or measured) and the handlers start; ONLINE follows it
+        joining = asyncio.ensure_future(announcer.announce_now(make_info(ServerState.JOINING)))
+        try:
+            state["speed"] = await self._loop.run_in_executor(None, self._speed, span)
+            compute = ComputeQueue()
+            servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
+            p2p = await dht.replicate_p2p()
+            await servicer.start(p2p)
+        except BaseException:
+            joining.cancel()
+            raise
+        await joining
         await announcer.announce_now(make_info())
         announcer.start()
         rebalancer = self._rebalancer(dht, dht_prefix, span.config, state, servicer, announcer, make_info)
@@ -263,6 +299,8 @@ class Server:
         return rebalancer
 
     def _speed(self, span) -> SpeedReport:
+        from corolla.server.throughput import SpeedReport, get_speed
+
         cfg = self.config
         if cfg.throughput not in ("auto", "eval"):
             value = float(cfg.throughput)
