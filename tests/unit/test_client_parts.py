@@ -67,3 +67,52 @@ def test_speed_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert first.inference_rps > 0 and first.forward_rps > 0 and first.throughput > 0
     throughput.get_speed(span, quant="none", cache_root=tmp_path, force_eval=True)
     assert len(calls) == 2
+
+
+def _view_with(servers: dict[str, tuple[int, int]]):
+    """A SwarmView over fixed server records (no DHT: refreshes are no-ops)."""
+    import time as _time
+
+    from hivemind.p2p import PeerID
+
+    from corolla.client.swarm import SwarmView
+    from corolla.protocol.server_info import ServerInfo, ServerState
+
+    def peer(name: str) -> PeerID:
+        return PeerID.from_base58(_peer_ids()[name])
+
+    view = SwarmView(config=ClientConfig(initial_peers=("x",)), dht=None, num_blocks=6, model_name="m", dht_prefix="m")
+    view.servers = {
+        peer(name): ServerInfo(state=ServerState.ONLINE, start_block=a, end_block=b, throughput=1.0)
+        for name, (a, b) in servers.items()
+    }
+    view._updated_at = _time.monotonic()
+    view.refresh = lambda: None
+    return view, {name: _peer_ids()[name] for name in servers}
+
+
+def _peer_ids() -> dict[str, str]:
+    return {
+        "a": "QmNnooDu7bfjPFoTZYxMNLWUQJyrVwtbZg5gBMjTezGAJN",
+        "b": "QmSoLer265NRgSp2LA3dPaeykiS1J6DifTC88f5uVQKNAd",
+        "c": "QmcZf59bWwK5XFi76CZX8cbJ4BhTzzA3gU1ZjYZcYW3dwt",
+    }
+
+
+def test_only_banned_servers_are_used_rather_than_failing():
+    view, ids = _view_with({"a": (0, 3), "b": (3, 6), "c": (3, 6)})
+    view.ban(ids["b"])
+    assert [h.peer_id for h in view.inference_route(0, 6)] == [ids["a"], ids["c"]]
+    view.ban(ids["c"])  # every server of 3:6 is banned: use one of them anyway instead of MissingBlocksError
+    assert view.inference_route(0, 6)[1].peer_id in {ids["b"], ids["c"]}
+
+
+def test_a_server_that_answers_is_forgiven():
+    view, ids = _view_with({"a": (0, 6)})
+    view.ban(ids["a"])
+    view.ban(ids["a"])
+    assert view._bans[ids["a"]][1] == 2
+    view.forgive(ids["a"])
+    assert ids["a"] not in view.banned()
+    view.ban(ids["a"])
+    assert view._bans[ids["a"]][1] == 1  # back to the shortest ban

@@ -100,19 +100,30 @@ class _ServerStream:
             self._opened = True
         tensors = [hidden] + [t for t in (mask, positions, prompts) if t is not None]
         await P2P.send_protobuf(pack(tensors, step, compression=self.compression), self._writer)
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while True:
+            response = await self._receive(deadline)
+            answered = unpack_metadata(response).get("step_id")
+            if answered == step["step_id"]:
+                break
+            # the answer to an older step, e.g. one a previous server pushed here before the client replaced it
+            logger.debug("Skipping the answer to step %s from %s", answered, self.hop.peer_id)
+        outputs = unpack_tensors(response)
+        if len(outputs) != 1 or outputs[0].shape != hidden.shape:
+            raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
+        return outputs[0]
+
+    async def _receive(self, deadline: float) -> runtime_pb2.ExpertResponse:
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         try:
             response, error = await asyncio.wait_for(
-                P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader), self.timeout_s
+                P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader), timeout
             )
         except asyncio.IncompleteReadError:
             raise ConnectionError(f"server {self.hop.peer_id} closed the stream") from None
         if error is not None:
             raise RemoteCallError(f"server {self.hop.peer_id} refused the step: {error.message}")
-        unpack_metadata(response)
-        outputs = unpack_tensors(response)
-        if len(outputs) != 1 or outputs[0].shape != hidden.shape:
-            raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
-        return outputs[0]
+        return response
 
     async def close(self) -> None:
         """End the stream politely (the server then frees the session's cache at once)."""
@@ -218,7 +229,7 @@ class InferenceSession:
                 await span.stream.close()
                 # refresh the swarm view in the background: the current view (minus the banned server) usually
                 # already has a replacement, and routing refreshes by itself when blocks seem missing
-                self._background.add(asyncio.ensure_future(asyncio.to_thread(self.swarm.refresh)))
+                self._background.add(asyncio.ensure_future(asyncio.to_thread(self._refresh_quietly)))
                 self._background = {task for task in self._background if not task.done()}
                 replay_mask = None if mask is None else mask[:, : self.position]
                 self._spans[index : index + 1] = await self._open_chain_with_retries(
@@ -227,9 +238,16 @@ class InferenceSession:
                 step_ids = step_ids[:index] + [uuid.uuid4().hex for _ in self._spans[index:]]
                 continue  # retry this step on the replacement chain
             span.sent.append(_Sent(hidden_states=hidden, position_ids=positions))
+            self.swarm.forgive(span.hop.peer_id)
             hidden = output
             index += 1
         return hidden
+
+    def _refresh_quietly(self) -> None:
+        try:
+            self.swarm.refresh()
+        except Exception as e:  # routing refreshes again by itself if it finds blocks missing
+            logger.debug("Background refresh of the swarm view failed: %s", _describe(e))
 
     def _prompts_for(self, hop: RouteHop) -> torch.Tensor | None:
         """The session's deep prompts for the blocks of one hop (None without deep prompts)."""

@@ -121,6 +121,7 @@ class RemoteSequential(nn.Module):
                 self._failed(hop, e, failures)
                 route = None
                 continue
+            self.swarm.forgive(hop.peer_id)
             records.append((hop, hidden))
             hidden, block = output, hop.end
         return hidden, records
@@ -149,6 +150,8 @@ class RemoteSequential(nn.Module):
                         self.swarm, current, x, result, self._slice(extra, current)
                     )
                     prompt_grads.insert(0, prompt_grad)
+                for used in route:
+                    self.swarm.forgive(used.peer_id)
                 return result, None if extra.prompts is None else torch.cat(prompt_grads)
             except Exception as e:
                 failures += 1

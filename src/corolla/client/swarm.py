@@ -101,6 +101,12 @@ class SwarmView:
             self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
         logger.info("Banning server %s for %.0f s", peer_id, duration)
 
+    def forgive(self, peer_id: str) -> None:
+        """``peer_id`` answered a call: forget its past failures (the next one gets the shortest ban again)."""
+        if peer_id in self._bans:
+            with self._lock:
+                self._bans.pop(peer_id, None)
+
     def banned(self) -> set[str]:
         now = time.monotonic()
         with self._lock:
@@ -109,40 +115,51 @@ class SwarmView:
     def inference_route(self, start: int, end: int, *, cache_tokens: int = 0) -> list[RouteHop]:
         """The fastest chain over blocks start..end-1 (refreshing once if blocks seem missing)."""
         return self._route(
-            lambda: find_inference_route(
+            lambda banned: find_inference_route(
                 to_spans(self.usable_servers()),
                 start_block=start,
                 end_block=end,
                 client_pings=self.rtt.snapshot(),
                 required_cache_tokens=cache_tokens,
-                banned=self.banned(),
+                banned=banned,
             )
         )
 
     def forward_route(self, start: int, end: int, rng) -> list[RouteHop]:
         """A chain over blocks start..end-1 with servers drawn in proportion to their throughput."""
         return self._route(
-            lambda: split_by_throughput(
+            lambda banned: split_by_throughput(
                 to_spans(self.usable_servers()),
                 start_block=start,
                 end_block=end,
                 num_items=1,
                 rng=rng,
-                banned=self.banned(),
+                banned=banned,
             )[0]
         )
 
-    def _route(self, compute: Callable[[], list[RouteHop]]) -> list[RouteHop]:
-        """Run a routing algorithm on the current view; if blocks seem missing, refresh once, then give up with
-        MissingBlocksError naming the missing ranges."""
+    def _route(self, compute: Callable[[set[str]], list[RouteHop]]) -> list[RouteHop]:
+        """Run a routing algorithm (given the banned peers) on the current view. If blocks seem missing, refresh
+        once; if only banned servers hold them, use those rather than fail (a ban is a preference: the retry
+        limits of the caller still bound the attempts); else give up with MissingBlocksError naming them."""
         self.maybe_refresh()
         try:
-            return compute()
+            return compute(self.banned())
         except NoRouteError:
             self.refresh()
+        banned = self.banned()
         try:
-            return compute()
+            return compute(banned)
         except NoRouteError as e:
+            if banned:
+                try:
+                    route = compute(set())
+                except NoRouteError:
+                    pass
+                else:
+                    logger.warning("Only banned servers hold blocks %s; trying them again", _ranges(e.missing))
+                    return route
+
             adapter = self.config.active_adapter
             if adapter is None:
                 raise MissingBlocksError(e.missing, self.model_name) from None
@@ -166,3 +183,7 @@ class SwarmView:
             except Exception:
                 pass
         self.dht.shutdown()
+
+
+def _ranges(missing: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{start}:{end}" for start, end in missing)

@@ -297,6 +297,11 @@ class BlockServicer(ServicerBase):
             if step.step_id == session.last_step_id and session.last_output is not None:
                 return session.last_output  # a repeated step is answered, not recomputed
             raise InvalidRequestError(f"step {step.step_id!r} was already processed")
+        if source == "push" and step.position != session.length:
+            # a stale push (its step was already computed from the client's copy, or the client has since replaced
+            # the pushing server and rewound): the client's own copy decides, a push must never break the session
+            logger.debug("Ignoring a push at position %d (session at %d)", step.position, session.length)
+            return None
         if step.position > session.length:
             raise InvalidRequestError(
                 f"step at position {step.position} would skip positions: the session holds {session.length} tokens"
