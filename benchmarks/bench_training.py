@@ -118,12 +118,12 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig, ax = plt.subplots(figsize=(7.5, 3))
         ax.barh(
             [label for label, _ in rows][::-1], [s for _, s in rows][::-1], color=["#4c72b0", "#dd8452", "#55a868"]
         )
         ax.set_xlabel("seconds per training step (lower is better)")
-        ax.set_title(f"forward+backward, {preset['batch']}x{preset['tokens']} tokens, SmolLM2, CPU")
+        ax.set_title(f"forward+backward, {preset['batch']}x{preset['tokens']} tokens, SmolLM2, CPU", fontsize=10)
         fig.tight_layout()
         fig.savefig(args.plot, dpi=120)
         print(f"\nplot saved to {args.plot}")
