@@ -410,6 +410,7 @@ FORWARD_CASES = {  # name: (request, what the error must say)
     "negative positions": (fwd(hidden(), torch.tensor([[-1, 0, 1]]), has_position_ids=True), POSITIONS_RANGE),
     "huge positions": (fwd(hidden(), torch.tensor([[0, 1, 10**9]]), has_position_ids=True), POSITIONS_RANGE),
     "unknown output compression": (fwd(output_compression="ZSTD"), "unknown compression 'ZSTD'"),
+    "another protocol version": (fwd(protocol_version=1), "speaks corolla protocol 1, this server speaks"),
     "prompts announced but missing": (fwd(has_prompts=True), "expected 2 tensors.*got 1"),
     "prompts for too few blocks": (
         fwd(hidden(), torch.randn(2, 1, 1, HIDDEN), has_prompts=True),

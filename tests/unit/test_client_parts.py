@@ -116,3 +116,15 @@ def test_a_server_that_answers_is_forgiven():
     assert ids["a"] not in view.banned()
     view.ban(ids["a"])
     assert view._bans[ids["a"]][1] == 1  # back to the shortest ban
+
+
+def test_servers_of_another_protocol_version_are_not_routed_through():
+    from corolla.errors import MissingBlocksError
+
+    view, ids = _view_with({"a": (0, 6), "b": (0, 6)})
+    old = next(peer for peer in view.servers if peer.to_base58() == ids["a"])
+    view.servers[old] = view.servers[old].model_copy(update={"protocol_version": 1})
+    assert [hop.peer_id for hop in view.inference_route(0, 6)] == [ids["b"]]
+    del view.servers[next(peer for peer in view.servers if peer.to_base58() == ids["b"])]
+    with pytest.raises(MissingBlocksError):
+        view.inference_route(0, 6)

@@ -22,6 +22,7 @@ from corolla.net.dht_records import collect_servers, fetch_block_records, to_spa
 from corolla.net.loop import run_sync
 from corolla.net.ping import RttTracker, ping_many
 from corolla.protocol.server_info import ServerInfo
+from corolla.protocol.versions import PROTOCOL_VERSION
 
 logger = get_logger(__name__)
 
@@ -167,13 +168,19 @@ class SwarmView:
             raise MissingAdapterError(e.missing, self.model_name, adapter, available) from None
 
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
-        """The servers routes may use: with an ``active_adapter``, only those that announce it."""
+        """The servers routes may use: those speaking this client's protocol version and, with an
+        ``active_adapter``, announcing that adapter."""
         adapter = self.config.active_adapter
         with self._lock:
             servers = self.servers
-        if adapter is None:
-            return servers
-        return {peer: info for peer, info in servers.items() if adapter in info.adapters}
+        usable = {
+            peer: info
+            for peer, info in servers.items()
+            if info.protocol_version == PROTOCOL_VERSION and (adapter is None or adapter in info.adapters)
+        }
+        if len(usable) < len(servers) and adapter is None:
+            logger.debug("%d servers speak another protocol version", len(servers) - len(usable))
+        return usable
 
     def shutdown(self) -> None:
         if self._p2p is not None:

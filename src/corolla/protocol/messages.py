@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from corolla.protocol.versions import PROTOCOL_VERSION
 
@@ -28,6 +28,24 @@ class SpanRequest(_Message):
     output_compression: str = "NONE"  # a hivemind CompressionType name
     active_adapter: str | None = Field(default=None, min_length=1, max_length=128)  # a LoRA adapter the server holds
     protocol_version: int = PROTOCOL_VERSION
+
+    @field_validator("output_compression")
+    @classmethod
+    def _known_compression(cls, name: str) -> str:
+        from corolla.net.tensors import compression_type
+
+        compression_type(name)  # ValueError naming the choices, before any compute is spent
+        return name
+
+    @field_validator("protocol_version")
+    @classmethod
+    def _same_protocol(cls, version: int) -> int:
+        if version != PROTOCOL_VERSION:
+            raise ValueError(
+                f"the request speaks corolla protocol {version}, this server speaks {PROTOCOL_VERSION}: "
+                f"use the same corolla version as the swarm"
+            )
+        return version
 
 
 class BackwardRequest(SpanRequest):

@@ -1,3 +1,3 @@
 """Wire protocol version: bumped when a message changes in a way old peers cannot read."""
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: backward passes, deep prompts, adapters (2026-11-26)
