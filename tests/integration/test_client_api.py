@@ -21,24 +21,55 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
     path = str(zoo_checkpoint("llama"))
-    args = ["--throughput", "100", "--max-batch-tokens", "32768", "--update-period", "2"]
+    args = [
+        "--throughput",
+        "100",
+        "--max-batch-tokens",
+        "32768",
+        "--compute-chunk-tokens",
+        "4096",
+        "--update-period",
+        "2",
+    ]
     with LocalSwarm(model=path, spans=["0:4", "4:6"], server_args=args, log_dir=tmp_path_factory.mktemp("logs")) as s:
         yield path, s
 
 
-def test_payload_over_the_unary_limit_is_streamed(swarm):
+def test_payload_over_the_unary_limit_is_streamed_and_computed_in_chunks(swarm, monkeypatch):
+    """One sub-batch of 20,480 tokens (5 MiB): forward and backward go over the streaming RPCs, and the server
+    computes it in chunks of --compute-chunk-tokens; results equal small unary sub-batches computed whole."""
+    from corolla.client import span_calls
+
+    streamed = []
+    real_streamed = span_calls._streamed
+
+    async def spy(method, request):
+        streamed.append(method.__name__ if hasattr(method, "__name__") else str(method))
+        return await real_streamed(method, request)
+
+    monkeypatch.setattr(span_calls, "_streamed", spy)
     path, s = swarm
-    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers)
+    big = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers, sub_batch_tokens=32768)
+    small = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers)
     try:
-        hidden = torch.randn(80, 256, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+        hidden = torch.randn(80, 256, big.config.hidden_size, generator=torch.Generator().manual_seed(0))
         assert hidden.numel() * 4 > 4 * 2**20  # bigger than the transport accepts in one unary message
-        blocks = model.remote_blocks
-        with torch.no_grad():
-            whole = blocks(hidden)
-            halves = torch.cat([blocks(hidden[:40]), blocks(hidden[40:])])
-        torch.testing.assert_close(whole, halves, atol=1e-5, rtol=1e-5)
+        grad_out = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
+        results = {}
+        for name, model in (("big", big), ("small", small)):
+            streamed.clear()
+            x = hidden.clone().requires_grad_()
+            out = model.remote_blocks(x)
+            out.backward(grad_out)
+            results[name] = (out.detach(), x.grad, len(streamed))
+        # 2 spans x (forward + backward), each one streamed call; the small sub-batches never stream
+        assert results["big"][2] == 4, results["big"][2]
+        assert results["small"][2] == 0
+        torch.testing.assert_close(results["big"][0], results["small"][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(results["big"][1], results["small"][1], atol=1e-5, rtol=1e-5)
     finally:
-        model.shutdown()
+        big.shutdown()
+        small.shutdown()
 
 
 @pytest.mark.parametrize(("compression", "atol"), [("FLOAT16", 2e-2), ("UNIFORM_8BIT", 0.5), ("QUANTILE_8BIT", 0.5)])

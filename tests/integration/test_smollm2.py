@@ -73,3 +73,36 @@ def test_deep_prompt_tuning_gradients_match_local(smollm2_path, smollm2_swarm):
         torch.testing.assert_close(tuning.deep_prompts.grad, deep.grad, atol=1e-4, rtol=1e-3)
     finally:
         model.shutdown()
+
+
+def test_lora_gradients_match_local(smollm2_path, smollm2_swarm):
+    """Client-side PEFT LoRA (on the local LM head) through the real model: LoRA and input-embedding gradients
+    equal local transformers'."""
+    import peft
+
+    swarm, _ = smollm2_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=swarm.initial_peers)
+    try:
+        local = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
+        lora = dict(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
+        torch.manual_seed(0)
+        tuned = peft.get_peft_model(model, peft.LoraConfig(**lora))
+        torch.manual_seed(0)
+        tuned_local = peft.get_peft_model(local, peft.LoraConfig(**lora))
+        ids = torch.randint(100, 10000, (2, 12), generator=torch.Generator().manual_seed(2))
+        embeds = local.get_input_embeddings()(ids).detach()
+        e_remote, e_local = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)
+
+        def loss(logits):
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+        loss(tuned(inputs_embeds=e_remote).logits).backward()
+        loss(tuned_local(inputs_embeds=e_local).logits).backward()
+        torch.testing.assert_close(e_remote.grad, e_local.grad, atol=1e-4, rtol=1e-3)
+        remote = {n: p.grad for n, p in tuned.named_parameters() if p.requires_grad}
+        expected = {n: p.grad for n, p in tuned_local.named_parameters() if p.requires_grad}
+        assert remote.keys() == expected.keys() and len(remote) == 2  # lora_A and lora_B
+        for name, grad in remote.items():
+            torch.testing.assert_close(grad, expected[name], atol=1e-4, rtol=1e-3)
+    finally:
+        model.shutdown()
