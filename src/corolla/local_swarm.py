@@ -70,7 +70,7 @@ class LocalSwarm:
         env.setdefault("PYTHONUNBUFFERED", "1")
         return env
 
-    def _spawn(self, name: str, args: list[str], **kwargs) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], entry: Sequence[str] = (), **kwargs) -> subprocess.Popen:
         stderr = subprocess.STDOUT
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ class LocalSwarm:
         prefix = list(self.command_prefix(name)) if self.command_prefix else []
         extra = list(self.process_args(name)) if self.process_args else []
         process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "corolla.cli.main", *args, *extra],
+            [*prefix, sys.executable, *(entry or ["-m", "corolla.cli.main"]), *args, *extra],
             env=self._env(),
             stderr=stderr,
             start_new_session=True,
@@ -110,8 +110,12 @@ class LocalSwarm:
                 self.initial_peers = line.split("--initial-peers", 1)[1].split()
         bootstrap.stdout.close()
 
-    def start_server(self, name: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
-        """Start a server; it gets a persistent identity file, so its peer id is known (``peer_ids[name]``)."""
+    def start_server(self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()) -> subprocess.Popen:
+        """Start a server; it gets a persistent identity file, so its peer id is known (``peer_ids[name]``).
+
+        ``entry`` replaces ``-m corolla.cli.main`` (the Python arguments before the CLI's), e.g. a test script
+        that modifies the server before running the CLI.
+        """
         import tempfile
 
         from hivemind.p2p import PeerID
@@ -123,7 +127,7 @@ class LocalSwarm:
         identity, _ = load_or_create_identity(self._identity_dir / f"{name}.key")
         self.peer_ids[name] = PeerID.from_identity(identity.read_bytes()).to_base58()
         args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
-        return self._spawn(name, [*args, *self.server_args, *extra_args], stdout=subprocess.DEVNULL)
+        return self._spawn(name, [*args, *self.server_args, *extra_args], entry, stdout=subprocess.DEVNULL)
 
     def served_spans(self) -> dict[str, tuple[int, int]]:
         """Server name -> the span it currently announces as ONLINE (servers this swarm started only)."""

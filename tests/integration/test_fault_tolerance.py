@@ -124,10 +124,14 @@ def test_failure_during_prefill_and_in_a_chat_session(reference, tmp_path):
             route = model.remote_blocks.swarm.inference_route(0, 6)
             swarm.kill(swarm.name_of(route[0].peer_id), signal.SIGKILL)
             first = model.generate(ids, max_new_tokens=6, do_sample=False, session=session)
+            banned = model.remote_blocks.swarm.banned()
+            assert route[0].peer_id in banned  # the prefill really went to the dead server and was recovered
             # second turn of the chat: the server now serving blocks 3:6 dies before the turn starts
-            swarm.kill(_server_on_block(session, swarm, 3), signal.SIGKILL)
+            victim = _server_on_block(session, swarm, 3)
+            swarm.kill(victim, signal.SIGKILL)
             turn2 = torch.tensor([[17, 18, 19]])
             second = model.generate(turn2, max_new_tokens=6, do_sample=False, session=session)
+            assert swarm.peer_ids[victim] in model.remote_blocks.swarm.banned()
         expected_first = local.generate(ids, max_new_tokens=6, do_sample=False)
         history = torch.cat([expected_first, turn2], dim=1)
         expected_second = local.generate(history, max_new_tokens=6, do_sample=False)[:, expected_first.shape[1] :]

@@ -162,7 +162,8 @@ class RemoteSequential(nn.Module):
         """Ban a server that failed a call; give up after ``max_retries`` failures of one range."""
         if failures > self.swarm.config.max_retries:
             raise RemoteCallError(
-                f"blocks {hop.start}:{hop.end} failed {failures} times, last on {hop.peer_id}: {error}"
+                f"blocks {hop.start}:{hop.end} could not be served after {failures} failures; last error "
+                f"(server {hop.peer_id}): {error}"
             ) from error
         logger.warning("Server %s failed on blocks %d:%d (%s); retrying", hop.peer_id, hop.start, hop.end, error)
         self.swarm.ban(hop.peer_id)
