@@ -49,7 +49,8 @@ def test_generation_routes_around_a_lying_server(swarm, local):
         expected = local.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         got = model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert torch.equal(got, expected)
-        assert s.peer_ids["hostile"] in model.remote_blocks.swarm.banned()  # it was tried (fastest route) and then avoided
+        # the hostile server was tried (it is on the fastest route), then avoided
+        assert s.peer_ids["hostile"] in model.remote_blocks.swarm.banned()
     finally:
         model.shutdown()
 
