@@ -7,6 +7,9 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    from corolla import startup
+
+    startup.install()  # before anything imports hivemind or transformers: a server must start in seconds
     parser = argparse.ArgumentParser(
         prog="corolla", description="Run large language models on a swarm of computers that nobody fully controls."
     )
