@@ -63,7 +63,7 @@ MODELS = {
 PRESETS = {
     "smoke": dict(models={"tiny-llama-1span": 48}, probs=[0.0, 0.05], restart_cap_s=20.0, seed=0),
     "full": dict(
-        models={"tiny-llama-3spans": 1024, "smollm2-135m": 256}, probs=[0.0, 1e-3, 1e-2], restart_cap_s=120.0, seed=0
+        models={"tiny-llama-3spans": 1024, "smollm2-135m": 1024}, probs=[0.0, 1e-3, 1e-2], restart_cap_s=120.0, seed=0
     ),
 }
 

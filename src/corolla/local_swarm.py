@@ -49,6 +49,7 @@ class LocalSwarm:
     # process name -> extra command-line arguments, e.g. ["--host-maddrs", "/ip4/10.77.0.2/tcp/0"]
     process_args: Callable[[str], Sequence[str]] | None = None
     peer_ids: dict[str, str] = field(default_factory=dict)  # server name -> base58 peer id
+    launched_at: dict[str, float] = field(default_factory=dict)  # process name -> time.perf_counter() at its launch
 
     _identity_dir: Path | None = None
     _retired: list[subprocess.Popen] = field(default_factory=list)
@@ -78,6 +79,7 @@ class LocalSwarm:
         # each process leads its own process group, so its helpers (DHT process, p2pd) stop together with it
         prefix = list(self.command_prefix(name)) if self.command_prefix else []
         extra = list(self.process_args(name)) if self.process_args else []
+        self.launched_at[name] = time.perf_counter()
         process = subprocess.Popen(
             [*prefix, sys.executable, *(entry or ["-m", "corolla.cli.main"]), *args, *extra],
             env=self._env(),

@@ -4,6 +4,7 @@ network experiment's smoke preset. Needs root, network namespaces and either net
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,72 @@ def test_lab_shapes_talks_and_leaves_nothing_behind():
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert lab.name not in ps
     lab.down()  # idempotent
+
+
+_UDP_ECHO = """
+import socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.bind((sys.argv[1], 9977))
+print("ready", flush=True)
+while True:
+    data, peer = sock.recvfrom(64)
+    sock.sendto(data, peer)
+"""
+
+_UDP_PINGER = """
+import json, socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setblocking(False)
+count, spacing, sent_at, rtts = int(sys.argv[2]), float(sys.argv[3]), {}, []
+def drain():
+    while True:
+        try:
+            data, _ = sock.recvfrom(64)
+        except BlockingIOError:
+            return
+        rtts.append((time.perf_counter() - sent_at[int(data)]) * 1000)
+for i in range(count):
+    sent_at[i] = time.perf_counter()
+    sock.sendto(str(i).encode(), (sys.argv[1], 9977))
+    end = time.perf_counter() + spacing
+    while time.perf_counter() < end:
+        drain()
+        time.sleep(0.001)
+end = time.perf_counter() + 1.0
+while time.perf_counter() < end:
+    drain()
+    time.sleep(0.005)
+print(json.dumps(dict(sent=count, rtts=rtts)))
+"""
+
+
+def test_jitter_and_loss_are_applied():
+    """Datagrams a -> b -> a cross b's link twice: with loss p there, a round trip survives with (1 - p)^2; with
+    jitter J (uniform, per crossing) the RTT spreads over [base, base + 2 J]."""
+    import statistics
+
+    shapes = {"a": LinkShape(delay_ms=5), "b": LinkShape(delay_ms=5, jitter_ms=20, loss=0.2)}
+    lab = Lab(hosts=["a", "b"], shapes=shapes)
+    try:
+        lab.up(verify=False)  # the TCP check would time out on retransmissions at 20 % loss
+        echo = lab.popen("b", [sys.executable, "-c", _UDP_ECHO, lab.address("b")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert echo.stdout.readline().strip() == "ready"
+            argv = [sys.executable, "-c", _UDP_PINGER, lab.address("b"), "300", "0.02"]
+            result = lab.run("a", argv, capture_output=True, text=True, timeout=60)
+            assert result.returncode == 0, result.stderr[-2000:]
+        finally:
+            echo.kill()
+            echo.wait(timeout=10)
+        report = json.loads(result.stdout)
+        loss = 1 - len(report["rtts"]) / report["sent"]
+        assert 0.25 < loss < 0.47, loss  # expected 1 - 0.8^2 = 0.36
+        rtts = report["rtts"]
+        base = 2 * (5 + 5)
+        assert min(rtts) > base - 1 and max(rtts) < base + 2 * 20 + 20, (min(rtts), max(rtts))
+        assert statistics.pstdev(rtts) > 4, statistics.pstdev(rtts)  # uniform jitter: ~8 ms; none: < 1 ms
+    finally:
+        lab.down()
 
 
 def test_inference_network_smoke(tmp_path):
