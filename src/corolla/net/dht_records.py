@@ -56,10 +56,17 @@ async def _get_blocks(_dht: DHT, node: DHTNode, keys: list[str], latest: bool):
 
 
 def fetch_block_records(
-    dht: DHT, *, dht_prefix: str, num_blocks: int, latest: bool = True, timeout_s: float = 10.0
+    dht: DHT,
+    *,
+    dht_prefix: str,
+    num_blocks: int,
+    latest: bool = True,
+    timeout_s: float = 10.0,
+    blocks: Sequence[int] | None = None,
 ) -> list[dict[PeerID, ServerInfo]]:
-    """For each block, the servers that announce it (malformed or unsigned records are skipped)."""
-    keys = [block_key(dht_prefix, b) for b in range(num_blocks)]
+    """For each block (``blocks``, default all), the servers that announce it (malformed or unsigned records are
+    skipped)."""
+    keys = [block_key(dht_prefix, b) for b in (range(num_blocks) if blocks is None else blocks)]
     future = dht.run_coroutine(partial(_get_blocks, keys=keys, latest=latest), return_future=True)
     raw = future.result(timeout=timeout_s)
     return [_parse_block_value(raw.get(key)) for key in keys]
