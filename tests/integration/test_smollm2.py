@@ -78,17 +78,13 @@ def test_deep_prompt_tuning_gradients_match_local(smollm2_path, smollm2_swarm):
 def test_lora_gradients_match_local(smollm2_path, smollm2_swarm):
     """Client-side PEFT LoRA (on the local LM head) through the real model: LoRA and input-embedding gradients
     equal local transformers'."""
-    import peft
+    from tests.fixtures.lora_pair import lora_pair
 
     swarm, _ = smollm2_swarm
     model = AutoDistributedModelForCausalLM.from_pretrained("smollm2-135m", initial_peers=swarm.initial_peers)
     try:
         local = AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
-        lora = dict(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
-        torch.manual_seed(0)
-        tuned = peft.get_peft_model(model, peft.LoraConfig(**lora))
-        torch.manual_seed(0)
-        tuned_local = peft.get_peft_model(local, peft.LoraConfig(**lora))
+        tuned, tuned_local = lora_pair(model, local)
         ids = torch.randint(100, 10000, (2, 12), generator=torch.Generator().manual_seed(2))
         embeds = local.get_input_embeddings()(ids).detach()
         e_remote, e_local = embeds.clone().requires_grad_(True), embeds.clone().requires_grad_(True)

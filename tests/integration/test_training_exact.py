@@ -7,7 +7,6 @@ GQA; bloom: ALiBi + an embedding layer norm) on two servers each.
 
 from __future__ import annotations
 
-import peft
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from corolla import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from corolla.local_swarm import LocalSwarm
+from tests.fixtures.lora_pair import lora_pair
 from tests.fixtures.prompted import prompted_forward
 from tests.fixtures.zoo import zoo_checkpoint
 
@@ -90,11 +90,7 @@ def test_lora_and_input_gradients_match_local(swarm):
     )
     try:
         local = AutoModelForCausalLM.from_pretrained(path).eval()
-        lora = dict(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False)
-        torch.manual_seed(0)
-        tuned = peft.get_peft_model(model, peft.LoraConfig(**lora))
-        torch.manual_seed(0)
-        tuned_local = peft.get_peft_model(local, peft.LoraConfig(**lora))
+        tuned, tuned_local = lora_pair(model, local)
 
         ids, mask = _batch(2)
         embeds = local.get_input_embeddings()(ids).detach()
