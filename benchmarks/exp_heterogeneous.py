@@ -1,12 +1,12 @@
 """Heterogeneous swarm: forward-pass throughput with automatic block choice vs a naive equal split.
 
 Servers of different speeds serve one model on loopback (``LocalSwarm``); slow servers are emulated by a real CPU
-throttle on the whole server process group (server, its DHT process and ``p2pd``):
+throttle on the whole server process tree (server, its DHT process and ``p2pd``):
 
 * ``cgroup-v2``: a child cgroup per slow server with ``cpu.max = quota period``;
 * ``cgroup-v1``: the same with ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us`` (this VM has only the v1 cpu controller);
-* ``sigstop``: no writable cgroups (e.g. unprivileged CI): a thread of this script stops the server's process group
-  with SIGSTOP for ``1 - cpu`` of every 100 ms and lets it run (SIGCONT) for the rest.
+* ``sigstop``: no writable cgroups (e.g. unprivileged CI): a thread of this script stops the server's process groups
+  (its own and its DHT process's) with SIGSTOP for ``1 - cpu`` of every 100 ms and lets it run (SIGCONT) for the rest.
 
 In the full preset every server starts with ``--throughput eval`` under its throttle, so it measures (and announces)
 its own speed; the script reads the announced throughputs back from the DHT and reports them. The smoke preset
@@ -230,13 +230,23 @@ class Throttle:
         self._threads.append(thread)
 
     @staticmethod
-    def _duty_cycle(pgid: int, share: float, stop: threading.Event, period_s: float = 0.1) -> None:
+    def _duty_cycle(pid: int, share: float, stop: threading.Event, period_s: float = 0.1) -> None:
+        from corolla.local_swarm import LocalSwarm
+
         while not stop.is_set():
+            groups = LocalSwarm.process_groups(pid)  # the DHT process leads a group of its own, with p2pd
             try:
-                os.killpg(pgid, signal.SIGSTOP)
+                for group in groups:
+                    os.killpg(group, signal.SIGSTOP)
                 time.sleep(period_s * (1 - share))
-                os.killpg(pgid, signal.SIGCONT)
+                for group in groups:
+                    os.killpg(group, signal.SIGCONT)
             except ProcessLookupError:
+                for group in groups:  # never leave part of a server stopped
+                    try:
+                        os.killpg(group, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
                 return
             time.sleep(period_s * share)
 

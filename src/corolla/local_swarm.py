@@ -100,6 +100,11 @@ class LocalSwarm:
             self.wait_until_served()
 
     def start_bootstrap(self) -> None:
+        """Start the bootstrap peer (``with LocalSwarm(...)`` does it already; this is for a swarm used without)."""
+        if "bootstrap" in self.processes:
+            raise RuntimeError(
+                "this swarm already has a bootstrap peer (`with LocalSwarm(...)` starts one): start servers only"
+            )
         bootstrap = self._spawn("bootstrap", ["dht"], stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + self.start_timeout_s
         while not self.initial_peers:
@@ -198,19 +203,41 @@ class LocalSwarm:
         self.processes[name].send_signal(sig)
 
     @staticmethod
-    def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    def process_groups(pid: int) -> set[int]:
+        """The process groups of a process this swarm started and of all its helpers: each process leads its own
+        group, and a DHT process leads another one, which its p2pd joins (see ``corolla.net.dht_process``)."""
+        import psutil
+
+        groups = {pid}
         try:
-            os.killpg(process.pid, sig)
-        except (ProcessLookupError, PermissionError):
+            for child in psutil.Process(pid).children(recursive=True):
+                try:
+                    groups.add(os.getpgid(child.pid))
+                except ProcessLookupError:
+                    pass
+        except psutil.Error:
             pass
+        return groups
+
+    @staticmethod
+    def _signal_groups(groups: set[int], sig: int) -> None:
+        for group in groups:
+            try:
+                os.killpg(group, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _signal_group(self, process: subprocess.Popen, sig: int) -> None:
+        self._signal_groups(self.process_groups(process.pid), sig)
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop every process this swarm started: SIGTERM, then SIGKILL if one outlives ``grace_s``."""
         for process in self._retired:
             self._signal_group(process, signal.SIGKILL)
         self._retired.clear()
-        for process in self.processes.values():
-            self._signal_group(process, signal.SIGCONT)  # a frozen (SIGSTOPped) process cannot exit
+        groups = {name: self.process_groups(process.pid) for name, process in self.processes.items()}
+        for name, process in self.processes.items():
+            self._signal_groups(groups[name], signal.SIGCONT)  # a frozen (SIGSTOPped) process cannot exit
             if process.poll() is None:
                 process.terminate()  # the process itself shuts its helpers down gracefully
         deadline = time.monotonic() + grace_s
@@ -221,7 +248,7 @@ class LocalSwarm:
                 logger.warning("%s did not stop in %.0f s; killing it", name, grace_s)
                 process.kill()
                 process.wait(timeout=5)
-            self._signal_group(process, signal.SIGKILL)  # helpers left behind by a killed process
+            self._signal_groups(groups[name], signal.SIGKILL)  # helpers left behind by a killed process
         self.processes.clear()
         if self._identity_dir is not None:
             shutil.rmtree(self._identity_dir, ignore_errors=True)

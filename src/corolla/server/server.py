@@ -250,15 +250,19 @@ class Server:
             await self._stop.wait()
         finally:
             logger.info("Shutting down: announcing OFFLINE")
-            if rebalancer is not None:
-                await rebalancer.stop()
-            await announcer.stop()
-            try:
-                await announcer.announce_now(make_info(ServerState.OFFLINE), timeout_s=5)
-            except Exception as e:
-                logger.warning("Could not announce OFFLINE: %s", e)
-            await servicer.remove_p2p_handlers(p2p)
+            steps = [
+                rebalancer.stop if rebalancer is not None else None,
+                announcer.stop,
+                lambda: announcer.announce_now(make_info(ServerState.OFFLINE), timeout_s=5),
+                lambda: asyncio.wait_for(servicer.remove_p2p_handlers(p2p), timeout=5),
+            ]
+            for step in filter(None, steps):  # each on its own: one failing (e.g. p2pd is gone) must not skip the rest
+                try:
+                    await step()
+                except Exception as e:
+                    logger.warning("Shutdown step failed (%s: %s); stopping anyway", type(e).__name__, e)
             compute.shutdown()
+            logger.info("Stopped")
 
     def _rebalancer(self, dht, dht_prefix, span_config, state, servicer, announcer, make_info) -> Rebalancer | None:
         """Servers that chose their blocks themselves (no --blocks) keep checking whether to move."""
