@@ -120,6 +120,7 @@ def test_generate_command_streams_text(swarm):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("the quick brown fox") and len(result.stdout) > len("the quick brown fox")
+    assert "Route:" not in result.stderr, "route logs interleave with the text unless --verbose"
 
 
 @pytest.mark.parametrize("command", ["serve", "dht", "generate", "chat", "demo"])
@@ -155,7 +156,7 @@ def test_chat_command_keeps_one_session(swarm):
     path, s = swarm
     result = subprocess.run(
         [sys.executable, "-m", "corolla.cli.main", "chat", path, "--initial-peers", *s.initial_peers,
-         "--max-new-tokens", "4", "--max-length", "256"],
+         "--max-new-tokens", "4", "--max-length", "256", "--verbose"],
         input="hello there\nand again\n\n", capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

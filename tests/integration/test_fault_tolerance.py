@@ -35,7 +35,7 @@ class _AfterTokens:
 
 
 def _server_on_block(session, swarm: LocalSwarm, block: int) -> str:
-    hop = next(span.hop for span in session._spans if span.hop.start <= block < span.hop.end)
+    hop = next(hop for hop in session.route if hop.start <= block < hop.end)
     return swarm.name_of(hop.peer_id)
 
 
@@ -74,7 +74,7 @@ def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FA
             session=session,
             streamer=_AfterTokens(when, fail),
         )
-        chain = [swarm.name_of(span.hop.peer_id) for span in session._spans]
+        chain = [swarm.name_of(hop.peer_id) for hop in session.route]
     return out, victim, chain
 
 

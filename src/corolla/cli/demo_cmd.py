@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                 ids, session=sess, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer
             )
             elapsed = time.perf_counter() - t0
-            route = " -> ".join(f"{span.hop.peer_id[-8:]}[{span.hop.start}:{span.hop.end}]" for span in sess._spans)
+            route = " -> ".join(f"{hop.peer_id[-8:]}[{hop.start}:{hop.end}]" for hop in sess.route)
         new_tokens = out.shape[1] - ids.shape[1]
         print(f"\n[demo] Route used: {route}")
         print(

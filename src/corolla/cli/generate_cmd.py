@@ -18,6 +18,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    parser.add_argument(
+        "--verbose", action="store_true", help="log the client's routes (they would interleave with the text)"
+    )
 
 
 def register(commands) -> None:
@@ -50,11 +53,15 @@ def _sampling(args) -> dict:
 
 
 def _load(args):
+    import logging
+
     from transformers import AutoTokenizer
 
     from corolla import AutoDistributedModelForCausalLM
     from corolla.models.checkpoint import resolve_checkpoint
 
+    if not args.verbose:  # warnings (a failed server, a retry) still show
+        logging.getLogger("corolla.client").setLevel(logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model).folder)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, active_adapter=args.active_adapter

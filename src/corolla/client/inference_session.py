@@ -163,6 +163,12 @@ class InferenceSession:
         self._closed = False
         self._background: set[asyncio.Future] = set()
 
+    @property
+    def route(self) -> tuple[RouteHop, ...]:
+        """The servers this session runs through now, in block order (empty before its first step); after a
+        server fails, the replacement hops are here."""
+        return tuple(span.hop for span in self._spans or ())
+
     def __enter__(self) -> InferenceSession:
         return self
 
