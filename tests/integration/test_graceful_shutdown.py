@@ -76,4 +76,5 @@ def test_a_server_whose_p2pd_died_still_stops(tmp_path):
         assert server.wait(timeout=EXIT_TIMEOUT_S) == 0
         wait_for(lambda: _gone(helpers), timeout_s=EXIT_TIMEOUT_S, what="the DHT process to exit")
         log = (tmp_path / "server0.log").read_text()
+        # (hivemind's DHT process may still log tracebacks of its own about the lost daemon)
         assert "Shutdown step failed" in log and "Stopped" in log, log

@@ -47,6 +47,16 @@ def resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype | None) 
     return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
+def _quiet_lost_daemon(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """A background task that lost its connection (p2pd gone, a peer hung up) is logged in one line, not as a
+    traceback; everything else goes to asyncio's default handler."""
+    error = context.get("exception")
+    if isinstance(error, (ConnectionError, FileNotFoundError)):
+        logger.debug("%s: %s: %s", context.get("message", "background task failed"), type(error).__name__, error)
+    else:
+        loop.default_exception_handler(context)
+
+
 class Server:
     """Owns one server's lifetime. ``run()`` blocks until SIGINT/SIGTERM or ``stop()``."""
 
@@ -69,6 +79,7 @@ class Server:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._loop.add_signal_handler(sig, self._stop.set)
+        self._loop.set_exception_handler(_quiet_lost_daemon)
         torch.set_num_threads(cfg.num_threads)
         logger.info("Starting with %s", cfg)
 
