@@ -154,3 +154,20 @@ def test_streaming_rpcs_are_registered_as_streams():
         "rpc_inference": (True, True),
         "rpc_push": (False, False),
     }
+
+
+def test_collect_servers_counts_joining_servers_only_when_asked():
+    """A server moving 0:2 -> 2:4 left OFFLINE records on its old blocks and JOINING ones on its new blocks: routing
+    must not use it yet, block choice must count it where it is going (or others rush into the same hole)."""
+    from hivemind.p2p import PeerID
+
+    from corolla.net.dht_records import collect_servers
+
+    mover, steady = PeerID(b"mover-peer-id"), PeerID(b"steady-peer-id")
+    offline = ServerInfo(state=ServerState.OFFLINE, start_block=0, end_block=2, throughput=5.0)
+    joining = ServerInfo(state=ServerState.JOINING, start_block=2, end_block=4, throughput=5.0)
+    online = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=2, throughput=3.0)
+    old_blocks, new_blocks = {mover: offline, steady: online}, {mover: joining}
+    per_block = [old_blocks, old_blocks, new_blocks, new_blocks]
+    assert collect_servers(per_block) == {steady: online}
+    assert collect_servers(per_block, include_joining=True) == {steady: online, mover: joining}

@@ -85,12 +85,19 @@ def _parse_block_value(value) -> dict[PeerID, ServerInfo]:
     return servers
 
 
-def collect_servers(per_block: list[dict[PeerID, ServerInfo]]) -> dict[PeerID, ServerInfo]:
-    """Each ONLINE server once, with the record it published (the one announced for its own blocks)."""
+def collect_servers(
+    per_block: list[dict[PeerID, ServerInfo]], *, include_joining: bool = False
+) -> dict[PeerID, ServerInfo]:
+    """Each ONLINE server once, with the record it published (the one announced for its own blocks).
+
+    ``include_joining`` also counts servers still loading their blocks: right for choosing where to serve (a
+    server on its way to a hole fills it), wrong for routing (it cannot answer yet).
+    """
+    states = (ServerState.ONLINE, ServerState.JOINING) if include_joining else (ServerState.ONLINE,)
     servers: dict[PeerID, ServerInfo] = {}
     for block, records in enumerate(per_block):
         for peer_id, info in records.items():
-            if info.state == ServerState.ONLINE and info.start_block <= block < info.end_block:
+            if info.state in states and info.start_block <= block < info.end_block:
                 servers.setdefault(peer_id, info)
     return servers
 

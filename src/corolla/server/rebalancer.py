@@ -58,7 +58,8 @@ class Rebalancer:
             fetch_block_records, self.dht, dht_prefix=self.dht_prefix, num_blocks=self.num_layers
         )
         own = self.own()
-        swarm = [s for s in to_spans(collect_servers(records)) if s.peer_id != own.peer_id]
+        servers = collect_servers(records, include_joining=True)  # a server already moving into a hole fills it
+        swarm = [s for s in to_spans(servers) if s.peer_id != own.peer_id]
         if not should_choose_other_blocks(own, [*swarm, own], self.num_layers, balance_quality=self.balance_quality):
             logger.debug("Balance check: staying on blocks %d:%d", own.start, own.end)
             return False

@@ -183,7 +183,7 @@ class Server:
         num_layers = model_config.num_hidden_layers
         num_blocks = min(self.config.num_blocks or num_layers, num_layers)
         records = fetch_block_records(dht, dht_prefix=dht_prefix, num_blocks=num_layers)
-        coverage = compute_coverage(to_spans(collect_servers(records)), num_layers)
+        coverage = compute_coverage(to_spans(collect_servers(records, include_joining=True)), num_layers)
         start = choose_best_start(coverage, num_blocks)
         logger.info("Chose blocks %d:%d, where the swarm is weakest", start, start + num_blocks)
         return start, start + num_blocks
@@ -197,12 +197,16 @@ class Server:
         next_rtts = RttTracker()
 
         def make_info(state_now: ServerState = ServerState.ONLINE, span=None) -> ServerInfo:
+            moving_to = state.get("moving_to") if span is None and state_now == ServerState.ONLINE else None
             span = span or state["span"]
+            start, end = span.start, span.end
+            if moving_to is not None:  # (see _rebalancer) every announcement, periodic ones too, says where it goes
+                state_now, (start, end) = ServerState.JOINING, moving_to
             speed: SpeedReport | None = state["speed"]
             return ServerInfo(
                 state=state_now,
-                start_block=span.start,
-                end_block=span.end,
+                start_block=start,
+                end_block=end,
                 throughput=speed.throughput if speed else 0.0,
                 inference_rps=speed.inference_rps if speed else None,
                 forward_rps=speed.forward_rps if speed else None,
@@ -294,8 +298,15 @@ class Server:
 
         async def move(start: int, end: int) -> None:
             old = state["span"]
-            await announcer.announce_now(make_info(ServerState.OFFLINE, span=old))
-            new = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, (start, end))
+            # Other servers' balance checks must see this one leave its blocks and head for the new ones at once,
+            # or several of them fill the same hole together and open a new one (they count JOINING servers).
+            state["moving_to"] = (start, end)
+            try:
+                await announcer.announce_now(make_info(ServerState.OFFLINE, span=old))
+                await announcer.announce_now(make_info())  # JOINING on the new blocks
+                new = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, (start, end))
+            finally:
+                state["moving_to"] = None
             state["span"] = new
             servicer.swap_span(new)  # sessions already open finish on the old span
             await announcer.announce_now(make_info())
