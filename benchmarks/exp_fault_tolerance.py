@@ -24,11 +24,9 @@ script handles it); every run at the same ``p`` uses the same failure seed. A fr
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
-import platform
 import random
 import shlex
 import sys
@@ -40,13 +38,13 @@ if str(ROOT) not in sys.path:  # run as a script: make `tests.fixtures` importab
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
 
 from corolla import AutoDistributedModelForCausalLM  # noqa: E402
 from corolla.client.inference_session import _ServerStream  # noqa: E402
 from corolla.errors import CorollaError  # noqa: E402
 from corolla.local_swarm import LocalSwarm  # noqa: E402
 
-MACHINE = "2-core shared dev VM, CPU only, loaded by concurrent jobs"
 STRATEGIES = ("recovery", "restart", "recompute")
 LABELS = {
     "recovery": "corolla recovery (replay stored inputs)",
@@ -298,7 +296,7 @@ def write_outputs(rows: list[dict], out: Path, args, started: str) -> tuple[Path
     lines = [
         f"# Fault tolerance: tokens/s under random server failures (preset {args.preset})",
         "",
-        f"- date: {started}; machine: {args.machine} ({platform.node()}, {platform.machine()})",
+        f"- date: {started}; machine: {machine_line(args.machine)}",
         f"- command: `{command}`",
         "- batch 1, greedy; each server of the chain fails with probability p per step (client-side injection: "
         "the stream is closed, the server drops the session's cache); two servers per span on loopback",
@@ -345,19 +343,13 @@ def write_outputs(rows: list[dict], out: Path, args, started: str) -> tuple[Path
         ax.set_title(f"{model}, {n} tokens, batch 1")
         ax.legend(fontsize=8)
     fig.suptitle(f"Fault tolerance, {started}, {args.machine}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
     return md, png
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="folder for the table and plot")
-    parser.add_argument("--machine", default=MACHINE, help="machine description written into the table")
+    parser = experiment_parser(__doc__, PRESETS, log_dir="keep the servers' logs here")
     parser.add_argument("--models", nargs="*", help="subset of the preset's models")
-    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here")
     parser.add_argument("--verbose", action="store_true", help="show the client's recovery warnings")
     args = parser.parse_args()
     if not args.verbose:

@@ -34,12 +34,10 @@ at the start of phase 2 and the first fast server is SIGKILLed at the start of p
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -55,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: make `tests.fixtures` importable
     sys.path.insert(0, str(ROOT))
 
-MACHINE = "2-core shared dev VM, CPU only, loaded by concurrent jobs"
+from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
+
 STRATEGIES = ("auto", "naive")
 LABELS = {"auto": "automatic block choice + rebalancing", "naive": "static equal split (--blocks)"}
 
@@ -565,7 +564,7 @@ def write_outputs(
         f"# Heterogeneous swarm: automatic block choice vs naive equal split ({preset_name})",
         "",
         f"- date: {date}",
-        f"- machine: {args.machine} ({platform.node()}, {platform.machine()})",
+        f"- machine: {machine_line(args.machine)}",
         f"- command: `{command}`",
         f"- model: {preset['model']}, {preset['blocks_per_server']} blocks per server; workload: {preset['clients']} "
         f"client threads, forward passes of batch {batch[0]} x {batch[1]} tokens (`logits_to_keep=1`)",
@@ -614,17 +613,12 @@ def write_outputs(
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
     return md, png
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="folder for the table and plot")
-    parser.add_argument("--machine", default=MACHINE, help="machine description written into the table")
+    parser = experiment_parser(__doc__, PRESETS, log_dir="keep the servers' logs here (default: a temp folder)")
     parser.add_argument("--throttle", choices=("auto", "cgroup-v2", "cgroup-v1", "sigstop"), default="auto")
     parser.add_argument(
         "--update-period",
@@ -634,7 +628,6 @@ def main() -> int:
         "0.1 CPU under load missed 3 s periods (its records expired and it vanished from the swarm for a while)",
     )
     parser.add_argument("--replot", type=Path, help="only rewrite the table and plot from this run's JSON")
-    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here (default: a temp folder)")
     args = parser.parse_args()
     if args.replot is not None:  # rewrite the table and plot of an earlier run from its JSON
         data = json.loads(args.replot.read_text())

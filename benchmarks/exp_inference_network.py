@@ -19,10 +19,8 @@ Models: SmolLM2-135M (bundled; 3 x 10 blocks, hidden 576) and a Llama-2-70B-shap
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import platform
 import shlex
 import statistics
 import sys
@@ -31,9 +29,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.netlab` importable
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
 from benchmarks.netlab import (  # noqa: E402
     Lab,
     LabError,
@@ -229,7 +228,7 @@ def write_outputs(rows: list[dict], labels: dict[str, str], out: Path, args, pre
     lines = [
         f"## Inference vs network ({preset_name})",
         "",
-        f"- date: {started}; machine: {args.machine} ({platform.node()}, {platform.machine()})",
+        f"- date: {started}; machine: {machine_line(args.machine)}",
         f"- command: `{command}`",
         "- every host's link: one-way delay RTT/4 (any two hosts are RTT apart), rate as given; the lab checked",
         "  its shaping before each row (probe RTT = measured median TCP echo between two hosts)",
@@ -272,20 +271,16 @@ def write_outputs(rows: list[dict], labels: dict[str, str], out: Path, args, pre
             if mi == 0 and ri == 0:
                 ax.legend(fontsize=7)
     fig.suptitle(f"Inference steps/s vs network, 3 servers ({started}, {args.machine})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out / f"{stem}.png", dpi=110)
+    save_figure(fig, out / f"{stem}.png")
     print("\n".join(lines))
     print(f"\nwrote {out / (stem + '.md')} and {out / (stem + '.png')}")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="folder for the table and plot")
+    parser = experiment_parser(__doc__, PRESETS)
     parser.add_argument("--models", nargs="+", choices=["smollm2", "llama70b"], help="override the preset's")
     parser.add_argument("--rtts", nargs="+", type=float, help="override the preset's RTTs (ms)")
     parser.add_argument("--rates", nargs="+", type=float, help="override the preset's rates (Mbit/s)")
-    parser.add_argument("--machine", default="2-core shared dev VM, CPU only", help="machine description")
     args = parser.parse_args()
     preset = dict(PRESETS[args.preset])
     for key in ("models", "rtts", "rates"):

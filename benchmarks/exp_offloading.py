@@ -26,11 +26,9 @@ lower bound for a real swarm, and its per-token time includes three processes co
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -41,10 +39,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.experiment` importable
+    sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
 
-MACHINE = "2-core shared dev VM, CPU only, loaded by concurrent jobs"
 PRESETS = {
     "smoke": dict(new_tokens=4, budget_mib=200, bandwidth_repeats=1),
     "full": dict(new_tokens=32, budget_mib=200, bandwidth_repeats=3),
@@ -238,7 +238,7 @@ def write_outputs(rows: list[dict], bounds: list[dict], info: dict, out: Path, a
     lines = [
         f"# Swarm vs offloading: per-token latency of batch-1 greedy generation (preset {args.preset})",
         "",
-        f"- date: {started}; machine: {args.machine} ({platform.node()}, {platform.machine()})",
+        f"- date: {started}; machine: {machine_line(args.machine)}",
         f"- command: `{command}`",
         f"- SmolLM2-135M float32, {info['n']} new tokens after a {info['prompt_tokens']}-token prompt, median decode "
         "step (prefill excluded)",
@@ -288,18 +288,12 @@ def write_outputs(rows: list[dict], bounds: list[dict], info: dict, out: Path, a
     ax.set_yscale("log")
     ax.set_title(f"SmolLM2-135M: swarm vs offloading, {started}\n{args.machine}", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
     return md, png
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results", help="folder for the table and plot")
-    parser.add_argument("--machine", default=MACHINE, help="machine description written into the table")
-    parser.add_argument("--log-dir", type=Path, help="keep the servers' logs here")
+    parser = experiment_parser(__doc__, PRESETS, log_dir="keep the servers' logs here")
     args = parser.parse_args()
     torch.set_num_threads(1)
     preset = PRESETS[args.preset]
