@@ -27,7 +27,8 @@ def test_servers_without_span_flags_cover_all_blocks_and_heal(smollm2_path, tmp_
         "--balance-period", str(BALANCE_PERIOD_S), "--join-jitter", "0",
     ]  # fmt: skip
     with LocalSwarm(model="smollm2-135m", server_args=args, log_dir=tmp_path) as swarm:
-        for i in range(3):  # started together: they may all pick the same span first, then rebalance
+        for i in range(3):  # started together: each announces JOINING on its choice before loading, so the next
+            # one usually picks another span; two that choose within one announcement's latency rebalance later
             swarm.start_server(f"server{i}")
         swarm.wait_until_served(min_servers=3)
         spans = swarm.served_spans()

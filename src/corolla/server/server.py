@@ -110,9 +110,9 @@ class Server:
             else:
                 # a random delay keeps servers that start together from all choosing the same weakest span
                 await asyncio.sleep(random.uniform(0, cfg.join_jitter))
-                span = await self._loop.run_in_executor(
-                    None, self._load, checkpoint, model_config, self._auto_span(dht, model_config, dht_prefix)
-                )
+                blocks = self._auto_span(dht, model_config, dht_prefix)
+                await self._announce_arrival(dht, key, dht_prefix, blocks)
+                span = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, blocks)
             await self._serve(dht, key, span, dht_prefix, started)
         finally:
             if cfg.identity is None:
@@ -174,6 +174,33 @@ class Server:
             )
         return start, end
 
+    def _nominal_throughput(self) -> float:
+        """The throughput a JOINING record announces before the server knows its speed: the configured value, or 1
+        (enough for servers choosing their blocks meanwhile to count this one; clients never route to JOINING)."""
+        cfg = self.config
+        return float(cfg.throughput) if cfg.throughput not in ("auto", "eval") else 1.0
+
+    async def _announce_arrival(self, dht: DHT, key, dht_prefix: str, blocks: tuple[int, int]) -> None:
+        """JOINING on the chosen blocks before loading them: servers that choose right after this one go elsewhere
+        (without it, servers started together all chose the same weakest span and had to rebalance later)."""
+        cfg = self.config
+        info = ServerInfo(
+            state=ServerState.JOINING,
+            start_block=blocks[0],
+            end_block=blocks[1],
+            throughput=self._nominal_throughput(),
+            quant=cfg.quant,
+            adapters=cfg.adapter_names(),
+            public_name=cfg.public_name,
+        )
+        announcer = Announcer(
+            dht=dht, dht_prefix=dht_prefix, owner=owner_marker(key), make_info=lambda: info, period_s=cfg.update_period
+        )
+        try:
+            await announcer.announce_now(info, timeout_s=10)
+        except Exception as e:  # only an optimization: the server still joins
+            logger.warning("Could not announce JOINING on blocks %d:%d: %s", *blocks, e)
+
     def _auto_span(self, dht: DHT, model_config, dht_prefix: str) -> tuple[int, int]:
         """The span of --num-blocks (default: all) blocks where the swarm is weakest now."""
         from corolla.algorithms.block_selection import choose_best_start
@@ -207,7 +234,7 @@ class Server:
                 state=state_now,
                 start_block=start,
                 end_block=end,
-                throughput=speed.throughput if speed else 0.0,
+                throughput=speed.throughput if speed else self._nominal_throughput(),
                 inference_rps=speed.inference_rps if speed else None,
                 forward_rps=speed.forward_rps if speed else None,
                 network_rps=speed.network_rps if speed else None,
