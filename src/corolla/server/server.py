@@ -103,6 +103,7 @@ class Server:
                     None, self._load, checkpoint, model_config, self._explicit_span(model_config)
                 )
             await self._loop.run_in_executor(None, dht.wait_until_ready, 60.0)
+            logger.debug("DHT process and p2pd ready %.2f s after the start", time.perf_counter() - started)
             if cfg.identity is None:
                 identity_path.unlink(missing_ok=True)  # a throw-away identity: the daemon has read it
             if early is not None:
