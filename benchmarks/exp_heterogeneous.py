@@ -232,8 +232,11 @@ class Throttle:
     def _duty_cycle(pid: int, share: float, stop: threading.Event, period_s: float = 0.1) -> None:
         from corolla.local_swarm import LocalSwarm
 
+        cycle = 0
         while not stop.is_set():
-            groups = LocalSwarm.process_groups(pid)  # the DHT process leads a group of its own, with p2pd
+            if cycle % 10 == 0:  # the DHT process leads a group of its own, with p2pd; rescan /proc once a second
+                groups = LocalSwarm.process_groups(pid)
+            cycle += 1
             try:
                 for group in groups:
                     os.killpg(group, signal.SIGSTOP)

@@ -13,7 +13,6 @@ In a separate group only the creator gets the Ctrl-C; it shuts the DHT down, whi
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -21,7 +20,9 @@ import time
 import psutil
 from hivemind.dht import DHT
 
-logger = logging.getLogger(__name__)
+from corolla.log import get_logger
+
+logger = get_logger(__name__)
 
 PARENT_POLL_S = 0.2
 KILL_AFTER_TERM_S = 1.0

@@ -95,6 +95,10 @@ class ServerConfig:
                     f"throughput must be auto, eval or a positive number, got {self.throughput!r}"
                 ) from None
 
+    def fixed_throughput(self) -> float | None:
+        """The throughput given as a number (``--throughput 100``), or None for ``auto`` / ``eval``."""
+        return None if self.throughput in ("auto", "eval") else float(self.throughput)
+
     def adapter_names(self) -> tuple[str, ...]:
         """The names clients select the ``--adapters`` by (ValueError for a malformed one)."""
         from corolla.models.lora import parse_adapter_spec

@@ -178,8 +178,8 @@ class Server:
     def _nominal_throughput(self) -> float:
         """The throughput a JOINING record announces before the server knows its speed: the configured value, or 1
         (enough for servers choosing their blocks meanwhile to count this one; clients never route to JOINING)."""
-        cfg = self.config
-        return float(cfg.throughput) if cfg.throughput not in ("auto", "eval") else 1.0
+        fixed = self.config.fixed_throughput()
+        return 1.0 if fixed is None else fixed
 
     async def _announce_arrival(self, dht: DHT, key, dht_prefix: str, blocks: tuple[int, int]) -> None:
         """JOINING on the chosen blocks before loading them: servers that choose right after this one go elsewhere
@@ -356,7 +356,7 @@ class Server:
         from corolla.server.throughput import SpeedReport, get_speed
 
         cfg = self.config
-        if cfg.throughput not in ("auto", "eval"):
-            value = float(cfg.throughput)
+        value = cfg.fixed_throughput()
+        if value is not None:
             return SpeedReport(inference_rps=value, forward_rps=value, network_rps=None)
         return get_speed(span, quant=cfg.quant, force_eval=cfg.throughput == "eval")
