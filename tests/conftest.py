@@ -1,4 +1,6 @@
-"""Shared pytest setup: one torch thread per test process (servers are separate processes on the same cores)."""
+"""Shared pytest setup: one torch thread per test process (servers are separate processes on the same cores), and
+hypothesis without randomness or an example database (the same examples in every run; HYPOTHESIS_PROFILE=explore
+draws new ones)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,11 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
+
+settings.register_profile("corolla", derandomize=True, database=None, deadline=None, print_blob=True)
+settings.register_profile("explore", database=None, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "corolla"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
