@@ -1,58 +1,41 @@
-"""Server records in the DHT: one key per block, one signed subkey per server that hosts it.
+"""The DHT records of each role, on the generic signed-record layer (``net.records``).
 
-Key ``"{dht_prefix}.{block}"``; subkey: the server's ``[owner:...]`` marker (so only that server can write it, as
-checked by hivemind's RSASignatureValidator on every DHT node); value: a ``ServerInfo`` record.
+- Block servers: key ``"{dht_prefix}.{block}"`` per hosted block, value a ``ServerInfo``.
+- SWARM stage peers: key ``"{experiment}.stage.{stage}"``, value a ``StagePeerInfo``.
+- The model registry: one key, ``MODEL_REGISTRY_KEY``, value a ``ModelRegistryEntry`` for the model a server serves.
+
+In every case the subkey is the writer's ``[owner:...]`` marker, so only that peer can write it (hivemind's
+RSASignatureValidator on every DHT node checks the signature), and readers attribute a record to the peer id
+derived from that marker.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
 
-from hivemind.dht import DHT, DHTNode
+from hivemind.dht import DHT
 from hivemind.p2p import PeerID
-from hivemind.utils import get_dht_time
+from hivemind.utils import MPFuture
 
 from corolla.log import get_logger
-from corolla.net.identity import peer_id_from_owner_marker
+from corolla.net.records import fetch_records, parse_records, store_record
+from corolla.protocol import server_info
+from corolla.protocol.records import MODEL_REGISTRY_KEY, ModelRegistryEntry, StagePeerInfo, stage_key
 from corolla.protocol.server_info import ServerInfo, ServerState
 
 logger = get_logger(__name__)
 
-
-def block_key(dht_prefix: str, block: int) -> str:
-    return f"{dht_prefix}.{block}"
+block_key = server_info.block_key  # re-exported: server/ and client/ import it from here
 
 
-@dataclass(frozen=True, kw_only=True)
-class ServerRecord:
-    """A server as seen in the DHT: its peer id (derived from its signing key) and its latest info."""
-
-    peer_id: PeerID
-    info: ServerInfo
-
-
-async def _store_blocks(_dht: DHT, node: DHTNode, keys: list[str], subkey: bytes, value: dict, expiration: float):
-    results = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
-    return all(results.values())
+# --- block servers ---
 
 
 def declare_blocks(
     dht: DHT, *, dht_prefix: str, blocks: Sequence[int], owner: bytes, info: ServerInfo, expiration_s: float
-):
+) -> MPFuture[bool]:
     """Store ``info`` under every block key, signed by the server; returns an MPFuture of success."""
-    keys = [block_key(dht_prefix, b) for b in blocks]
-    expiration = get_dht_time() + expiration_s
-    return dht.run_coroutine(
-        partial(_store_blocks, keys=keys, subkey=owner, value=info.to_record(), expiration=expiration),
-        return_future=True,
-    )
-
-
-async def _get_blocks(_dht: DHT, node: DHTNode, keys: list[str], latest: bool):
-    found = await node.get_many(keys, sufficient_expiration_time=float("inf") if latest else None)
-    return {key: (value.value if value is not None else None) for key, value in found.items()}
+    return store_record(dht, [block_key(dht_prefix, b) for b in blocks], info, owner=owner, expiration_s=expiration_s)
 
 
 def fetch_block_records(
@@ -67,22 +50,13 @@ def fetch_block_records(
     """For each block (``blocks``, default all), the servers that announce it (malformed or unsigned records are
     skipped)."""
     keys = [block_key(dht_prefix, b) for b in (range(num_blocks) if blocks is None else blocks)]
-    future = dht.run_coroutine(partial(_get_blocks, keys=keys, latest=latest), return_future=True)
-    raw = future.result(timeout=timeout_s)
-    return [_parse_block_value(raw.get(key)) for key in keys]
+    found = fetch_records(dht, keys, ServerInfo, latest=latest, timeout_s=timeout_s)
+    return [found[key] for key in keys]
 
 
-def _parse_block_value(value) -> dict[PeerID, ServerInfo]:
-    servers: dict[PeerID, ServerInfo] = {}
-    if not isinstance(value, dict):
-        return servers
-    for subkey, entry in value.items():
-        try:
-            peer_id = peer_id_from_owner_marker(subkey if isinstance(subkey, bytes) else str(subkey).encode())
-            servers[peer_id] = ServerInfo.from_record(entry.value)
-        except Exception as e:  # a record we cannot read or verify is ignored, never trusted
-            logger.debug("Skipping a malformed server record: %s", e)
-    return servers
+def _parse_block_value(value: object) -> dict[PeerID, ServerInfo]:
+    """The server records of one block key (as hivemind returns its value)."""
+    return parse_records(value, ServerInfo)
 
 
 def collect_servers(
@@ -118,3 +92,69 @@ def to_spans(servers: dict[PeerID, ServerInfo]) -> list:
         )
         for peer_id, info in sorted(servers.items(), key=lambda item: item[0].to_base58())
     ]
+
+
+# --- SWARM stage peers ---
+
+
+def declare_stage_peer(dht: DHT, info: StagePeerInfo, *, owner: bytes, expiration_s: float) -> MPFuture[bool]:
+    """Store a stage peer's ``info`` under its stage's key (``info.key()``), signed by the peer."""
+    return store_record(dht, [info.key()], info, owner=owner, expiration_s=expiration_s)
+
+
+def fetch_stage_peers(
+    dht: DHT,
+    *,
+    experiment: str,
+    num_stages: int,
+    latest: bool = True,
+    timeout_s: float = 10.0,
+    stages: Sequence[int] | None = None,
+) -> list[dict[PeerID, StagePeerInfo]]:
+    """For each stage (``stages``, default all ``num_stages``), its peers in any state (callers filter by
+    ``info.state``); records that are malformed, unsigned or about another stage are skipped."""
+    stages = range(num_stages) if stages is None else stages
+    keys = [stage_key(experiment, s) for s in stages]
+    found = fetch_records(dht, keys, StagePeerInfo, latest=latest, timeout_s=timeout_s)
+    return [only_stage(found[key], experiment=experiment, stage=s) for key, s in zip(keys, stages)]
+
+
+def only_stage(peers: dict[PeerID, StagePeerInfo], *, experiment: str, stage: int) -> dict[PeerID, StagePeerInfo]:
+    """The records of ``peers`` (read under ``stage_key(experiment, stage)``) that are about that very stage: a
+    record naming another experiment or stage than the key it is stored under is skipped, never moved."""
+    kept = {p: info for p, info in peers.items() if (info.experiment, info.stage) == (experiment, stage)}
+    for peer_id in peers.keys() - kept.keys():
+        other = peers[peer_id]
+        logger.debug(
+            "Skipping %s's record about %s stage %d under %s",
+            peer_id,
+            other.experiment,
+            other.stage,
+            stage_key(experiment, stage),
+        )
+    return kept
+
+
+# --- the model registry ---
+
+
+def declare_model(dht: DHT, entry: ModelRegistryEntry, *, owner: bytes, expiration_s: float) -> MPFuture[bool]:
+    """Announce that this peer (``owner``) serves ``entry``'s model, under the registry key; one entry per peer, a
+    new declaration replaces the previous one."""
+    return store_record(dht, [MODEL_REGISTRY_KEY], entry, owner=owner, expiration_s=expiration_s)
+
+
+def group_models(entries: dict[PeerID, ModelRegistryEntry]) -> dict[str, list[tuple[PeerID, ModelRegistryEntry]]]:
+    """Registry entries (by announcing peer) grouped by model name; names and each list sorted (by peer id)."""
+    models: dict[str, list[tuple[PeerID, ModelRegistryEntry]]] = {}
+    for peer_id, entry in sorted(entries.items(), key=lambda item: item[0].to_base58()):
+        models.setdefault(entry.model_name, []).append((peer_id, entry))
+    return dict(sorted(models.items()))
+
+
+def fetch_models(
+    dht: DHT, *, latest: bool = True, timeout_s: float = 10.0
+) -> dict[str, list[tuple[PeerID, ModelRegistryEntry]]]:
+    """Every model announced in the registry, by name, with the peers that announce it (sorted by peer id)."""
+    found = fetch_records(dht, [MODEL_REGISTRY_KEY], ModelRegistryEntry, latest=latest, timeout_s=timeout_s)
+    return group_models(found[MODEL_REGISTRY_KEY])

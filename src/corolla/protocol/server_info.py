@@ -1,28 +1,31 @@
-"""The record a server publishes in the DHT for every block it hosts."""
+"""The record a block server publishes in the DHT for every block it hosts, under ``block_key(prefix, block)``."""
 
 from __future__ import annotations
 
-from enum import IntEnum
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, model_validator
 
 from corolla import __version__
+from corolla.protocol.records import PeerState, SignedRecord
 from corolla.protocol.versions import PROTOCOL_VERSION
 
-
-class ServerState(IntEnum):
-    """Lifecycle of a server: JOINING while loading, ONLINE while serving, OFFLINE after a graceful shutdown."""
-
-    OFFLINE = 0
-    JOINING = 1
-    ONLINE = 2
+ServerState = PeerState
+"""A block server's lifecycle: JOINING while loading, ONLINE while serving, OFFLINE after a graceful shutdown."""
 
 
-class ServerInfo(BaseModel):
-    """Versioned server-info record. Unknown fields are ignored, so old peers can read records of new ones."""
+def block_key(dht_prefix: str, block: int) -> str:
+    """The DHT key of the servers hosting block ``block`` of the model whose block keys start with ``dht_prefix``."""
+    return f"{dht_prefix}.{block}"
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
 
+class ServerInfo(SignedRecord):
+    """Versioned server-info record. Unknown fields are ignored, so old peers can read records of new ones.
+
+    Records written before ``kind`` existed parse too (the field defaults to this kind).
+    """
+
+    kind: Literal["block_server"] = "block_server"
     state: ServerState
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
@@ -39,13 +42,8 @@ class ServerInfo(BaseModel):
     protocol_version: int = PROTOCOL_VERSION
     next_pings: dict[str, float] = Field(default_factory=dict, description="RTT seconds to likely next servers")
 
-    def to_record(self) -> dict:
-        """A msgpack-friendly dict for the DHT."""
-        return self.model_dump(mode="json")
-
-    @classmethod
-    def from_record(cls, record: object) -> ServerInfo:
-        """Parse a DHT value; raises ValueError (pydantic) on a malformed record."""
-        if not isinstance(record, dict):
-            raise ValueError(f"a server-info record must be a dict, got {type(record).__name__}")
-        return cls.model_validate(record)
+    @model_validator(mode="after")
+    def _span_is_not_empty(self) -> ServerInfo:
+        if self.end_block <= self.start_block:
+            raise ValueError(f"a server's span must not be empty, got blocks {self.start_block}:{self.end_block}")
+        return self
