@@ -1,9 +1,10 @@
-"""Server records in the DHT are signed: no peer can write or overwrite a record under another peer's identity.
+"""DHT records are signed: no peer can write or overwrite a record under another peer's identity.
 
 A forger joins the swarm's DHT with its own RSA identity and tries to replace a real server's record (same key, the
 server's owner subkey) with a more attractive, longer-lived one. Every DHT node must refuse it, and the record
 that clients read must stay the real server's. What the forger may write under its own subkey is attributed to
-the forger's peer id, never to the victim's.
+the forger's peer id, never to the victim's. The same holds for the records of the other roles (a SWARM stage
+peer, a model registry entry), which round-trip between two real DHT peers.
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ from hivemind.utils.crypto import RSAPrivateKey
 
 from corolla.local_swarm import LocalSwarm, wait_for
 from corolla.models.checkpoint import default_dht_prefix
-from corolla.net.dht_records import block_key, collect_servers, fetch_block_records
+from corolla.net.dht_records import (
+    block_key,
+    collect_servers,
+    declare_model,
+    declare_stage_peer,
+    fetch_block_records,
+    fetch_models,
+    fetch_stage_peers,
+)
 from corolla.net.identity import load_or_create_identity, owner_marker, peer_id_from_owner_marker, swarm_validators
+from corolla.protocol.records import MODEL_REGISTRY_KEY, ModelRegistryEntry, PeerState, StagePeerInfo, stage_key
 from corolla.protocol.server_info import ServerInfo, ServerState
 from tests.fixtures.zoo import zoo_checkpoint
 
@@ -178,3 +188,65 @@ def test_plain_value_cannot_wipe_the_signed_records(prefix, reader, forger, serv
     accepted = forger_dht.store(key, "wiped", get_dht_time() + 3600)
     records = fetch_block_records(reader, dht_prefix=prefix, num_blocks=NUM_BLOCKS)[BLOCK]
     assert not accepted and server_peer_id in records, "a plain value replaced the block's signed server records"
+
+
+EXPERIMENT = "signed-records-exp"
+STAGE_PEER = StagePeerInfo(experiment=EXPERIMENT, stage=1, state=PeerState.ONLINE, throughput_sps=42.5, queue_length=2)
+MODEL = ModelRegistryEntry(
+    model_name="corolla-tests/signed-model", dht_prefix="signed-model-hf", num_blocks=NUM_BLOCKS, model_type="llama"
+)
+
+
+@pytest.fixture(scope="module")
+def announced(swarm, tmp_path_factory):
+    """An honest peer of the new roles (its own identity and DHT node) that announced STAGE_PEER and MODEL."""
+    local_swarm, _ = swarm
+    identity_path, key = load_or_create_identity(tmp_path_factory.mktemp("stage-peer") / "identity.key")
+    dht = _dht(local_swarm.initial_peers, key, honest=True, identity_path=str(identity_path))
+    try:
+        assert declare_stage_peer(dht, STAGE_PEER, owner=owner_marker(key), expiration_s=600).result(timeout=30)
+        assert declare_model(dht, MODEL, owner=owner_marker(key), expiration_s=600).result(timeout=30)
+        yield dht, key
+    finally:
+        dht.shutdown()
+
+
+def _read_stage(reader: DHT) -> dict[PeerID, StagePeerInfo]:
+    return fetch_stage_peers(reader, experiment=EXPERIMENT, num_stages=2)[1]
+
+
+def test_stage_peer_and_registry_records_round_trip(reader, announced):
+    dht, key = announced
+    assert peer_id_from_owner_marker(owner_marker(key)) == dht.peer_id
+    wait_for(lambda: _read_stage(reader) == {dht.peer_id: STAGE_PEER}, timeout_s=20, what="the stage-peer record")
+    assert fetch_stage_peers(reader, experiment=EXPERIMENT, num_stages=2)[0] == {}
+    wait_for(lambda: MODEL.model_name in fetch_models(reader), timeout_s=20, what="the registry entry")
+    assert fetch_models(reader)[MODEL.model_name] == [(dht.peer_id, MODEL)]
+
+
+@pytest.mark.parametrize("kind", ["stage peer", "registry entry"])
+def test_a_peer_cannot_overwrite_another_peers_record_of_the_new_kinds(reader, forger, announced, kind):
+    forger_dht, forger_key = forger
+    victim_dht, victim_key = announced
+    victim_marker = owner_marker(victim_key)
+    if kind == "stage peer":
+        key, real = stage_key(EXPERIMENT, 1), STAGE_PEER
+        forged = real.model_copy(update={"throughput_sps": 1e9, "queue_length": 0})  # would draw every micro-batch
+
+        def read() -> dict:
+            return _read_stage(reader)
+    else:
+        key, real = MODEL_REGISTRY_KEY, MODEL
+        forged = real.model_copy(update={"dht_prefix": "hijacked", "num_blocks": 1})  # would send clients elsewhere
+
+        def read() -> dict:
+            return dict(fetch_models(reader).get(MODEL.model_name, []))
+
+    wait_for(lambda: victim_dht.peer_id in read(), timeout_s=20, what=f"the real {kind} record")
+    real_entry = _raw_entries(reader, key)[victim_marker]
+    later = max(real_entry.expiration_time, get_dht_time()) + 3600
+    for subkey in (victim_marker, victim_marker + owner_marker(forger_key), b"x" + victim_marker + b"y"):
+        assert forger_dht.store(key, forged.to_record(), later, subkey=subkey) is False
+    assert _raw_entries(reader, key)[victim_marker] == real_entry, f"the real {kind} record changed"
+    assert read()[victim_dht.peer_id] == real
+    assert forger_dht.peer_id not in read()
