@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import time
 
 import pytest
 import torch
@@ -88,11 +87,10 @@ def test_middle_server_dies_mid_generation(reference, tmp_path, spare, sig):
     swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=spare)
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-        started = time.monotonic()
-        out, victim, _ = _generate_with_fault(model, swarm, ids, block=2, sig=sig)
+        out, victim, chain = _generate_with_fault(model, swarm, ids, block=2, sig=sig)
         assert victim, "the fault was never injected"
         assert out.tolist() == expected.tolist()
-        assert time.monotonic() - started < 60
+        assert victim[0] not in chain, "the session still routes through the failed server"
         model.shutdown()
     finally:
         swarm.stop()

@@ -16,12 +16,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 BALANCE_PERIOD_S = 5.0
 UPDATE_PERIOD_S = 1.0
-RECORD_EXPIRATION_S = 2.5 * UPDATE_PERIOD_S  # a killed server's records linger this long (server/announcer.py)
 
 
 def test_servers_without_span_flags_cover_all_blocks_and_heal(smollm2_path, tmp_path):
     """Three servers started together choose 0:10/10:20/20:30; a spare joins (on the lowest tie, 0:10); when the
-    middle server is killed, the survivors move to fill the hole within two rebalancing periods."""
+    middle server is killed, a survivor moves to fill the hole."""
     args = [
         "--num-blocks", "10", "--throughput", "100", "--update-period", str(UPDATE_PERIOD_S),
         "--balance-period", str(BALANCE_PERIOD_S), "--join-jitter", "0",
@@ -48,10 +47,9 @@ def test_servers_without_span_flags_cover_all_blocks_and_heal(smollm2_path, tmp_
         assert sorted(set(survivors.values())) == [(0, 10), (10, 20), (20, 30)], survivors
         moved = [n for n in survivors if "moving from blocks 0:10 to 10:20" in (tmp_path / f"{n}.log").read_text()]
         assert moved, "the hole was not filled by a survivor's rebalancing"
+        # how long healing takes (record expiry + the next balance check) is measured, not asserted: timing belongs
+        # in benchmarks; wait_until_served bounds the wait
         logger.info("coverage restored %.1f s after the kill (balance period %.0f s)", healed_s, BALANCE_PERIOD_S)
-        # the dead server's records must expire first; then the next balance check (at most 1.5 mean periods
-        # away) moves a spare, which loads 10 blocks in well under a second
-        assert healed_s < RECORD_EXPIRATION_S + 2 * BALANCE_PERIOD_S, f"healed after {healed_s:.1f} s"
 
 
 def test_a_server_at_the_optimum_never_moves(tmp_path):
