@@ -33,8 +33,15 @@ from corolla import AutoDistributedModelForCausalLM
 from corolla.local_swarm import LocalSwarm, wait_for
 from corolla.net.loop import background_loop, run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
-from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, ServerStatus, SpanRequest
-from corolla.server.handler import BlockServicer
+from corolla.protocol.messages import (
+    BackwardRequest,
+    InferenceOpen,
+    InferenceStep,
+    PushedStep,
+    ServerStatus,
+    SpanRequest,
+)
+from corolla.protocol.rpc import BLOCK_SERVER, RpcStub
 from tests.fixtures.zoo import zoo_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -134,30 +141,30 @@ class Server:
         (self.peer_id,) = self.view.servers
 
     async def stub(self):
-        return BlockServicer.get_stub(await self.view.p2p(), self.peer_id)
+        return RpcStub(await self.view.transport(), self.peer_id.to_base58(), BLOCK_SERVER)
 
     def status(self) -> ServerStatus:
         async def call():
-            return await (await self.stub()).rpc_info(runtime_pb2.ExpertUID(uid="info"), timeout=10)
+            return await (await self.stub()).call("info", runtime_pb2.ExpertUID(uid="info"), timeout_s=10)
 
         info = run_sync(call(), timeout_s=15)
         return ServerStatus.model_validate(MSGPackSerializer.loads(info.serialized_info))
 
     def forward(self, request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
         async def call():
-            return await (await self.stub()).rpc_forward(request, timeout=20)
+            return await (await self.stub()).call("forward", request, timeout_s=20)
 
         return unpack_tensors(run_sync(call(), timeout_s=30))
 
     def backward(self, request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
         async def call():
-            return await (await self.stub()).rpc_backward(request, timeout=20)
+            return await (await self.stub()).call("backward", request, timeout_s=20)
 
         return unpack_tensors(run_sync(call(), timeout_s=30))
 
     def forward_stream(self, messages: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
         async def call():
-            return [r async for r in await (await self.stub()).rpc_forward_stream(_aiter(messages))]
+            return [r async for r in await (await self.stub()).iterate("forward_stream", _aiter(messages))]
 
         return run_sync(call(), timeout_s=30)
 
@@ -177,7 +184,7 @@ class Server:
             await answered.wait()
 
         responses = []
-        async for response in await (await self.stub()).rpc_inference(requests()):
+        async for response in await (await self.stub()).iterate("inference", requests()):
             responses.append(response)
             if hold is None and 0 < steps <= len(responses):
                 answered.set()
@@ -659,6 +666,57 @@ def test_steps_without_tensors_are_ignored(server, check_after):
     assert len(responses) == 1 and unpack_metadata(responses[0])["position"] == 3
 
 
+def test_duplicate_session_id_is_refused_and_leaks_nothing(server, healthy, check_after):
+    """A second session under an id already open is refused, the first keeps its session, and the refused open
+    holds no session or cache afterwards (check_after: it used to leave ``active_sessions`` one too high)."""
+    session_id = uuid.uuid4().hex
+
+    async def scenario():
+        hold = asyncio.Event()
+        first = asyncio.create_task(
+            server.inference_async([opening(hidden(), max_length=8, session_id=session_id)], hold=hold)
+        )
+        await _until(lambda: server.status().active_sessions == 2, "the first session to open")
+        with pytest.raises(P2PHandlerError, match=f"session id '{session_id}' is already in use"):
+            await server.inference_async([opening(hidden(), max_length=8, session_id=session_id)])
+        assert (await asyncio.to_thread(server.status)).active_sessions == 2  # status() blocks: off the loop
+        hold.set()
+        assert len(await first) == 1  # the first session answered its step and ended cleanly
+
+    run_sync(scenario(), timeout_s=30)
+
+
+def test_pushes_are_taken_only_from_the_server_the_client_named(server, check_after):
+    """Anyone who learns a session id could push steps into it: the server takes a push only from the peer the
+    client named as its previous server (``pusher``), here this test's own peer; others are refused."""
+
+    async def scenario():
+        me = (await server.view.p2p()).peer_id.to_base58()
+        answers = {}
+        for pusher in ("QmSomeOtherServerThatTheClientNamedInsteadOfThisOne", me):
+            session_id, hold = uuid.uuid4().hex, asyncio.Event()
+            first = opening(hidden(), max_length=8, session_id=session_id, pusher=pusher)
+            session = asyncio.create_task(server.inference_async([first], hold=hold))
+            await _until(lambda: server.status().active_sessions == 2, "the session to open")
+            pushes = (await asyncio.to_thread(server.status)).steps_from_pushes
+            meta = PushedStep(session_id=session_id, step_id=uuid.uuid4().hex, position=3).model_dump()
+            try:
+                await (await server.stub()).call("push", message([hidden()], meta), timeout_s=10)
+            except P2PHandlerError as e:
+                answers[pusher] = str(e)
+            else:
+                await _until(lambda n=pushes + 1: server.status().steps_from_pushes == n, "the push to be computed")
+                answers[pusher] = "computed"
+            hold.set()
+            await session
+        return answers
+
+    answers = run_sync(scenario(), timeout_s=60)
+    refused, accepted = answers.values()
+    assert "may not push into session" in refused and "did not name it as the previous server" in refused
+    assert accepted == "computed"
+
+
 # ---- sessions that go idle or vanish ----------------------------------------------------------------------------
 
 
@@ -701,7 +759,7 @@ def test_idle_sessions_are_closed_after_session_timeout(server, healthy):
             while (beat := await beats.get()) is not None:
                 yield beat
 
-        return [r async for r in await (await server.stub()).rpc_inference(requests())]
+        return [r async for r in await (await server.stub()).iterate("inference", requests())]
 
     def beat() -> bool:
         healthy.step()
@@ -740,7 +798,7 @@ async def _open_stream(server: Server, *messages):
             yield item
         await asyncio.Event().wait()
 
-    return await (await server.stub()).rpc_inference(requests())
+    return await (await server.stub()).iterate("inference", requests())
 
 
 async def _drop(responses, after_s: float) -> None:
@@ -1002,7 +1060,7 @@ async def _answers_then_error(server: Server, messages) -> tuple[list, str | Non
         await finished.wait()
 
     try:
-        async for response in await (await server.stub()).rpc_inference(requests()):
+        async for response in await (await server.stub()).iterate("inference", requests()):
             answers.append(response)
             if len(answers) == len(messages):
                 finished.set()

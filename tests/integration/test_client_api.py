@@ -35,19 +35,18 @@ def swarm(tmp_path_factory):
         yield path, s
 
 
-def test_payload_over_the_unary_limit_is_streamed_and_computed_in_chunks(swarm, monkeypatch):
+def test_payload_over_the_unary_limit_is_streamed_and_computed_in_chunks(swarm):
     """One sub-batch of 20,480 tokens (5 MiB): forward and backward go over the streaming RPCs, and the server
     computes it in chunks of --compute-chunk-tokens; results equal small unary sub-batches computed whole."""
-    from corolla.client import span_calls
+    from corolla.net.faults import FaultPlan, FaultyTransport
 
     streamed = []
-    real_streamed = span_calls._streamed
 
-    async def spy(method, request):
-        streamed.append(method.__name__ if hasattr(method, "__name__") else str(method))
-        return await real_streamed(method, request)
+    def record(call):  # a fault plan that injects nothing: it only sees which RPCs the client calls
+        if call.rpc.endswith("_stream") and call.message == 0:
+            streamed.append(call.rpc)
 
-    monkeypatch.setattr(span_calls, "_streamed", spy)
+    plan = FaultPlan(record)
     path, s = swarm
     big = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers, sub_batch_tokens=32768)
     small = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers)
@@ -57,13 +56,14 @@ def test_payload_over_the_unary_limit_is_streamed_and_computed_in_chunks(swarm, 
         grad_out = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(1))
         results = {}
         for name, model in (("big", big), ("small", small)):
+            model.remote_blocks.swarm.wrap_transport(lambda transport: FaultyTransport(transport, plan))
             streamed.clear()
             x = hidden.clone().requires_grad_()
             out = model.remote_blocks(x)
             out.backward(grad_out)
             results[name] = (out.detach(), x.grad, len(streamed))
         # 2 spans x (forward + backward), each one streamed call; the small sub-batches never stream
-        assert results["big"][2] == 4, results["big"][2]
+        assert results["big"][2] == 4, streamed
         assert results["small"][2] == 0
         torch.testing.assert_close(results["big"][0], results["small"][0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(results["big"][1], results["small"][1], atol=1e-5, rtol=1e-5)

@@ -192,7 +192,7 @@ def test_a_failed_server_is_used_again_after_its_ban(reference, tmp_path):
 async def _ping_via(view, peer):
     from corolla.net.ping import ping
 
-    return await ping(await view.p2p(), peer, timeout_s=3)
+    return await ping(await view.transport(), peer, timeout_s=3)
 
 
 def _remote_blocks_node(output: torch.Tensor):
@@ -242,32 +242,26 @@ def test_server_dies_between_forward_and_backward(reference, tmp_path, spare):
         swarm.stop()
 
 
-def test_many_random_failures_keep_tokens_exact(reference, tmp_path, monkeypatch):
+def test_many_random_failures_keep_tokens_exact(reference, tmp_path):
     """Streams fail at random (seeded) all along a generation with push on, two servers per span: every failure
     is recovered by replay, and answers that servers computed from pushes of replaced servers are not mistaken
     for the answers to the replayed steps."""
     import random
 
-    from corolla.client.inference_session import _ServerStream
+    from corolla.net.faults import Close, FaultPlan, FaultyTransport
 
     path, ids, expected = reference
     swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=["0:2", "2:4", "4:6"])
-    original, rng, failures = _ServerStream.step, random.Random(3), []
-
-    async def flaky_step(stream, *args, **kwargs):
-        if rng.random() < 0.08:
-            failures.append(stream.hop.peer_id)
-            await stream.close()  # the server really drops the session and its cache
-            raise ConnectionError("injected failure")
-        return await original(stream, *args, **kwargs)
-
+    rng = random.Random(3)
+    # the client's stream closes before an answer arrives: the server really drops the session and its cache
+    plan = FaultPlan(lambda call: Close() if call.rpc == "inference" and rng.random() < 0.08 else None)
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(
             path, initial_peers=swarm.initial_peers, ban_timeout_s=0.5, max_retries=5
         )
-        monkeypatch.setattr(_ServerStream, "step", flaky_step)
+        model.remote_blocks.swarm.wrap_transport(lambda transport: FaultyTransport(transport, plan))
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-        assert len(failures) >= 5
+        assert len(plan.injected) >= 5
         assert out.tolist() == expected.tolist()
         model.shutdown()
     finally:

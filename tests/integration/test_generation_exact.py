@@ -96,15 +96,15 @@ def test_servers_push_outputs_to_the_next_server(family_swarm):
     from hivemind.utils.serializer import MSGPackSerializer
 
     from corolla.net.loop import run_sync
-    from corolla.server.handler import BlockServicer
+    from corolla.protocol.rpc import BLOCK_SERVER, RpcStub
 
     _, _, model, local = family_swarm
     view = model.remote_blocks.swarm
 
     async def pushed_steps() -> int:
         (second,) = [peer for peer, info in view.servers.items() if info.start_block == 3]
-        stub = BlockServicer.get_stub(await view.p2p(), second)
-        info = await stub.rpc_info(runtime_pb2.ExpertUID(), timeout=10)
+        stub = RpcStub(await view.transport(), second.to_base58(), BLOCK_SERVER)
+        info = await stub.call("info", runtime_pb2.ExpertUID(), timeout_s=10)
         return MSGPackSerializer.loads(info.serialized_info)["steps_from_pushes"]
 
     before = run_sync(pushed_steps(), timeout_s=30)

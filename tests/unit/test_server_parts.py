@@ -137,25 +137,6 @@ def test_mask_and_positions_validation():
         validation.check_span(2, 9, served=(0, 6))
 
 
-def test_streaming_rpcs_are_registered_as_streams():
-    # hivemind recognises streams only by typing.AsyncIterator annotations; a collections.abc import makes
-    # these handlers unary and every inference session hangs
-    from corolla.server.handler import BlockServicer
-
-    BlockServicer._rpc_handlers = None
-    BlockServicer._collect_rpc_handlers()
-    kinds = {h.method_name: (h.stream_input, h.stream_output) for h in BlockServicer._rpc_handlers}
-    assert kinds == {
-        "rpc_info": (False, False),
-        "rpc_forward": (False, False),
-        "rpc_forward_stream": (True, True),
-        "rpc_backward": (False, False),
-        "rpc_backward_stream": (True, True),
-        "rpc_inference": (True, True),
-        "rpc_push": (False, False),
-    }
-
-
 def test_collect_servers_counts_joining_servers_only_when_asked():
     """A server moving 0:2 -> 2:4 left OFFLINE records on its old blocks and JOINING ones on its new blocks: routing
     must not use it yet, block choice must count it where it is going (or others rush into the same hole)."""

@@ -19,7 +19,8 @@ def register(commands) -> None:
     parser.set_defaults(handler=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, handler_wrapper=None) -> int:
+    """``handler_wrapper``: see ``corolla.server.server.Server`` (tests build misbehaving servers with it)."""
     from corolla.errors import AdapterError
     from corolla.server.server import Server
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise SystemExit(f"corolla serve: {e}") from None
     try:
-        Server(config).run()
+        Server(config, handler_wrapper=handler_wrapper).run()
     except AdapterError as e:
         raise SystemExit(f"corolla serve: {e}") from None
     return 0

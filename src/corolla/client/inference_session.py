@@ -11,7 +11,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import torch
-from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.algorithms.routing import RouteHop
@@ -21,7 +20,7 @@ from corolla.log import get_logger
 from corolla.net.loop import run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
 from corolla.protocol.messages import InferenceOpen, InferenceStep, PushTarget
-from corolla.server.handler import BlockServicer
+from corolla.protocol.rpc import BLOCK_SERVER, MessageStream, RpcStub
 
 logger = get_logger(__name__)
 
@@ -37,8 +36,8 @@ class _Sent:
 class _ServerStream:
     """One open inference stream to one server for blocks ``hop.start..hop.end-1``.
 
-    It speaks hivemind's stream framing directly (rather than through a stub) so that a server whose connection
-    closes is noticed at once, instead of after a timeout.
+    It uses a raw message stream (rather than a request iterator) so that a server whose connection closes is
+    noticed at once, instead of after a timeout.
     """
 
     def __init__(
@@ -53,17 +52,13 @@ class _ServerStream:
     ):
         self.hop, self.max_length, self.batch_size = hop, max_length, batch_size
         self.compression, self.timeout_s, self.active_adapter = compression, timeout_s, active_adapter
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
+        self._stream: MessageStream | None = None
         self._opened = False
         self.session_id = uuid.uuid4().hex
 
     async def open(self, swarm: SwarmView) -> None:
-        p2p = await swarm.p2p()
-        handle = BlockServicer._get_handle_name(None, "rpc_inference")
-        _, self._reader, self._writer = await asyncio.wait_for(
-            p2p.call_binary_stream_handler(PeerID.from_base58(self.hop.peer_id), handle), self.timeout_s
-        )
+        stub = RpcStub(await swarm.transport(), self.hop.peer_id, BLOCK_SERVER)
+        self._stream = await stub.open_stream("inference", timeout_s=self.timeout_s)
 
     async def step(
         self,
@@ -74,8 +69,10 @@ class _ServerStream:
         *,
         step_id: str | None = None,
         push_chain: list[PushTarget] = (),
+        pusher: str | None = None,
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One step; ``pusher``: the server before this one, which may push this step's input here."""
         step = InferenceStep(
             step_id=step_id or uuid.uuid4().hex,
             position=position,
@@ -83,6 +80,7 @@ class _ServerStream:
             has_position_ids=positions is not None,
             has_prompts=prompts is not None,
             push_chain=list(push_chain),
+            pusher=pusher,
         ).model_dump()
         if not self._opened:
             step = (
@@ -99,7 +97,9 @@ class _ServerStream:
             )
             self._opened = True
         tensors = [hidden] + [t for t in (mask, positions, prompts) if t is not None]
-        await P2P.send_protobuf(pack(tensors, step, compression=self.compression), self._writer)
+        if self._stream is None:
+            raise ConnectionError(f"the stream to {self.hop.peer_id} is closed")
+        await self._stream.send(pack(tensors, step, compression=self.compression))
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
             response = await self._receive(deadline)
@@ -115,26 +115,14 @@ class _ServerStream:
 
     async def _receive(self, deadline: float) -> runtime_pb2.ExpertResponse:
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
-        try:
-            response, error = await asyncio.wait_for(
-                P2P.receive_protobuf(runtime_pb2.ExpertResponse, self._reader), timeout
-            )
-        except asyncio.IncompleteReadError:
-            raise ConnectionError(f"server {self.hop.peer_id} closed the stream") from None
-        if error is not None:
-            raise RemoteCallError(f"server {self.hop.peer_id} refused the step: {error.message}")
-        return response
+        return await self._stream.receive(runtime_pb2.ExpertResponse, timeout)
 
     async def close(self) -> None:
         """End the stream politely (the server then frees the session's cache at once)."""
-        if self._writer is None:
+        if self._stream is None:
             return
-        writer, self._writer = self._writer, None
-        try:
-            await P2P.send_protobuf(P2P.END_OF_STREAM, writer)
-        except Exception as e:
-            logger.debug("Could not end a stream: %s", e)
-        writer.close()
+        stream, self._stream = self._stream, None
+        await stream.close()
 
 
 @dataclass(kw_only=True)
@@ -218,6 +206,7 @@ class InferenceSession:
                 output = await span.stream.step(
                     hidden, mask, positions, self.position, step_id=step_ids[index],
                     push_chain=[] if with_prompts else self._push_chain(index, step_ids),
+                    pusher=None if with_prompts else self._pusher(index),
                     prompts=self._prompts_for(span.hop) if with_prompts else None,
                 )  # fmt: skip
             except Exception as e:
@@ -269,6 +258,12 @@ class InferenceSession:
             PushTarget(peer_id=span.hop.peer_id, session_id=span.stream.session_id, step_id=step_id)
             for span, step_id in zip(self._spans[index + 1 :], step_ids[index + 1 :])
         ]
+
+    def _pusher(self, index: int) -> str | None:
+        """The server before span ``index``, which pushes its outputs there (None for the first, or push off)."""
+        if not self.swarm.config.push or index == 0:
+            return None
+        return self._spans[index - 1].hop.peer_id
 
     async def _open_chain_with_retries(self, start: int, end: int, batch_size: int, *, replay_from):
         """A chain for blocks start..end-1 whose caches hold the session so far (replayed from ``replay_from``).

@@ -6,7 +6,6 @@ import asyncio
 from dataclasses import dataclass
 
 import torch
-from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 from hivemind.utils.streaming import split_for_streaming
 
@@ -14,7 +13,7 @@ from corolla.algorithms.routing import RouteHop
 from corolla.errors import RemoteCallError
 from corolla.net.tensors import STREAM_CHUNK_BYTES, combine_chunks, pack, unpack_tensors
 from corolla.protocol.messages import BackwardRequest, SpanRequest
-from corolla.server.handler import BlockServicer
+from corolla.protocol.rpc import BLOCK_SERVER, RpcStub
 
 MAX_UNARY_BYTES = 2 * 2**20  # the transport refuses unary messages over 4 MiB; stream anything bigger than this
 
@@ -53,7 +52,7 @@ async def call_forward(swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCa
         **extra.flags(),
     )
     request = pack([hidden, *extra.extras()], meta.model_dump(), compression=compression)
-    outputs = await _call(swarm, hop, request, "rpc_forward")
+    outputs = await _call(swarm, hop, request, "forward")
     if len(outputs) != 1 or outputs[0].shape != hidden.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned a malformed forward result")
     return outputs[0].to(hidden.dtype)
@@ -72,7 +71,7 @@ async def call_backward(
         **extra.flags(),
     )
     request = pack([hidden, grad_outputs, *extra.extras()], meta.model_dump(), compression=compression)
-    outputs = await _call(swarm, hop, request, "rpc_backward")
+    outputs = await _call(swarm, hop, request, "backward")
     expected = 1 + int(extra.prompts is not None)
     if len(outputs) != expected or outputs[0].shape != hidden.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned a malformed backward result")
@@ -83,17 +82,20 @@ async def call_backward(
     return outputs[0].to(hidden.dtype), outputs[1].to(extra.prompts.dtype)
 
 
-async def _call(swarm, hop: RouteHop, request: runtime_pb2.ExpertRequest, method: str) -> list[torch.Tensor]:
-    p2p = await swarm.p2p()
-    stub = BlockServicer.get_stub(p2p, PeerID.from_base58(hop.peer_id))
+async def _call(swarm, hop: RouteHop, request: runtime_pb2.ExpertRequest, rpc: str) -> list[torch.Tensor]:
+    stub = RpcStub(await swarm.transport(), hop.peer_id, BLOCK_SERVER)
     timeout = swarm.config.request_timeout_s
     if request.ByteSize() <= MAX_UNARY_BYTES:
-        response = await getattr(stub, method)(request, timeout=timeout)
+        response = await stub.call(rpc, request, timeout_s=timeout)
+    else:
+        response = await asyncio.wait_for(_streamed(stub, f"{rpc}_stream", request), timeout)
+    try:
         return unpack_tensors(response)
-    return await asyncio.wait_for(_streamed(getattr(stub, f"{method}_stream"), request), timeout)
+    except Exception as e:  # undecodable bytes are the server's fault, not a client bug
+        raise RemoteCallError(f"server {hop.peer_id} sent an undecodable {rpc} reply: {e}") from e
 
 
-async def _streamed(method, request: runtime_pb2.ExpertRequest) -> list[torch.Tensor]:
+async def _streamed(stub: RpcStub, rpc: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
     async def chunks():
         yield runtime_pb2.ExpertRequest(metadata=request.metadata)
         for tensor in request.tensors:
@@ -101,6 +103,6 @@ async def _streamed(method, request: runtime_pb2.ExpertRequest) -> list[torch.Te
                 yield runtime_pb2.ExpertRequest(tensors=[chunk])
 
     parts = []
-    async for response in await method(chunks()):
+    async for response in await stub.iterate(rpc, chunks()):
         parts.extend(response.tensors)
-    return unpack_tensors(runtime_pb2.ExpertResponse(tensors=combine_chunks(parts)))
+    return runtime_pb2.ExpertResponse(tensors=combine_chunks(parts))

@@ -21,6 +21,8 @@ from corolla.net.dht_process import client_dht
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
 from corolla.net.loop import run_sync
 from corolla.net.ping import RttTracker, ping_many
+from corolla.net.transport import P2PTransport
+from corolla.protocol.rpc import Transport
 from corolla.protocol.server_info import ServerInfo
 from corolla.protocol.versions import PROTOCOL_VERSION
 
@@ -40,6 +42,8 @@ class SwarmView:
         self._updated_at = -float("inf")
         self._lock = threading.Lock()
         self._p2p: P2P | None = None
+        self._transport: Transport | None = None
+        self.transport_wrapper: Callable[[Transport], Transport] | None = None  # e.g. a FaultyTransport in tests
         self.rtt = RttTracker()  # this client's round trips to servers, for latency-aware routing
 
     @classmethod
@@ -66,6 +70,18 @@ class SwarmView:
             self._p2p = await self.dht.replicate_p2p()
         return self._p2p
 
+    async def transport(self) -> Transport:
+        """How this client calls servers: libp2p, wrapped by ``transport_wrapper`` if one is set."""
+        if self._transport is None:
+            transport = P2PTransport(await self.p2p())
+            self._transport = transport if self.transport_wrapper is None else self.transport_wrapper(transport)
+        return self._transport
+
+    def wrap_transport(self, wrapper: Callable[[Transport], Transport]) -> None:
+        """Route every later call through ``wrapper(real transport)`` (``corolla.net.faults.FaultyTransport``
+        injects faults this way in tests)."""
+        self.transport_wrapper, self._transport = wrapper, None
+
     def refresh(self) -> None:
         """Re-read all block records from the DHT."""
         records = fetch_block_records(
@@ -88,7 +104,7 @@ class SwarmView:
         logger.debug("Swarm view: %d servers", len(servers))
 
     async def _ping(self, peers: list[PeerID]) -> dict[str, float]:
-        return await ping_many(await self.p2p(), peers, timeout_s=PING_TIMEOUT_S)
+        return await ping_many(await self.transport(), peers, timeout_s=PING_TIMEOUT_S)
 
     def maybe_refresh(self) -> None:
         if time.monotonic() - self._updated_at > self.config.update_period_s:
@@ -184,7 +200,7 @@ class SwarmView:
 
     def shutdown(self) -> None:
         if self._p2p is not None:
-            p2p, self._p2p = self._p2p, None
+            p2p, self._p2p, self._transport = self._p2p, None, None
             try:
                 run_sync(p2p.shutdown(), timeout_s=5)
             except Exception:

@@ -7,33 +7,36 @@ import math
 import time
 from collections.abc import Iterable
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
 
 from corolla.log import get_logger
+from corolla.protocol.rpc import BLOCK_SERVER, RpcStub, Transport
 
 logger = get_logger(__name__)
 
 
-async def ping(p2p: P2P, peer_id: PeerID, *, timeout_s: float) -> float:
+async def ping(transport: Transport, peer_id: PeerID | str, *, timeout_s: float) -> float:
     """Seconds for one info call to ``peer_id``; ``math.inf`` if it fails or takes longer than ``timeout_s``."""
-    from corolla.server.handler import BlockServicer
-
-    stub = BlockServicer.get_stub(p2p, peer_id)
+    stub = RpcStub(transport, _base58(peer_id), BLOCK_SERVER)
     started = time.perf_counter()
     try:
-        await stub.rpc_info(runtime_pb2.ExpertUID(), timeout=timeout_s)
+        await stub.call("info", runtime_pb2.ExpertUID(), timeout_s=timeout_s)
     except Exception as e:
         logger.debug("Ping to %s failed: %s", peer_id, e)
         return math.inf
     return time.perf_counter() - started
 
 
-async def ping_many(p2p: P2P, peer_ids: Iterable[PeerID], *, timeout_s: float) -> dict[str, float]:
+async def ping_many(transport: Transport, peer_ids: Iterable[PeerID | str], *, timeout_s: float) -> dict[str, float]:
     """RTT seconds by base58 peer id for every peer that answered."""
-    peer_ids = list(peer_ids)
-    rtts = await asyncio.gather(*(ping(p2p, peer, timeout_s=timeout_s) for peer in peer_ids))
-    return {peer.to_base58(): rtt for peer, rtt in zip(peer_ids, rtts) if math.isfinite(rtt)}
+    peer_ids = [_base58(peer) for peer in peer_ids]
+    rtts = await asyncio.gather(*(ping(transport, peer, timeout_s=timeout_s) for peer in peer_ids))
+    return {peer: rtt for peer, rtt in zip(peer_ids, rtts) if math.isfinite(rtt)}
+
+
+def _base58(peer_id: PeerID | str) -> str:
+    return peer_id if isinstance(peer_id, str) else peer_id.to_base58()
 
 
 class RttTracker:

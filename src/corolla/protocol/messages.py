@@ -77,7 +77,9 @@ class InferenceStep(_Message):
     """One step of a session: new tokens placed at ``position`` (their index in the sequence).
 
     ``push_chain`` lists the servers after this one; the server pushes its output to the first of them (passing
-    the rest along), so the next server can start before the client's own copy of the input arrives. Tensors are
+    the rest along), so the next server can start before the client's own copy of the input arrives. ``pusher``
+    names the server before this one in the client's chain: the only peer whose pushes this session accepts (the
+    client's latest step decides, so a replaced server loses the right at once). Tensors are
     laid out as in ``SpanRequest``; deep prompts (``has_prompts``) cannot be combined with a push chain.
     """
 
@@ -87,6 +89,7 @@ class InferenceStep(_Message):
     has_position_ids: bool = False
     has_prompts: bool = False
     push_chain: list[PushTarget] = Field(default_factory=list, max_length=256)
+    pusher: str | None = Field(default=None, min_length=1, max_length=128)  # the previous server, allowed to push
 
 
 class PushedStep(InferenceStep):

@@ -23,6 +23,7 @@ from corolla.net.dht_process import ParentBoundDHT
 from corolla.net.dht_records import collect_servers, fetch_block_records
 from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
 from corolla.net.ping import RttTracker, ping_many
+from corolla.net.transport import HandlerWrapper, P2PTransport
 from corolla.protocol.server_info import ServerInfo, ServerState
 from corolla.server.announcer import Announcer
 from corolla.server.compute import ComputeQueue
@@ -60,8 +61,11 @@ def _quiet_lost_daemon(loop: asyncio.AbstractEventLoop, context: dict) -> None:
 class Server:
     """Owns one server's lifetime. ``run()`` blocks until SIGINT/SIGTERM or ``stop()``."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, *, handler_wrapper: HandlerWrapper | None = None):
+        """``handler_wrapper`` wraps every RPC handler (tests build misbehaving servers with
+        ``corolla.net.faults.FaultPlan.wrap_handler``; everything else about such a server is real)."""
         self.config = config
+        self.handler_wrapper = handler_wrapper
         self._adapters: list = []  # resolved --adapters (corolla.models.lora.AdapterSource)
         self._stop: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -254,7 +258,7 @@ class Server:
             )
             end = state["span"].end
             peers = [p for p, info in collect_servers(records).items() if info.start_block <= end < info.end_block]
-            next_rtts.update(await ping_many(p2p, peers[: MAX_PUBLISHED_PINGS * 2], timeout_s=2.0))
+            next_rtts.update(await ping_many(P2PTransport(p2p), peers[: MAX_PUBLISHED_PINGS * 2], timeout_s=2.0))
 
         announcer = Announcer(
             dht=dht,
@@ -271,7 +275,7 @@ class Server:
             compute = ComputeQueue()
             servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
             p2p = await dht.replicate_p2p()
-            await servicer.start(p2p)
+            await servicer.start(p2p, wrap=self.handler_wrapper)
         except BaseException:
             joining.cancel()
             raise
@@ -297,7 +301,7 @@ class Server:
                 rebalancer.stop if rebalancer is not None else None,
                 announcer.stop,
                 lambda: announcer.announce_now(make_info(ServerState.OFFLINE), timeout_s=5),
-                lambda: asyncio.wait_for(servicer.remove_p2p_handlers(p2p), timeout=5),
+                lambda: asyncio.wait_for(servicer.stop(), timeout=5),
             ]
             for step in filter(None, steps):  # each on its own: one failing (e.g. p2pd is gone) must not skip the rest
                 try:

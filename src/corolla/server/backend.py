@@ -1,0 +1,232 @@
+"""The compute backend of a block server: validated forward, backward and inference-step work over its span.
+
+No transport here: a request arrives as parsed metadata plus tensors and leaves as tensors, so the backend runs
+(and is tested) in-process. Every input is checked before it touches the model; a bad one raises
+``InvalidRequestError`` saying what was wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from corolla.errors import InvalidRequestError
+from corolla.models.lora import use_adapter
+from corolla.models.span import SpanInputs, SpanModel
+from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, SpanRequest
+from corolla.server import validation
+from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
+from corolla.server.config import ServerConfig
+from corolla.server.sessions import Session
+
+
+class SpanBackend:
+    """Runs requests on the hosted span through one ``ComputeQueue`` (inference steps first)."""
+
+    def __init__(self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue):
+        self.span, self.config, self.compute = span, config, compute
+        self.adapters: tuple[str, ...] = config.adapter_names()  # loaded into every span this server serves
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.span.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.span.parameters()).device
+
+    def swap_span(self, span: SpanModel) -> None:
+        """Serve other blocks from now on; sessions opened before keep running on the span they started with."""
+        self.span = span
+
+    # ---- forward and backward ---------------------------------------------------------------------------------
+    async def forward(self, meta: SpanRequest, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Hidden states through blocks ``meta.start_block..meta.end_block-1`` (no cache)."""
+        span = self.span
+        validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
+        self.check_adapter(meta)
+        inputs, prompts = self._span_inputs(span, meta, tensors, past_length=0, batch_size=None, blocks=_blocks(meta))
+
+        def task() -> torch.Tensor:
+            outputs = []
+            for rows in self._row_chunks(inputs.hidden_states):
+                chunk_prompts = None if prompts is None else _prompt_rows(prompts, rows)
+                with use_adapter(meta.active_adapter):
+                    outputs.append(
+                        span(_rows(inputs, rows), start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+                    )
+            return torch.cat(outputs)
+
+        return (await self._compute(PRIORITY_FORWARD, task)).cpu()
+
+    async def backward(self, meta: BackwardRequest, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """grad_inputs (then grad_prompts with deep prompts) given grad_outputs; the forward pass is recomputed."""
+        span = self.span
+        validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
+        self.check_adapter(meta)
+        if len(tensors) < 2:
+            raise InvalidRequestError(f"backward needs hidden states and grad_outputs, got {len(tensors)} tensors")
+        grad_outputs = tensors[1]
+        inputs, prompts = self._span_inputs(
+            span, meta, tensors[:1] + tensors[2:], past_length=0, batch_size=None, blocks=_blocks(meta)
+        )
+        validation.check_grad_outputs(grad_outputs, like=inputs.hidden_states)
+        grad_outputs = grad_outputs.to(self.device, self.dtype)
+
+        def task() -> list[torch.Tensor]:
+            grad_inputs = []
+            grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+            for rows in self._row_chunks(inputs.hidden_states):
+                chunk = _rows(inputs, rows)
+                hidden = chunk.hidden_states.detach().requires_grad_(True)
+                chunk_prompts = None
+                if prompts is not None:
+                    chunk_prompts = _prompt_rows(prompts, rows).detach().requires_grad_(True)
+                chunk = SpanInputs(
+                    hidden_states=hidden, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids
+                )
+                with use_adapter(meta.active_adapter):
+                    output = span(chunk, start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+                leaves = [hidden] if chunk_prompts is None else [hidden, chunk_prompts]
+                grads = torch.autograd.grad(output, leaves, grad_outputs[rows])
+                grad_inputs.append(grads[0])
+                if prompts is not None:
+                    if prompts.shape[1] == 1:
+                        grad_prompts += grads[1]
+                    else:
+                        grad_prompts[:, rows] = grads[1]
+            return [torch.cat(grad_inputs)] + ([] if grad_prompts is None else [grad_prompts])
+
+        grads = await self._compute(PRIORITY_FORWARD, task, grad=True)
+        return [g.detach().cpu() for g in grads]
+
+    def _row_chunks(self, hidden: torch.Tensor) -> list[slice]:
+        """Rows of a batch in chunks of at most ``compute_chunk_tokens`` tokens (at least one row each)."""
+        batch, tokens = hidden.shape[:2]
+        rows = max(1, self.config.compute_chunk_tokens // tokens)
+        return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
+
+    # ---- inference --------------------------------------------------------------------------------------------
+    def check_open(self, opened: InferenceOpen) -> None:
+        """Refuse a session this server cannot hold (blocks, adapter, length, batch) before reserving anything."""
+        validation.check_span(opened.start_block, opened.end_block, served=(self.span.start, self.span.end))
+        self.check_adapter(opened)
+        if opened.max_length > self.config.max_session_length:
+            raise InvalidRequestError(
+                f"max_length={opened.max_length} exceeds this server's --max-session-length "
+                f"{self.config.max_session_length}"
+            )
+        if opened.batch_size > self.config.max_batch_tokens:
+            raise InvalidRequestError(f"batch_size={opened.batch_size} exceeds {self.config.max_batch_tokens}")
+
+    def new_cache(self, opened: InferenceOpen):
+        """An empty attention cache of the current span for the session's blocks (with the span it belongs to)."""
+        span = self.span
+        return span, span.new_cache(opened.start_block, opened.end_block)
+
+    async def step(self, session: Session, step: InferenceStep, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Run a step's new tokens through the session's blocks at ``step.position``, updating its cache.
+
+        A position before the cache's end rewinds the session (the client replays a step); one after it is refused.
+        """
+        if step.position > session.length:
+            raise InvalidRequestError(
+                f"step at position {step.position} would skip positions: the session holds {session.length} tokens"
+            )
+        opened = session.opened
+        if step.has_prompts and step.push_chain:
+            raise InvalidRequestError("a step with deep prompts cannot be pushed: send it to every server directly")
+        inputs, prompts = self._span_inputs(
+            session.span, step, tensors, past_length=step.position, batch_size=opened.batch_size,
+            blocks=_blocks(opened),
+        )  # fmt: skip
+        new_tokens = inputs.hidden_states.shape[1]
+        if step.position + new_tokens > opened.max_length:
+            raise InvalidRequestError(
+                f"step would reach {step.position + new_tokens} tokens, over the session's max_length "
+                f"{opened.max_length}"
+            )
+
+        def task():
+            if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
+                session.cache.crop(step.position - session.length)  # a negative crop removes tokens
+            with use_adapter(opened.active_adapter):
+                return session.span(
+                    inputs, session.cache, start=opened.start_block, end=opened.end_block, prompts=prompts
+                )
+
+        output = await self._compute(PRIORITY_INFERENCE, task)
+        session.length = step.position + new_tokens
+        return output.cpu()
+
+    # ---- shared -----------------------------------------------------------------------------------------------
+    def check_adapter(self, meta: SpanRequest) -> None:
+        if meta.active_adapter is not None and meta.active_adapter not in self.adapters:
+            held = ", ".join(repr(name) for name in self.adapters) or "none"
+            raise InvalidRequestError(
+                f"this server does not hold adapter {meta.active_adapter!r} (it holds: {held}); route to a server "
+                f"that announces it"
+            )
+
+    def _span_inputs(
+        self, span: SpanModel, meta, tensors: list[torch.Tensor], *, past_length: int, batch_size: int | None,
+        blocks: int,
+    ) -> tuple[SpanInputs, torch.Tensor | None]:  # fmt: skip
+        """Validated inputs of a span call, plus its deep prompts (None without them)."""
+        has_prompts = getattr(meta, "has_prompts", False)
+        expected = 1 + int(meta.has_attention_mask) + int(meta.has_position_ids) + int(has_prompts)
+        if len(tensors) != expected:
+            raise InvalidRequestError(
+                f"expected {expected} tensors (hidden states, mask, positions, prompts), got {len(tensors)}"
+            )
+        hidden = tensors[0]
+        hidden_size = span.config.hidden_size
+        validation.check_hidden_states(
+            hidden, hidden_size=hidden_size, max_tokens=self.config.max_batch_tokens, batch_size=batch_size
+        )
+        batch, new_tokens, _ = hidden.shape
+        rest = iter(tensors[1:])
+        mask = positions = prompts = None
+        if meta.has_attention_mask:
+            mask = validation.check_attention_mask(next(rest), batch=batch, length=past_length + new_tokens)
+        if meta.has_position_ids:
+            limit = max(self.config.max_session_length, past_length + new_tokens)
+            positions = validation.check_position_ids(next(rest), batch=batch, tokens=new_tokens, limit=limit)
+        parameter = next(span.parameters())
+        if has_prompts:
+            prompts = next(rest)
+            validation.check_prompts(prompts, blocks=blocks, batch=batch, tokens=new_tokens, hidden_size=hidden_size)
+            prompts = prompts.to(parameter.device, parameter.dtype)
+        inputs = SpanInputs(
+            hidden_states=hidden.to(parameter.device, parameter.dtype),
+            attention_mask=None if mask is None else mask.to(parameter.device),
+            position_ids=None if positions is None else positions.to(parameter.device),
+        )
+        return inputs, prompts
+
+    async def _compute(self, priority: int, task, *, grad: bool = False):
+        try:
+            future = self.compute.submit(priority, task, grad=grad)
+            return await asyncio.wait_for(future, self.config.request_timeout)
+        except asyncio.TimeoutError:
+            raise InvalidRequestError(
+                f"the request took over {self.config.request_timeout} s and was cancelled"
+            ) from None
+
+
+def _rows(inputs: SpanInputs, rows: slice) -> SpanInputs:
+    return SpanInputs(
+        hidden_states=inputs.hidden_states[rows],
+        attention_mask=None if inputs.attention_mask is None else inputs.attention_mask[rows],
+        position_ids=None if inputs.position_ids is None else inputs.position_ids[rows],
+    )
+
+
+def _prompt_rows(prompts: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Deep prompts for some rows of the batch (prompts shared by all rows have a batch dimension of 1)."""
+    return prompts if prompts.shape[1] == 1 else prompts[:, rows]
+
+
+def _blocks(meta: SpanRequest) -> int:
+    return meta.end_block - meta.start_block

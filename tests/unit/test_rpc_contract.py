@@ -1,0 +1,54 @@
+"""The wire contract: namespaced handle names per role and version, stubs that refuse the wrong call shape, and
+servicers that implement every RPC of their role."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from corolla.protocol.rpc import BLOCK_SERVER, Rpc, RpcContract, RpcStub
+from corolla.protocol.versions import PROTOCOL_VERSION
+
+
+def test_handle_names_are_namespaced_by_role_and_version():
+    assert BLOCK_SERVER.handle("inference") == f"corolla/blocks/v{PROTOCOL_VERSION}/inference"
+    other = RpcContract(role="stage", version=1, rpcs=(Rpc("inference", object, object),))
+    assert other.handle("inference") != BLOCK_SERVER.handle("inference")  # a second role cannot collide
+    with pytest.raises(KeyError, match="has no RPC 'missing'"):
+        BLOCK_SERVER.handle("missing")
+
+
+def test_contracts_refuse_duplicate_rpcs_and_bad_roles():
+    with pytest.raises(ValueError, match="declares an RPC twice"):
+        RpcContract(role="x", version=1, rpcs=(Rpc("a", object, object), Rpc("a", object, object)))
+    with pytest.raises(ValueError, match="without '/'"):
+        RpcContract(role="a/b", version=1, rpcs=())
+
+
+def test_block_servicer_implements_every_rpc_with_the_declared_shape():
+    import inspect
+
+    from corolla.server.handler import BlockServicer
+
+    for rpc in BLOCK_SERVER.rpcs:
+        handler = getattr(BlockServicer, f"rpc_{rpc.name}")
+        assert inspect.isasyncgenfunction(handler) == rpc.stream_output, rpc.name
+    assert {rpc.name for rpc in BLOCK_SERVER.rpcs} == {
+        "info", "forward", "forward_stream", "backward", "backward_stream", "inference", "push",
+    }  # fmt: skip
+
+
+def test_stub_refuses_a_unary_call_of_a_streaming_rpc_and_back():
+    class Unreachable:
+        async def call(self, *args, **kwargs):
+            raise AssertionError("the stub must refuse before calling")
+
+        async def iterate(self, *args, **kwargs):
+            raise AssertionError("the stub must refuse before calling")
+
+    stub = RpcStub(Unreachable(), "peer")
+    with pytest.raises(TypeError, match="blocks/inference is a streaming RPC"):
+        asyncio.run(stub.call("inference", None, timeout_s=1))
+    with pytest.raises(TypeError, match="blocks/forward is a unary RPC"):
+        asyncio.run(stub.iterate("forward", None))
