@@ -69,25 +69,55 @@ def test_speed_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
-def _view_with(servers: dict[str, tuple[int, int]]):
-    """A SwarmView over fixed server records (no DHT: refreshes are no-ops)."""
-    import time as _time
+class _Clock:
+    """Seconds that pass only when a test says so."""
 
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _NoNetwork:
+    """A transport where every peer is unreachable (pings fail; routing falls back to default delays)."""
+
+    async def call(self, *args, **kwargs):
+        raise ConnectionError("no network in unit tests")
+
+
+class _Records:
+    """A record source over fixed server infos (a test may change them); counts its reads."""
+
+    def __init__(self, infos: dict):
+        self.infos, self.reads = infos, 0
+
+    def __call__(self) -> list[dict]:  # one dict per block: the servers whose records are under that block's key
+        self.reads += 1
+        return [{p: i for p, i in self.infos.items() if i.start_block <= block < i.end_block} for block in range(6)]
+
+
+def _view_with(servers: dict[str, tuple[int, int]], clock=None):
+    """A SwarmView over fixed server records through its seams: a record source, a clock, no network."""
     from hivemind.p2p import PeerID
 
     from corolla.client.swarm import SwarmView
     from corolla.protocol.server_info import ServerInfo, ServerState
 
-    def peer(name: str) -> PeerID:
-        return PeerID.from_base58(_peer_ids()[name])
-
-    view = SwarmView(config=ClientConfig(initial_peers=("x",)), dht=None, num_blocks=6, model_name="m", dht_prefix="m")
-    view.servers = {
-        peer(name): ServerInfo(state=ServerState.ONLINE, start_block=a, end_block=b, throughput=1.0)
-        for name, (a, b) in servers.items()
-    }
-    view._updated_at = _time.monotonic()
-    view.refresh = lambda: None
+    records = _Records(
+        {
+            PeerID.from_base58(_peer_ids()[name]): ServerInfo(
+                state=ServerState.ONLINE, start_block=a, end_block=b, throughput=1.0
+            )
+            for name, (a, b) in servers.items()
+        }
+    )
+    view = SwarmView(
+        config=ClientConfig(initial_peers=("x",)), dht=None, num_blocks=6, model_name="m", dht_prefix="m",
+        clock=clock or _Clock(), records=records, transport=_NoNetwork(),
+    )  # fmt: skip
+    view.refresh()
+    view.records = records  # for the test
     return view, {name: _peer_ids()[name] for name in servers}
 
 
@@ -111,20 +141,47 @@ def test_a_server_that_answers_is_forgiven():
     view, ids = _view_with({"a": (0, 6)})
     view.ban(ids["a"])
     view.ban(ids["a"])
-    assert view._bans[ids["a"]][1] == 2
+    assert view.failures(ids["a"]) == 2
     view.forgive(ids["a"])
     assert ids["a"] not in view.banned()
     view.ban(ids["a"])
-    assert view._bans[ids["a"]][1] == 1  # back to the shortest ban
+    assert view.failures(ids["a"]) == 1  # back to the shortest ban
+
+
+def test_bans_double_with_each_failure_and_expire_on_the_clock():
+    clock = _Clock()
+    view, ids = _view_with({"a": (0, 6)}, clock=clock)
+    ban = view.config.ban_timeout_s
+    for failures, duration in ((1, ban), (2, 2 * ban), (3, 4 * ban)):
+        view.ban(ids["a"])
+        assert view.failures(ids["a"]) == failures
+        clock.now += duration - 0.01
+        assert ids["a"] in view.banned()
+        clock.now += 0.02
+        assert ids["a"] not in view.banned()  # expired, but the failures count on until it answers
+
+
+def test_the_view_refreshes_after_the_update_period_on_its_clock():
+    clock = _Clock()
+    view, ids = _view_with({"a": (0, 6)}, clock=clock)
+    reads = view.records.reads
+    view.maybe_refresh()
+    assert view.records.reads == reads  # still fresh
+    clock.now += view.config.update_period_s + 1
+    view.maybe_refresh()
+    assert view.records.reads == reads + 1
 
 
 def test_servers_of_another_protocol_version_are_not_routed_through():
     from corolla.errors import MissingBlocksError
 
     view, ids = _view_with({"a": (0, 6), "b": (0, 6)})
-    old = next(peer for peer in view.servers if peer.to_base58() == ids["a"])
-    view.servers[old] = view.servers[old].model_copy(update={"protocol_version": 1})
+    infos = view.records.infos
+    old = next(peer for peer in infos if peer.to_base58() == ids["a"])
+    infos[old] = infos[old].model_copy(update={"protocol_version": 1})
+    view.refresh()
     assert [hop.peer_id for hop in view.inference_route(0, 6)] == [ids["b"]]
-    del view.servers[next(peer for peer in view.servers if peer.to_base58() == ids["b"])]
-    with pytest.raises(MissingBlocksError):
+    del infos[next(peer for peer in infos if peer.to_base58() == ids["b"])]
+    view.refresh()
+    with pytest.raises(MissingBlocksError):  # only a server of another version is left
         view.inference_route(0, 6)

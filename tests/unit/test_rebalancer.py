@@ -11,7 +11,6 @@ from hivemind.p2p import PeerID
 
 from corolla.algorithms.spans import ServerSpan
 from corolla.protocol.server_info import ServerInfo, ServerState
-from corolla.server import rebalancer as rebalancer_module
 from corolla.server.rebalancer import Rebalancer
 
 NUM_LAYERS = 30
@@ -27,8 +26,7 @@ def _records(*servers: tuple[PeerID, ServerState, int, int]) -> list[dict[PeerID
     return per_block
 
 
-def _check(records, monkeypatch) -> list[tuple[int, int]]:
-    monkeypatch.setattr(rebalancer_module, "fetch_block_records", lambda *args, **kwargs: records)
+def _check(records) -> list[tuple[int, int]]:
     moves: list[tuple[int, int]] = []
 
     async def move(start: int, end: int) -> None:
@@ -44,6 +42,7 @@ def _check(records, monkeypatch) -> list[tuple[int, int]]:
         period_s=1.0,
         balance_quality=0.75,
         rng=random.Random(0),
+        records=lambda: records,
     )
     asyncio.run(balance.check_once())
     return moves
@@ -52,7 +51,7 @@ def _check(records, monkeypatch) -> list[tuple[int, int]]:
 @pytest.mark.parametrize(
     "mover_state", [None, ServerState.JOINING, ServerState.ONLINE], ids=["hole", "mover-joining", "mover-online"]
 )
-def test_a_spare_fills_a_hole_unless_another_server_is_already_heading_there(mover_state, monkeypatch):
+def test_a_spare_fills_a_hole_unless_another_server_is_already_heading_there(mover_state):
     """This server and a spare share 0:10; 10:20 is empty unless the mover is (joining or online) there."""
     servers = [
         (SELF, ServerState.ONLINE, 0, 10),
@@ -61,5 +60,5 @@ def test_a_spare_fills_a_hole_unless_another_server_is_already_heading_there(mov
     ]
     if mover_state is not None:  # the mover left 0:10 (OFFLINE there) and announced itself on 10:20
         servers.append((MOVER, mover_state, 10, 20))
-    moves = _check(_records(*servers), monkeypatch)
+    moves = _check(_records(*servers))
     assert moves == ([(10, 20)] if mover_state is None else []), moves

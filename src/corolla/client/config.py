@@ -17,6 +17,8 @@ class ClientConfig:
     update_period_s: float = 30.0  # how often the swarm view is refreshed
     max_retries: int = 3  # attempts per failed span before giving up
     ban_timeout_s: float = 15.0  # first ban of a failed server (doubles on each repeated failure)
+    retry_backoff_s: float = 0.5  # wait before the 3rd attempt of a span (the 2nd is at once), doubling, jittered
+    retry_backoff_max_s: float = 10.0  # the longest wait between attempts
     compression: str = "NONE"  # activations on the wire: NONE, FLOAT16, UNIFORM_8BIT, QUANTILE_8BIT
     push: bool = True  # servers send step outputs straight to the next server of the chain
     sub_batch_tokens: int = 1024  # forward/backward batches are split into sub-batches of about this many tokens
@@ -41,5 +43,7 @@ class ClientConfig:
             raise ValueError(f"sub_batch_tokens must be positive, got {self.sub_batch_tokens}")
         if self.active_adapter is not None and not self.active_adapter:
             raise ValueError("active_adapter must be a non-empty adapter name or None")
+        if self.retry_backoff_s < 0 or self.retry_backoff_max_s < 0:
+            raise ValueError("retry_backoff_s and retry_backoff_max_s must be >= 0")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")

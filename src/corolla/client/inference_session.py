@@ -14,6 +14,7 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from corolla.algorithms.routing import RouteHop
+from corolla.client.failover import describe
 from corolla.client.swarm import SwarmView
 from corolla.errors import MissingBlocksError, RemoteCallError
 from corolla.log import get_logger
@@ -103,15 +104,23 @@ class _ServerStream:
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
             response = await self._receive(deadline)
-            answered = unpack_metadata(response).get("step_id")
+            meta = self._decode(unpack_metadata, response)
+            answered = meta.get("step_id") if isinstance(meta, dict) else None
             if answered == step["step_id"]:
                 break
             # the answer to an older step, e.g. one a previous server pushed here before the client replaced it
             logger.debug("Skipping the answer to step %s from %s", answered, self.hop.peer_id)
-        outputs = unpack_tensors(response)
+        outputs = self._decode(unpack_tensors, response)
         if len(outputs) != 1 or outputs[0].shape != hidden.shape:
             raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
         return outputs[0]
+
+    def _decode(self, decode, response: runtime_pb2.ExpertResponse):
+        """Undecodable bytes are the server's fault (a RemoteCallError), not a client bug."""
+        try:
+            return decode(response)
+        except Exception as e:
+            raise RemoteCallError(f"server {self.hop.peer_id} sent an undecodable step result: {e}") from e
 
     async def _receive(self, deadline: float) -> runtime_pb2.ExpertResponse:
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
@@ -198,7 +207,7 @@ class InferenceSession:
         batch_size = hidden.shape[0]
         if self._spans is None:
             self._spans = await self._open_chain_with_retries(self.start, self.end, batch_size, replay_from=None)
-        failures, index = 0, 0
+        index, failovers = 0, {}  # one retry budget per span of blocks
         step_ids = [uuid.uuid4().hex for _ in self._spans]
         while index < len(self._spans):
             span = self._spans[index]
@@ -210,18 +219,10 @@ class InferenceSession:
                     prompts=self._prompts_for(span.hop) if with_prompts else None,
                 )  # fmt: skip
             except Exception as e:
-                failures += 1
-                if failures > self.swarm.config.max_retries:
-                    raise RemoteCallError(
-                        f"blocks {span.hop.start}:{span.hop.end} could not be served after {failures} failures; "
-                        f"last error: {_describe(e)}"
-                    ) from e
-                logger.warning(
-                    "Server %s failed on blocks %d:%d (%s); recovering",
-                    span.hop.peer_id, span.hop.start, span.hop.end, _describe(e),
-                )  # fmt: skip
-                self.swarm.ban(span.hop.peer_id)
                 await span.stream.close()
+                blocks = (span.hop.start, span.hop.end)
+                failover = failovers.setdefault(blocks, self.swarm.failover(*blocks))
+                await failover.failed(span.hop.peer_id, e)  # raises for a client bug, or when the budget is spent
                 # refresh the swarm view in the background: the current view (minus the banned server) usually
                 # already has a replacement, and routing refreshes by itself when blocks seem missing
                 self._background.add(asyncio.ensure_future(asyncio.to_thread(self._refresh_quietly)))
@@ -242,7 +243,7 @@ class InferenceSession:
         try:
             self.swarm.refresh()
         except Exception as e:  # routing refreshes again by itself if it finds blocks missing
-            logger.debug("Background refresh of the swarm view failed: %s", _describe(e))
+            logger.debug("Background refresh of the swarm view failed: %s", describe(e))
 
     def _prompts_for(self, hop: RouteHop) -> torch.Tensor | None:
         """The session's deep prompts for the blocks of one hop (None without deep prompts)."""
@@ -268,11 +269,12 @@ class InferenceSession:
     async def _open_chain_with_retries(self, start: int, end: int, batch_size: int, *, replay_from):
         """A chain for blocks start..end-1 whose caches hold the session so far (replayed from ``replay_from``).
 
-        A server that fails while being opened or replayed to is banned and another chain is tried, up to
-        ``max_retries`` times. MissingBlocksError (nobody left to serve the blocks) is raised at once.
+        A server that fails while being opened or replayed to is banned and another chain is tried, within the
+        retry budget (``corolla.client.failover``). MissingBlocksError (nobody left to serve the blocks) is raised
+        at once, and so is a client-side bug.
         """
-        last_error: Exception | None = None
-        for _ in range(self.swarm.config.max_retries + 1):
+        failover = self.swarm.failover(start, end)
+        while True:
             spans: list[_SpanState] = []
             try:
                 route = await asyncio.to_thread(
@@ -288,17 +290,13 @@ class InferenceSession:
             except MissingBlocksError:
                 raise
             except Exception as e:
-                last_error = e
                 bad = spans[-1] if spans else None
                 for span in spans:
                     await span.stream.close()
-                if bad is not None:
-                    logger.warning("Server %s failed while joining the session (%s)", bad.hop.peer_id, _describe(e))
-                    self.swarm.ban(bad.hop.peer_id)
-        raise RemoteCallError(
-            f"could not open servers for blocks {start}:{end} after {self.swarm.config.max_retries + 1} attempts; "
-            f"last error: {_describe(last_error)}"
-        ) from last_error
+                if bad is None:  # routing itself failed: nobody to ban
+                    await failover.failed(None, e)
+                else:
+                    await failover.failed(bad.hop.peer_id, e, blocks=(bad.hop.start, bad.hop.end))
 
     def _new_stream(self, hop: RouteHop, batch_size: int) -> _ServerStream:
         return _ServerStream(
@@ -339,16 +337,6 @@ class InferenceSession:
         for span in self._spans or []:
             if span.stream is not None:
                 try:
-                    background = span.stream
-                    run_sync(_close(background), timeout_s=5)
+                    run_sync(span.stream.close(), timeout_s=5)
                 except Exception as e:
                     logger.debug("Closing a stream failed: %s", e)
-
-
-async def _close(stream: _ServerStream) -> None:
-    await stream.close()
-
-
-def _describe(error: Exception) -> str:
-    text = str(error) or type(error).__name__
-    return text.splitlines()[0][:200]

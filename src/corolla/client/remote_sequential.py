@@ -11,7 +11,6 @@ from torch import nn
 from corolla.client.inference_session import InferenceSession
 from corolla.client.span_calls import SpanCallInputs, call_backward, call_forward
 from corolla.client.swarm import SwarmView
-from corolla.errors import RemoteCallError
 from corolla.log import get_logger
 from corolla.net.loop import run_sync
 
@@ -109,7 +108,7 @@ class RemoteSequential(nn.Module):
     # ---- one sub-batch ----------------------------------------------------------------------------------------
     async def _forward_range(self, start: int, end: int, hidden, extra: SpanCallInputs):
         """Through blocks start..end-1 hop by hop, re-routing around failed servers; (output, [(hop, input)])."""
-        block, records, failures, route = start, [], 0, None
+        block, records, route, failover = start, [], None, self.swarm.failover(start, end)
         while block < end:
             if not route:
                 route = await asyncio.to_thread(self.swarm.forward_route, block, end, self._rng)
@@ -117,8 +116,8 @@ class RemoteSequential(nn.Module):
             try:
                 output = await call_forward(self.swarm, hop, hidden, self._slice(extra, hop))
             except Exception as e:
-                failures += 1
-                self._failed(hop, e, failures)
+                # raises for a client bug, or when the budget is spent
+                await failover.failed(hop.peer_id, e, blocks=(hop.start, hop.end))
                 route = None
                 continue
             self.swarm.forgive(hop.peer_id)
@@ -137,7 +136,7 @@ class RemoteSequential(nn.Module):
     async def _backward_range(self, hop, hidden, grad, extra: SpanCallInputs):
         """Backward over ``hop``'s blocks: on its server, or after a failure on a new chain for the same blocks
         (recomputing the chain's intermediate inputs with forward calls first)."""
-        route, failures = [hop], 0
+        route, failover = [hop], self.swarm.failover(hop.start, hop.end)
         while True:
             current = route[0]
             try:
@@ -154,19 +153,8 @@ class RemoteSequential(nn.Module):
                     self.swarm.forgive(used.peer_id)
                 return result, None if extra.prompts is None else torch.cat(prompt_grads)
             except Exception as e:
-                failures += 1
-                self._failed(current, e, failures)
+                await failover.failed(current.peer_id, e, blocks=(current.start, current.end))
                 route = await asyncio.to_thread(self.swarm.forward_route, hop.start, hop.end, self._rng)
-
-    def _failed(self, hop, error: Exception, failures: int) -> None:
-        """Ban a server that failed a call; give up after ``max_retries`` failures of one range."""
-        if failures > self.swarm.config.max_retries:
-            raise RemoteCallError(
-                f"blocks {hop.start}:{hop.end} could not be served after {failures} failures; last error "
-                f"(server {hop.peer_id}): {error}"
-            ) from error
-        logger.warning("Server %s failed on blocks %d:%d (%s); retrying", hop.peer_id, hop.start, hop.end, error)
-        self.swarm.ban(hop.peer_id)
 
     def _slice(self, extra: SpanCallInputs, hop) -> SpanCallInputs:
         """The call inputs of one hop: deep prompts only for its blocks."""

@@ -6,6 +6,7 @@ Refreshed from the DHT periodically and right after a failure; the routing math 
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from hivemind.p2p import P2P, PeerID
 
 from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_route, split_by_throughput
 from corolla.client.config import ClientConfig
+from corolla.client.failover import Failover
 from corolla.errors import MissingAdapterError, MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_process import client_dht
@@ -34,15 +36,32 @@ PING_TIMEOUT_S = 2.0
 class SwarmView:
     """Servers of one model in one swarm, as this client currently knows them."""
 
-    def __init__(self, *, config: ClientConfig, dht: DHT, num_blocks: int, model_name: str, dht_prefix: str):
+    def __init__(
+        self,
+        *,
+        config: ClientConfig,
+        dht: DHT | None,
+        num_blocks: int,
+        model_name: str,
+        dht_prefix: str,
+        clock: Callable[[], float] = time.monotonic,
+        records: Callable[[], list[dict[PeerID, ServerInfo]]] | None = None,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
+    ):
+        """``clock`` (seconds), ``records`` (the per-block server records; default: read from ``dht``) and
+        ``transport`` (default: libp2p through ``dht``'s daemon) and ``rng`` (retry jitter) are the view's seams:
+        tests pass their own."""
         self.config, self.dht, self.num_blocks, self.model_name = config, dht, num_blocks, model_name
-        self.dht_prefix = dht_prefix
+        self.dht_prefix, self.clock, self.rng = dht_prefix, clock, rng or random.Random()
+        self._records = records or self._records_from_dht
         self.servers: dict[PeerID, ServerInfo] = {}
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures)
         self._updated_at = -float("inf")
         self._lock = threading.Lock()
         self._p2p: P2P | None = None
-        self._transport: Transport | None = None
+        self._given_transport = transport
+        self._transport: Transport | None = None  # the one in use (wrapped), made on first use
         self.transport_wrapper: Callable[[Transport], Transport] | None = None  # e.g. a FaultyTransport in tests
         self.rtt = RttTracker()  # this client's round trips to servers, for latency-aware routing
 
@@ -73,21 +92,23 @@ class SwarmView:
     async def transport(self) -> Transport:
         """How this client calls servers: libp2p, wrapped by ``transport_wrapper`` if one is set."""
         if self._transport is None:
-            transport = P2PTransport(await self.p2p())
+            transport = self._given_transport or P2PTransport(await self.p2p())
             self._transport = transport if self.transport_wrapper is None else self.transport_wrapper(transport)
         return self._transport
 
     def wrap_transport(self, wrapper: Callable[[Transport], Transport]) -> None:
-        """Route every later call through ``wrapper(real transport)`` (``corolla.net.faults.FaultyTransport``
+        """Route every later call through ``wrapper(the transport)`` (``corolla.net.faults.FaultyTransport``
         injects faults this way in tests)."""
         self.transport_wrapper, self._transport = wrapper, None
 
-    def refresh(self) -> None:
-        """Re-read all block records from the DHT."""
-        records = fetch_block_records(
+    def _records_from_dht(self) -> list[dict[PeerID, ServerInfo]]:
+        return fetch_block_records(
             self.dht, dht_prefix=self.dht_prefix, num_blocks=self.num_blocks, timeout_s=self.config.connect_timeout_s
         )
-        servers = collect_servers(records)
+
+    def refresh(self) -> None:
+        """Re-read all block records (from the DHT) and ping the servers."""
+        servers = collect_servers(self._records())
         allowed = self.config.allowed_servers
         servers = {
             p: info
@@ -96,7 +117,7 @@ class SwarmView:
         }
         with self._lock:
             self.servers = servers
-            self._updated_at = time.monotonic()
+            self._updated_at = self.clock()
         try:
             self.rtt.update(run_sync(self._ping(list(servers)), timeout_s=PING_TIMEOUT_S + 5))
         except Exception as e:  # routing falls back to default delays for peers without a measurement
@@ -107,7 +128,7 @@ class SwarmView:
         return await ping_many(await self.transport(), peers, timeout_s=PING_TIMEOUT_S)
 
     def maybe_refresh(self) -> None:
-        if time.monotonic() - self._updated_at > self.config.update_period_s:
+        if self.clock() - self._updated_at > self.config.update_period_s:
             self.refresh()
 
     def ban(self, peer_id: str) -> None:
@@ -115,7 +136,7 @@ class SwarmView:
         with self._lock:
             _, failures = self._bans.get(peer_id, (0.0, 0))
             duration = self.config.ban_timeout_s * 2**failures
-            self._bans[peer_id] = (time.monotonic() + duration, failures + 1)
+            self._bans[peer_id] = (self.clock() + duration, failures + 1)
         logger.info("Banning server %s for %.0f s", peer_id, duration)
 
     def forgive(self, peer_id: str) -> None:
@@ -124,8 +145,21 @@ class SwarmView:
             with self._lock:
                 self._bans.pop(peer_id, None)
 
+    def failover(self, start: int, end: int) -> Failover:
+        """A retry budget for one unit of work over blocks start..end-1 (bans go to this view)."""
+        cfg = self.config
+        return Failover(
+            start=start, end=end, max_retries=cfg.max_retries, ban=self.ban, backoff_base_s=cfg.retry_backoff_s,
+            backoff_max_s=cfg.retry_backoff_max_s, rng=self.rng,
+        )  # fmt: skip
+
+    def failures(self, peer_id: str) -> int:
+        """Failures of ``peer_id`` since it last answered (each one doubled its ban)."""
+        with self._lock:
+            return self._bans.get(peer_id, (0.0, 0))[1]
+
     def banned(self) -> set[str]:
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             return {peer for peer, (until, _) in self._bans.items() if until > now}
 
@@ -205,7 +239,8 @@ class SwarmView:
                 run_sync(p2p.shutdown(), timeout_s=5)
             except Exception:
                 pass
-        self.dht.shutdown()
+        if self.dht is not None:
+            self.dht.shutdown()
 
 
 def _ranges(missing: list[tuple[int, int]]) -> str:

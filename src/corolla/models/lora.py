@@ -73,10 +73,6 @@ def use_adapter(name: str | None) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
-def active_adapter() -> str | None:
-    return _ACTIVE.get()
-
-
 # ---- naming and resolving -----------------------------------------------------------------------------------------
 
 

@@ -36,8 +36,12 @@ class Rebalancer:
         period_s: float,
         balance_quality: float,
         rng: random.Random | None = None,
+        records: Callable[[], list] | None = None,
     ):
+        """``rng`` draws the periods; ``records`` returns the per-block server records (default: read from
+        ``dht``). Both are seams for tests."""
         self.dht, self.dht_prefix, self.num_layers = dht, dht_prefix, num_layers
+        self.records = records or self._records_from_dht
         self.own, self.move = own, move
         self.period_s, self.balance_quality = period_s, balance_quality
         self.rng = rng or random.Random()
@@ -45,6 +49,9 @@ class Rebalancer:
         self._periodic = PeriodicTask(
             "Balance check", self.check_once, lambda: self.period_s * self.rng.uniform(0.5, 1.5)
         )
+
+    def _records_from_dht(self) -> list:
+        return fetch_block_records(self.dht, dht_prefix=self.dht_prefix, num_blocks=self.num_layers)
 
     def start(self) -> None:
         self._periodic.start()
@@ -54,9 +61,7 @@ class Rebalancer:
 
     async def check_once(self) -> bool:
         """Look at the swarm now and move if worthwhile; returns whether the server moved."""
-        records = await asyncio.to_thread(
-            fetch_block_records, self.dht, dht_prefix=self.dht_prefix, num_blocks=self.num_layers
-        )
+        records = await asyncio.to_thread(self.records)  # DHT reads block: off the event loop
         own = self.own()
         servers = collect_servers(records, include_joining=True)  # a server already moving into a hole fills it
         swarm = [s for s in to_spans(servers) if s.peer_id != own.peer_id]

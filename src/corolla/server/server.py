@@ -282,7 +282,7 @@ class Server:
         await joining
         await announcer.announce_now(make_info())
         announcer.start()
-        rebalancer = self._rebalancer(dht, dht_prefix, span.config, state, servicer, announcer, make_info)
+        rebalancer = self._rebalancer(dht, dht_prefix, state, servicer, announcer, make_info)
         logger.info(
             "Serving blocks %d:%d of %s (%s, %s) as peer %s; ready in %.2f s",
             span.start,
@@ -311,7 +311,7 @@ class Server:
             compute.shutdown()
             logger.info("Stopped")
 
-    def _rebalancer(self, dht, dht_prefix, span_config, state, servicer, announcer, make_info) -> Rebalancer | None:
+    def _rebalancer(self, dht, dht_prefix, state, servicer, announcer, make_info) -> Rebalancer | None:
         """Servers that chose their blocks themselves (no --blocks) keep checking whether to move."""
         cfg = self.config
         if cfg.blocks is not None or cfg.balance_quality <= 0:
