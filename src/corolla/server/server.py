@@ -106,7 +106,16 @@ class Server:
                 early = self._loop.run_in_executor(
                     None, self._load, checkpoint, model_config, self._explicit_span(model_config)
                 )
-            await self._loop.run_in_executor(None, dht.wait_until_ready, 60.0)
+            try:
+                await self._loop.run_in_executor(None, dht.wait_until_ready, 60.0)
+            except Exception as e:
+                from corolla.errors import SwarmConnectionError
+
+                raise SwarmConnectionError(
+                    f"Could not start this server's DHT peer with --initial-peers {list(cfg.initial_peers)} "
+                    f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a server's "
+                    f"log) and that those peers are running and reachable."
+                ) from e
             logger.debug("DHT process and p2pd ready %.2f s after the start", time.perf_counter() - started)
             if cfg.identity is None:
                 identity_path.unlink(missing_ok=True)  # a throw-away identity: the daemon has read it

@@ -1,0 +1,43 @@
+"""A user's mistake at the command line prints one line that says what to do and exits non-zero; the traceback
+appears only with --verbose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures.zoo import zoo_checkpoint
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+BOGUS_PEER = "/ip4/127.0.0.1/tcp/9/p2p/QmWrongPeerIdWrongPeerIdWrongPeerIdWrongPeerId12"
+
+
+def _corolla(*args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}  # a name that is not local fails at once, without a network lookup
+    return subprocess.run(
+        [sys.executable, "-m", "corolla.cli.main", *args], capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["serve", "no-such-model", "--new-swarm"], "corolla serve: error: Model 'no-such-model' is not a local"),
+        (["serve", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla serve: error: Could not start this server's DHT"),
+        (["generate", "{zoo}", "--initial-peers", BOGUS_PEER, "--prompt", "hi"], "Check the addresses"),
+    ],
+    ids=["serve-unknown-model", "serve-unreachable-peers", "generate-unreachable-peers"],
+)
+def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, message):
+    args = [a.replace("{zoo}", str(zoo_checkpoint("llama"))) for a in args]
+    quiet = _corolla(*args)
+    assert quiet.returncode == 2, quiet.stderr
+    assert "Traceback" not in quiet.stderr
+    last = quiet.stderr.strip().splitlines()[-1]
+    assert message in last, quiet.stderr
+    verbose = _corolla(*args, "--verbose")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
