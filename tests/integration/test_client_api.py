@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 
@@ -128,6 +129,9 @@ def test_every_command_has_help(command):
         [sys.executable, "-m", "corolla.cli.main", command, "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "usage: corolla" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert not re.search(r"\(default: [^()]*\) \(default:", text), "a default shown twice"
+    assert "(default: None)" not in text
 
 
 def test_latency_measurements_feed_routing(swarm):

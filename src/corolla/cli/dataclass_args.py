@@ -22,12 +22,16 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = None if f.default is dataclasses.MISSING else f.default
+        # the parser's own default stays None (= not given, so a --config file may set it); help shows the real one
+        shown = help_text
+        if default not in (None, ()):
+            shown += f" (default: {' '.join(map(str, default)) if is_tuple else default})"
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         elif is_tuple:
-            parser.add_argument(flag, nargs="+", type=kind, default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, nargs="+", type=kind, default=None, help=shown)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(flag, type=kind, default=None, help=shown)
     parser.add_argument("--config", type=Path, default=None, help="YAML file with any of these settings")
 
 

@@ -13,7 +13,6 @@ def register(commands) -> None:
         "serve",
         help="host a span of a model's blocks for the swarm",
         description="Host a span of a model's transformer blocks and announce it to the swarm.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_dataclass_arguments(parser, ServerConfig, positional=("model",))
     parser.set_defaults(handler=run)
