@@ -25,6 +25,7 @@ class ClientConfig:
     allowed_servers: tuple[str, ...] | None = None
     blocked_servers: tuple[str, ...] = ()
     active_adapter: str | None = None  # a LoRA adapter (by the name servers announce); routes only via its holders
+    seed: int | None = None  # seeds the client's random choices (training routes by throughput, retry jitter)
 
     def __post_init__(self):
         if not self.initial_peers:

@@ -233,7 +233,7 @@ class _AutoDistributedModel:
             config=client_config, num_blocks=hf_config.num_hidden_layers, model_name=model_name, dht_prefix=prefix
         )
         base = getattr(model, family.base_model_attr)
-        setattr(base, family.layers_attr, RemoteSequential(swarm))
+        setattr(base, family.layers_attr, RemoteSequential(swarm, seed=swarm.config.seed))
         if tuning_mode is not None:
             base.prompt_tuning = PromptTuning(
                 mode=tuning_mode,

@@ -20,11 +20,12 @@ logger = get_logger(__name__)
 class RemoteSequential(nn.Module):
     """Blocks ``start..end-1`` of a model served by the swarm. Sliceable; ``forward`` maps hidden states."""
 
-    def __init__(self, swarm: SwarmView, start: int = 0, end: int | None = None, *, seed: int | None = None):
+    def __init__(self, swarm: SwarmView, start: int = 0, end: int | None = None, *, seed: int | None = None, rng=None):
+        """``seed`` (or a numpy ``rng``, shared by slices) draws the training routes."""
         super().__init__()
         self.swarm = swarm
         self.start, self.end = start, swarm.num_blocks if end is None else end
-        self._rng = np.random.default_rng(seed)
+        self._rng = rng if rng is not None else np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -32,12 +33,12 @@ class RemoteSequential(nn.Module):
     def __getitem__(self, index) -> RemoteSequential:
         if isinstance(index, int):
             index = range(len(self))[index]
-            return RemoteSequential(self.swarm, self.start + index, self.start + index + 1)
+            return RemoteSequential(self.swarm, self.start + index, self.start + index + 1, rng=self._rng)
         if isinstance(index, slice):
             blocks = range(self.start, self.end)[index]
             if blocks.step != 1 or len(blocks) == 0:
                 raise IndexError("RemoteSequential supports only non-empty contiguous slices")
-            return RemoteSequential(self.swarm, blocks.start, blocks.stop)
+            return RemoteSequential(self.swarm, blocks.start, blocks.stop, rng=self._rng)
         raise TypeError(f"RemoteSequential indices must be int or slice, not {type(index).__name__}")
 
     def extra_repr(self) -> str:

@@ -53,7 +53,8 @@ class SwarmView:
         ``transport`` (default: libp2p through ``dht``'s daemon) and ``rng`` (retry jitter) are the view's seams:
         tests pass their own."""
         self.config, self.dht, self.num_blocks, self.model_name = config, dht, num_blocks, model_name
-        self.dht_prefix, self.clock, self.rng = dht_prefix, clock, rng or random.Random()
+        self.dht_prefix, self.clock = dht_prefix, clock
+        self.rng = rng or random.Random(config.seed)
         self._records = records or self._records_from_dht
         self.servers: dict[PeerID, ServerInfo] = {}
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures)
