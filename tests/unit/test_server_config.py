@@ -33,6 +33,17 @@ def test_yaml_file_with_flag_override(tmp_path):
     assert cfg.new_swarm and cfg.num_blocks == 4 and cfg.cache_tokens == 200
 
 
+def test_every_timeout_is_in_seconds_and_the_older_spellings_still_work(tmp_path):
+    timed = [f for f in ServerConfig.__dataclass_fields__ if "timeout" in f or "period" in f or "jitter" in f]
+    assert timed and all(name.endswith("_s") for name in timed), timed
+    cfg = _parse(["m", "--new-swarm", "--request-timeout", "7", "--session-timeout-s", "8"])
+    assert (cfg.request_timeout_s, cfg.session_timeout_s) == (7.0, 8.0)
+    path = tmp_path / "server.yaml"
+    path.write_text("new-swarm: true\nupdate_period: 3\nalloc-timeout-s: 2\n")
+    cfg = _parse(["m", "--config", str(path)])
+    assert (cfg.update_period_s, cfg.alloc_timeout_s) == (3.0, 2.0)
+
+
 def test_yaml_unknown_setting_is_named(tmp_path):
     path = tmp_path / "server.yaml"
     path.write_text("new_swarm: true\ncache_tokenz: 1\n")
@@ -51,7 +62,7 @@ def test_yaml_unknown_setting_is_named(tmp_path):
         (dict(new_swarm=True, dtype="float8"), "float8"),
         (dict(new_swarm=True, quant="int3"), "int3"),
         (dict(new_swarm=True, cache_tokens=0), "cache_tokens"),
-        (dict(new_swarm=True, session_timeout=-1.0), "session_timeout"),
+        (dict(new_swarm=True, session_timeout_s=-1.0), "session_timeout_s"),
         (dict(new_swarm=True, throughput="fast"), "throughput"),
     ],
 )

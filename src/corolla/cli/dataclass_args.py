@@ -26,12 +26,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional:
         shown = help_text
         if default not in (None, ()):
             shown += f" (default: {' '.join(map(str, default)) if is_tuple else default})"
+        flags = (flag, *f.metadata.get("aliases", ()))  # older spellings keep working
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+            parser.add_argument(*flags, dest=f.name, action="store_true", default=None, help=help_text)
         elif is_tuple:
-            parser.add_argument(flag, nargs="+", type=kind, default=None, help=shown)
+            parser.add_argument(*flags, dest=f.name, nargs="+", type=kind, default=None, help=shown)
         else:
-            parser.add_argument(flag, type=kind, default=None, help=shown)
+            parser.add_argument(*flags, dest=f.name, type=kind, default=None, help=shown)
     parser.add_argument("--config", type=Path, default=None, help="YAML file with any of these settings")
 
 
@@ -42,11 +43,13 @@ def dataclass_from_args(cls, args: argparse.Namespace):
         loaded = yaml.safe_load(Path(args.config).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{args.config}: expected a mapping of settings")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(k.replace("-", "_") for k in loaded) - names
+        names = {f.name: f.name for f in dataclasses.fields(cls)}
+        for f in dataclasses.fields(cls):  # an older spelling of a setting (e.g. request_timeout) still works
+            names.update({alias.lstrip("-").replace("-", "_"): f.name for alias in f.metadata.get("aliases", ())})
+        unknown = set(k.replace("-", "_") for k in loaded) - set(names)
         if unknown:
             raise ValueError(f"{args.config}: unknown settings {sorted(unknown)}")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        values.update({names[k.replace("-", "_")]: v for k, v in loaded.items()})
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:

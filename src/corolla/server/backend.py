@@ -208,10 +208,10 @@ class SpanBackend:
     async def _compute(self, priority: int, task, *, grad: bool = False):
         try:
             future = self.compute.submit(priority, task, grad=grad)
-            return await asyncio.wait_for(future, self.config.request_timeout)
+            return await asyncio.wait_for(future, self.config.request_timeout_s)
         except asyncio.TimeoutError:
             raise InvalidRequestError(
-                f"the request took over {self.config.request_timeout} s and was cancelled"
+                f"the request took over {self.config.request_timeout_s} s and was cancelled"
             ) from None
 
 

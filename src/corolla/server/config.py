@@ -38,16 +38,29 @@ class ServerConfig:
     identity: str | None = field(default=None, metadata=_help("file with a persistent peer identity (created)"))
     dht_prefix: str | None = field(default=None, metadata=_help("DHT namespace of this model (default: from name)"))
     throughput: str = field(default="auto", metadata=_help("auto (cached measurement), eval (re-measure) or FLOAT"))
-    update_period: float = field(default=30.0, metadata=_help("seconds between DHT announcements"))
-    request_timeout: float = field(default=180.0, metadata=_help("seconds a request may take before it is failed"))
-    session_timeout: float = field(default=300.0, metadata=_help("seconds a session may wait for its next step"))
-    alloc_timeout: float = field(default=5.0, metadata=_help("seconds a session waits for cache room"))
+    update_period_s: float = field(
+        default=30.0, metadata=_help("seconds between DHT announcements", aliases=("--update-period",))
+    )
+    request_timeout_s: float = field(
+        default=180.0, metadata=_help("seconds a request may take before it is failed", aliases=("--request-timeout",))
+    )
+    session_timeout_s: float = field(
+        default=300.0, metadata=_help("seconds a session may wait for its next step", aliases=("--session-timeout",))
+    )
+    alloc_timeout_s: float = field(
+        default=5.0, metadata=_help("seconds a session waits for cache room", aliases=("--alloc-timeout",))
+    )
     balance_quality: float = field(
         default=0.75,
         metadata=_help("move when the swarm's bottleneck is under this share of the achievable (0: never)"),
     )
-    balance_period: float = field(default=120.0, metadata=_help("mean seconds between balance checks"))
-    join_jitter: float = field(default=2.0, metadata=_help("random delay (s) before choosing blocks, avoids herds"))
+    balance_period_s: float = field(
+        default=120.0, metadata=_help("mean seconds between balance checks", aliases=("--balance-period",))
+    )
+    join_jitter_s: float = field(
+        default=2.0,
+        metadata=_help("random delay (s) before choosing blocks, avoids herds", aliases=("--join-jitter",)),
+    )
     num_threads: int = field(default=1, metadata=_help("torch threads for compute (1 suits many processes)"))
     adapters: tuple[str, ...] = field(
         default=(),
@@ -78,9 +91,15 @@ class ServerConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.balance_quality <= 1:
             raise ValueError(f"balance_quality must be in [0, 1], got {self.balance_quality}")
-        if self.join_jitter < 0:
-            raise ValueError(f"join_jitter must be >= 0 seconds, got {self.join_jitter}")
-        for name in ("update_period", "request_timeout", "session_timeout", "alloc_timeout", "balance_period"):
+        if self.join_jitter_s < 0:
+            raise ValueError(f"join_jitter_s must be >= 0 seconds, got {self.join_jitter_s}")
+        for name in (
+            "update_period_s",
+            "request_timeout_s",
+            "session_timeout_s",
+            "alloc_timeout_s",
+            "balance_period_s",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)}")
         names = self.adapter_names()

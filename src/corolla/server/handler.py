@@ -139,7 +139,7 @@ class BlockServicer:
         """Reassemble a streamed request, refusing (after draining) anything over the server's token limits."""
         parts, metadata, received = [], None, 0
         limit = 64 * self.config.max_batch_tokens * self.span.config.hidden_size  # bytes; 16x float32 hidden
-        async for message in _timed(requests, self.config.request_timeout):
+        async for message in _timed(requests, self.config.request_timeout_s):
             received += message.ByteSize()
             if received > limit:
                 # keep reading (and dropping) the rest: closing while the client still sends resets the stream,
@@ -160,14 +160,14 @@ class BlockServicer:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A session: the first message opens it (and may carry a step); each later message is one step."""
-        requests = _timed(requests, self.config.session_timeout)
+        requests = _timed(requests, self.config.session_timeout_s)
         first = await anext(requests, None)
         if first is None:
             return
         opened, _ = _parse(InferenceOpen, first)
         self.backend.check_open(opened)
         tokens = opened.batch_size * opened.max_length
-        async with self.budget.reserve(tokens, timeout_s=self.config.alloc_timeout):
+        async with self.budget.reserve(tokens, timeout_s=self.config.alloc_timeout_s):
             span, cache = self.backend.new_cache(opened)
             with self.sessions.open(opened, span=span, cache=cache) as session:
                 reader = asyncio.create_task(_read_client(requests, session.inbox))
@@ -226,7 +226,7 @@ class BlockServicer:
         async def send() -> None:
             try:
                 stub = RpcStub(P2PTransport(self._p2p), target.peer_id, BLOCK_SERVER)
-                await stub.call("push", request, timeout_s=self.config.request_timeout)
+                await stub.call("push", request, timeout_s=self.config.request_timeout_s)
             except Exception as e:
                 logger.debug("Push to %s failed: %s", target.peer_id, e)
 

@@ -123,7 +123,7 @@ class Server:
                 span = await early
             else:
                 # a random delay keeps servers that start together from all choosing the same weakest span
-                await asyncio.sleep(random.uniform(0, cfg.join_jitter))
+                await asyncio.sleep(random.uniform(0, cfg.join_jitter_s))
                 blocks = self._auto_span(dht, model_config, dht_prefix)
                 await self._announce_arrival(dht, key, dht_prefix, blocks)
                 span = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, blocks)
@@ -208,7 +208,11 @@ class Server:
             public_name=cfg.public_name,
         )
         announcer = Announcer(
-            dht=dht, dht_prefix=dht_prefix, owner=owner_marker(key), make_info=lambda: info, period_s=cfg.update_period
+            dht=dht,
+            dht_prefix=dht_prefix,
+            owner=owner_marker(key),
+            make_info=lambda: info,
+            period_s=cfg.update_period_s,
         )
         try:
             await announcer.announce_now(info, timeout_s=10)
@@ -274,7 +278,7 @@ class Server:
             dht_prefix=dht_prefix,
             owner=owner_marker(key),
             make_info=make_info,
-            period_s=cfg.update_period,
+            period_s=cfg.update_period_s,
             before_announce=ping_next_servers,
         )
         # JOINING is stored while the speed is looked up (or measured) and the handlers start; ONLINE follows it
@@ -359,7 +363,7 @@ class Server:
             num_layers=model_config.num_hidden_layers,
             own=own,
             move=move,
-            period_s=cfg.balance_period,
+            period_s=cfg.balance_period_s,
             balance_quality=cfg.balance_quality,
         )
         rebalancer.start()
