@@ -163,10 +163,17 @@ class Server:
         return unpack_tensors(run_sync(call(), timeout_s=30))
 
     def forward_stream(self, messages: list[runtime_pb2.ExpertRequest]) -> list[runtime_pb2.ExpertResponse]:
+        """The server's replies; a stream that ends with no reply and no error is sent again, once.
+
+        Such a stream was reset by the transport before the server could answer (seen once in a full-suite run, in the
+        healthy request near the module's start; 12 runs of it alone passed); the real client fails over for it too
+        (``span_calls._streamed`` raises ConnectionError). A server that answers nothing twice still fails the test.
+        """
+
         async def call():
             return [r async for r in await (await self.stub()).iterate("forward_stream", _aiter(messages))]
 
-        return run_sync(call(), timeout_s=30)
+        return run_sync(call(), timeout_s=30) or run_sync(call(), timeout_s=30)
 
     async def inference_async(self, messages, *, hold: asyncio.Event | None = None):
         """Send ``messages`` on one inference stream and return the answers (P2PHandlerError if the server fails it).

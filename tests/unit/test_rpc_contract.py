@@ -52,3 +52,28 @@ def test_stub_refuses_a_unary_call_of_a_streaming_rpc_and_back():
         asyncio.run(stub.call("inference", None, timeout_s=1))
     with pytest.raises(TypeError, match="blocks/forward is a unary RPC"):
         asyncio.run(stub.iterate("forward", None))
+
+
+def test_a_streamed_call_that_ends_without_a_reply_is_a_transport_failure():
+    """A stream closed or reset before the server answered must fail over (ConnectionError), not decode as an
+    empty reply."""
+    from hivemind.proto import runtime_pb2
+
+    from corolla.client.failover import is_remote_failure
+    from corolla.client.span_calls import _streamed
+
+    class SilentStream:
+        async def iterate(self, peer_id, handle, requests, response_type):
+            async for _ in requests:  # the server reads the whole request, then the stream ends with nothing
+                pass
+
+            async def nothing():
+                return
+                yield
+
+            return nothing()
+
+    stub = RpcStub(SilentStream(), "peer")
+    with pytest.raises(ConnectionError, match="forward_stream stream ended without a reply") as caught:
+        asyncio.run(_streamed(stub, "forward_stream", runtime_pb2.ExpertRequest(metadata=b"x")))
+    assert is_remote_failure(caught.value)

@@ -102,7 +102,10 @@ async def _streamed(stub: RpcStub, rpc: str, request: runtime_pb2.ExpertRequest)
             for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
                 yield runtime_pb2.ExpertRequest(tensors=[chunk])
 
-    parts = []
+    parts, replies = [], 0
     async for response in await stub.iterate(rpc, chunks()):
         parts.extend(response.tensors)
+        replies += 1
+    if not replies:  # the stream was closed or reset before the server answered: fail over like any lost stream
+        raise ConnectionError(f"the {rpc} stream ended without a reply")
     return runtime_pb2.ExpertResponse(tensors=combine_chunks(parts))
