@@ -165,3 +165,22 @@ def test_chat_command_keeps_one_session(swarm):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("model> ") == 2
     assert result.stderr.count("Route:") == 1  # both turns ran in one session over one chain
+
+
+def test_servers_announce_their_model_in_the_registry(swarm):
+    """Every server announces the model it serves under the registry key, signed by itself: the monitor and the API
+    find the swarm's models there."""
+    from corolla.net.dht_records import fetch_models
+
+    path, s = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers)
+    try:
+        view = model.remote_blocks.swarm
+        models = fetch_models(view.dht)
+        assert list(models) == [path]
+        announcers = {peer for peer, _ in models[path]}
+        assert announcers == set(view.servers)  # each serving peer, and nobody else, announces it
+        entry = models[path][0][1]
+        assert (entry.num_blocks, entry.model_type, entry.dht_prefix) == (6, "llama", view.dht_prefix)
+    finally:
+        model.shutdown()

@@ -114,6 +114,17 @@ class ServerConfig:
                     f"throughput must be auto, eval or a positive number, got {self.throughput!r}"
                 ) from None
 
+    def peer_config(self):
+        """The ``corolla.net.peer.PeerConfig`` of this server's peer (identity, addresses, initial peers)."""
+        from corolla.net.peer import PeerConfig
+
+        return PeerConfig(
+            initial_peers=self.initial_peers,
+            host_maddrs=self.host_maddrs,
+            announce_maddrs=self.announce_maddrs,
+            identity=self.identity,
+        )
+
     def fixed_throughput(self) -> float | None:
         """The throughput given as a number (``--throughput 100``), or None for ``auto`` / ``eval``."""
         return None if self.throughput in ("auto", "eval") else float(self.throughput)

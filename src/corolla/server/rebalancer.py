@@ -17,7 +17,7 @@ from corolla.algorithms.block_selection import choose_best_span, should_choose_o
 from corolla.algorithms.spans import ServerSpan
 from corolla.log import get_logger
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
-from corolla.server.periodic import PeriodicTask
+from corolla.net.periodic import PeriodicTask
 
 logger = get_logger(__name__)
 

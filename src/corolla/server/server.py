@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -19,24 +18,23 @@ from corolla.algorithms.spans import ServerSpan
 from corolla.log import get_logger
 from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
 from corolla.models.families import family_for
-from corolla.net.dht_process import ParentBoundDHT
-from corolla.net.dht_records import collect_servers, fetch_block_records
-from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
-from corolla.net.ping import RttTracker, ping_many
+from corolla.net.announcer import Announcer
+from corolla.net.dht_records import collect_servers, declare_blocks, declare_model, fetch_block_records
+from corolla.net.peer import Peer
+from corolla.net.ping import ping_many
 from corolla.net.transport import HandlerWrapper, P2PTransport
+from corolla.protocol.records import ModelRegistryEntry
 from corolla.protocol.server_info import ServerInfo, ServerState
-from corolla.server.announcer import Announcer
 from corolla.server.compute import ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.memory_cache import CacheBudget
 from corolla.server.rebalancer import Rebalancer
+from corolla.server.serving_state import MAX_PUBLISHED_PINGS, ServingState
 
 if TYPE_CHECKING:
     from corolla.server.throughput import SpeedReport
 
 logger = get_logger(__name__)
-
-MAX_PUBLISHED_PINGS = 5
 
 
 def resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype | None) -> torch.dtype:
@@ -48,18 +46,8 @@ def resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype | None) 
     return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
 
 
-def _quiet_lost_daemon(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """A background task that lost its connection (p2pd gone, a peer hung up) is logged in one line, not as a
-    traceback; everything else goes to asyncio's default handler."""
-    error = context.get("exception")
-    if isinstance(error, (ConnectionError, FileNotFoundError)):
-        logger.debug("%s: %s: %s", context.get("message", "background task failed"), type(error).__name__, error)
-    else:
-        loop.default_exception_handler(context)
-
-
 class Server:
-    """Owns one server's lifetime. ``run()`` blocks until SIGINT/SIGTERM or ``stop()``."""
+    """Owns one block server's lifetime on a ``Peer``. ``run()`` blocks until SIGINT/SIGTERM or ``stop()``."""
 
     def __init__(self, config: ServerConfig, *, handler_wrapper: HandlerWrapper | None = None):
         """``handler_wrapper`` wraps every RPC handler (tests build misbehaving servers with
@@ -67,33 +55,31 @@ class Server:
         self.config = config
         self.handler_wrapper = handler_wrapper
         self._adapters: list = []  # resolved --adapters (corolla.models.lora.AdapterSource)
-        self._stop: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._peer: Peer | None = None
+        self._stop_requested = False
 
     def run(self) -> None:
         asyncio.run(self._main())
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        """Stop serving (from any thread): the server announces OFFLINE and ``run()`` returns."""
+        self._stop_requested = True
+        if self._peer is not None:
+            self._peer.stop()
 
     async def _main(self) -> None:
         started = time.perf_counter()
         cfg = self.config
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._loop.add_signal_handler(sig, self._stop.set)
-        self._loop.set_exception_handler(_quiet_lost_daemon)
         torch.set_num_threads(cfg.num_threads)
         logger.info("Starting with %s", cfg)
 
         checkpoint = resolve_checkpoint(cfg.model)
         dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
-        # the peer id and the records' signatures come from one key, so clients can tell who wrote a record
-        identity_path, key = load_or_create_identity(cfg.identity)
         # the DHT process and p2pd start first: they join the swarm while transformers is imported below
-        dht = self._start_dht(key, identity_path)
-        try:
+        async with Peer(cfg.peer_config(), role="server") as peer:
+            self._peer = peer
+            if self._stop_requested:
+                peer.stop()
             from transformers import AutoConfig
 
             model_config = AutoConfig.from_pretrained(checkpoint.folder)
@@ -101,54 +87,23 @@ class Server:
             self._checkpoint, self._model_config = checkpoint, model_config
             self._adapters = self._resolve_adapters(family, model_config)  # fail early on a bad adapter
             # with an explicit span, read the weights while the DHT process and p2pd start up
+            loop = asyncio.get_running_loop()
             early = None
             if cfg.blocks is not None:
-                early = self._loop.run_in_executor(
+                early = loop.run_in_executor(
                     None, self._load, checkpoint, model_config, self._explicit_span(model_config)
                 )
-            try:
-                await self._loop.run_in_executor(None, dht.wait_until_ready, 60.0)
-            except Exception as e:
-                from corolla.errors import SwarmConnectionError
-
-                raise SwarmConnectionError(
-                    f"Could not start this server's DHT peer with --initial-peers {list(cfg.initial_peers)} "
-                    f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a server's "
-                    f"log) and that those peers are running and reachable."
-                ) from e
+            await peer.joined()
             logger.debug("DHT process and p2pd ready %.2f s after the start", time.perf_counter() - started)
-            if cfg.identity is None:
-                identity_path.unlink(missing_ok=True)  # a throw-away identity: the daemon has read it
             if early is not None:
                 span = await early
             else:
                 # a random delay keeps servers that start together from all choosing the same weakest span
                 await asyncio.sleep(random.uniform(0, cfg.join_jitter_s))
-                blocks = self._auto_span(dht, model_config, dht_prefix)
-                await self._announce_arrival(dht, key, dht_prefix, blocks)
-                span = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, blocks)
-            await self._serve(dht, key, span, dht_prefix, started)
-        finally:
-            if cfg.identity is None:
-                identity_path.unlink(missing_ok=True)
-            dht.shutdown()
-
-    def _start_dht(self, key, identity_path) -> DHT:
-        cfg = self.config
-        kwargs = dict(
-            initial_peers=list(cfg.initial_peers),
-            start=False,
-            host_maddrs=list(cfg.host_maddrs),
-            record_validators=swarm_validators(key),
-            identity_path=str(identity_path),
-            # a fresh random identity cannot be taken by anyone: skip the network check for it
-            check_if_identity_free=cfg.identity is not None,
-        )
-        if cfg.announce_maddrs:
-            kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
-        dht = ParentBoundDHT(**kwargs)
-        dht.run_in_background(await_ready=False)
-        return dht
+                blocks = self._auto_span(peer.dht, model_config, dht_prefix)
+                await self._announce_arrival(peer, dht_prefix, blocks)
+                span = await loop.run_in_executor(None, self._load, checkpoint, model_config, blocks)
+            await self._serve(peer, span, dht_prefix, started)
 
     def _load(self, checkpoint, model_config, blocks: tuple[int, int]):
         from corolla.models.span import load_span
@@ -188,36 +143,61 @@ class Server:
             )
         return start, end
 
-    def _nominal_throughput(self) -> float:
-        """The throughput a JOINING record announces before the server knows its speed: the configured value, or 1
-        (enough for servers choosing their blocks meanwhile to count this one; clients never route to JOINING)."""
-        fixed = self.config.fixed_throughput()
-        return 1.0 if fixed is None else fixed
-
-    async def _announce_arrival(self, dht: DHT, key, dht_prefix: str, blocks: tuple[int, int]) -> None:
+    async def _announce_arrival(self, peer: Peer, dht_prefix: str, blocks: tuple[int, int]) -> None:
         """JOINING on the chosen blocks before loading them: servers that choose right after this one go elsewhere
         (without it, servers started together all chose the same weakest span and had to rebalance later)."""
         cfg = self.config
+        fixed = cfg.fixed_throughput()
         info = ServerInfo(
             state=ServerState.JOINING,
             start_block=blocks[0],
             end_block=blocks[1],
-            throughput=self._nominal_throughput(),
+            throughput=1.0 if fixed is None else fixed,  # see ServingState.nominal_throughput
             quant=cfg.quant,
             adapters=cfg.adapter_names(),
             public_name=cfg.public_name,
         )
-        announcer = Announcer(
-            dht=dht,
-            dht_prefix=dht_prefix,
-            owner=owner_marker(key),
-            make_info=lambda: info,
-            period_s=cfg.update_period_s,
-        )
+        announcer = self._block_announcer(peer, dht_prefix, make_record=lambda state: info)
         try:
-            await announcer.announce_now(info, timeout_s=10)
+            await announcer.announce_now(timeout_s=10)
         except Exception as e:  # only an optimization: the server still joins
             logger.warning("Could not announce JOINING on blocks %d:%d: %s", *blocks, e)
+
+    def _block_announcer(self, peer: Peer, dht_prefix: str, *, make_record, before_announce=None) -> Announcer:
+        """Announces this server's ``ServerInfo`` under the keys of the blocks the record names."""
+
+        def store(info: ServerInfo, expiration_s: float):
+            blocks = range(info.start_block, info.end_block)
+            return declare_blocks(
+                peer.dht, dht_prefix=dht_prefix, blocks=blocks, owner=peer.owner, info=info, expiration_s=expiration_s
+            )
+
+        return Announcer(
+            name="block server record",
+            store=store,
+            make_record=make_record,
+            period_s=self.config.update_period_s,
+            before_announce=before_announce,
+        )
+
+    def _registry_announcer(self, peer: Peer, dht_prefix: str) -> Announcer:
+        """Announces the model this server serves in the swarm's model registry (for clients, API and monitor)."""
+        entry = ModelRegistryEntry(
+            model_name=self.config.model,
+            dht_prefix=dht_prefix,
+            num_blocks=self._model_config.num_hidden_layers,
+            model_type=self._model_config.model_type,
+            repo_id=self._checkpoint.repo_id,
+            revision=self._checkpoint.revision,
+        )
+        return Announcer(
+            name="model registry entry",
+            store=lambda record, expiration_s: declare_model(
+                peer.dht, record, owner=peer.owner, expiration_s=expiration_s
+            ),
+            make_record=lambda state: entry,
+            period_s=self.config.update_period_s,
+        )
 
     def _auto_span(self, dht: DHT, model_config, dht_prefix: str) -> tuple[int, int]:
         """The span of --num-blocks (default: all) blocks where the swarm is weakest now."""
@@ -233,69 +213,54 @@ class Server:
         logger.info("Chose blocks %d:%d, where the swarm is weakest", start, start + num_blocks)
         return start, start + num_blocks
 
-    async def _serve(self, dht: DHT, key, span, dht_prefix: str, started: float) -> None:
+    async def _serve(self, peer: Peer, span, dht_prefix: str, started: float) -> None:
         from corolla.server.handler import BlockServicer
 
         cfg = self.config
-        budget = CacheBudget(cfg.cache_tokens)
-        state = {"span": span, "speed": None}
-        next_rtts = RttTracker()
-
-        def make_info(state_now: ServerState = ServerState.ONLINE, span=None) -> ServerInfo:
-            moving_to = state.get("moving_to") if span is None and state_now == ServerState.ONLINE else None
-            span = span or state["span"]
-            start, end = span.start, span.end
-            if moving_to is not None:  # (see _rebalancer) every announcement, periodic ones too, says where it goes
-                state_now, (start, end) = ServerState.JOINING, moving_to
-            speed: SpeedReport | None = state["speed"]
-            return ServerInfo(
-                state=state_now,
-                start_block=start,
-                end_block=end,
-                throughput=speed.throughput if speed else self._nominal_throughput(),
-                inference_rps=speed.inference_rps if speed else None,
-                forward_rps=speed.forward_rps if speed else None,
-                network_rps=speed.network_rps if speed else None,
-                cache_tokens_left=budget.tokens_left,
-                dtype=str(next(span.parameters()).dtype).removeprefix("torch."),
-                quant=cfg.quant,
-                adapters=cfg.adapter_names(),
-                public_name=cfg.public_name,
-                next_pings=next_rtts.snapshot(limit=MAX_PUBLISHED_PINGS),
-            )
+        serving = ServingState(config=cfg, span=span, budget=CacheBudget(cfg.cache_tokens))
+        loop = asyncio.get_running_loop()
 
         async def ping_next_servers() -> None:
             """RTTs to servers that start where this one ends: clients route through them after this one."""
             records = await asyncio.to_thread(
-                fetch_block_records, dht, dht_prefix=dht_prefix, num_blocks=self._model_config.num_hidden_layers
+                fetch_block_records, peer.dht, dht_prefix=dht_prefix, num_blocks=self._model_config.num_hidden_layers
             )
-            end = state["span"].end
+            end = serving.span.end
             peers = [p for p, info in collect_servers(records).items() if info.start_block <= end < info.end_block]
-            next_rtts.update(await ping_many(P2PTransport(p2p), peers[: MAX_PUBLISHED_PINGS * 2], timeout_s=2.0))
+            transport = P2PTransport(await peer.p2p())
+            serving.next_rtts.update(await ping_many(transport, peers[: MAX_PUBLISHED_PINGS * 2], timeout_s=2.0))
 
-        announcer = Announcer(
-            dht=dht,
-            dht_prefix=dht_prefix,
-            owner=owner_marker(key),
-            make_info=make_info,
-            period_s=cfg.update_period_s,
-            before_announce=ping_next_servers,
+        announcer = self._block_announcer(
+            peer, dht_prefix, make_record=serving.record, before_announce=ping_next_servers
         )
+        registry = self._registry_announcer(peer, dht_prefix)
         # JOINING is stored while the speed is looked up (or measured) and the handlers start; ONLINE follows it
-        joining = asyncio.ensure_future(announcer.announce_now(make_info(ServerState.JOINING)))
+        joining = asyncio.ensure_future(announcer.set_state(ServerState.JOINING))
         try:
-            state["speed"] = await self._loop.run_in_executor(None, self._speed, span)
+            serving.speed = await loop.run_in_executor(None, self._speed, span)
             compute = ComputeQueue()
-            servicer = BlockServicer(span=span, config=cfg, budget=budget, compute=compute)
-            p2p = await dht.replicate_p2p()
-            await servicer.start(p2p, wrap=self.handler_wrapper)
+            peer.on_shutdown("stop the compute thread", compute.shutdown)
+            servicer = BlockServicer(span=span, config=cfg, budget=serving.budget, compute=compute)
+            await servicer.start(await peer.p2p(), wrap=self.handler_wrapper)
+            peer.on_shutdown("stop serving RPCs", servicer.stop)
         except BaseException:
             joining.cancel()
             raise
         await joining
-        await announcer.announce_now(make_info())
+        # shutdown runs these in reverse: stop moving, stop announcing, then say OFFLINE while RPCs still answer
+        peer.on_shutdown("announce OFFLINE", lambda: announcer.set_state(ServerState.OFFLINE, timeout_s=5))
+        await announcer.set_state(ServerState.ONLINE)
         announcer.start()
-        rebalancer = self._rebalancer(dht, dht_prefix, state, servicer, announcer, make_info)
+        peer.on_shutdown("stop announcing", announcer.stop)
+        try:
+            await registry.announce_now(timeout_s=10)
+        except Exception as e:  # clients find the blocks without it; the next period tries again
+            logger.warning("Could not announce the model in the registry: %s", e)
+        registry.start()
+        peer.on_shutdown("stop announcing the model", registry.stop)
+        rebalancer = self._rebalancer(peer, dht_prefix, serving, servicer, announcer)
+        if rebalancer is not None:
+            peer.on_shutdown("stop rebalancing", rebalancer.stop)
         logger.info(
             "Serving blocks %d:%d of %s (%s, %s) as peer %s; ready in %.2f s",
             span.start,
@@ -303,28 +268,17 @@ class Server:
             cfg.model,
             next(span.parameters()).dtype,
             cfg.device,
-            dht.peer_id,
+            peer.peer_id,
             time.perf_counter() - started,
         )
         try:
-            await self._stop.wait()
+            await peer.wait_until_stopped()
         finally:
             logger.info("Shutting down: announcing OFFLINE")
-            steps = [
-                rebalancer.stop if rebalancer is not None else None,
-                announcer.stop,
-                lambda: announcer.announce_now(make_info(ServerState.OFFLINE), timeout_s=5),
-                lambda: asyncio.wait_for(servicer.stop(), timeout=5),
-            ]
-            for step in filter(None, steps):  # each on its own: one failing (e.g. p2pd is gone) must not skip the rest
-                try:
-                    await step()
-                except Exception as e:
-                    logger.warning("Shutdown step failed (%s: %s); stopping anyway", type(e).__name__, e)
-            compute.shutdown()
+            await peer.shutdown()
             logger.info("Stopped")
 
-    def _rebalancer(self, dht, dht_prefix, state, servicer, announcer, make_info) -> Rebalancer | None:
+    def _rebalancer(self, peer: Peer, dht_prefix, serving: ServingState, servicer, announcer) -> Rebalancer | None:
         """Servers that chose their blocks themselves (no --blocks) keep checking whether to move."""
         cfg = self.config
         if cfg.blocks is not None or cfg.balance_quality <= 0:
@@ -332,33 +286,33 @@ class Server:
         checkpoint, model_config = self._checkpoint, self._model_config
 
         def own() -> ServerSpan:
-            speed, span = state["speed"], state["span"]
             return ServerSpan(
-                peer_id=dht.peer_id.to_base58(),
-                start=span.start,
-                end=span.end,
-                throughput=speed.throughput,
-                inference_rps=speed.inference_rps,
+                peer_id=peer.peer_id.to_base58(),
+                start=serving.span.start,
+                end=serving.span.end,
+                throughput=serving.speed.throughput,
+                inference_rps=serving.speed.inference_rps,
             )
 
         async def move(start: int, end: int) -> None:
-            old = state["span"]
+            old = serving.span
             # Other servers' balance checks must see this one leave its blocks and head for the new ones at once,
             # or several of them fill the same hole together and open a new one (they count JOINING servers).
-            state["moving_to"] = (start, end)
+            serving.moving_to = (start, end)
             try:
-                await announcer.announce_now(make_info(ServerState.OFFLINE, span=old))
-                await announcer.announce_now(make_info())  # JOINING on the new blocks
-                new = await self._loop.run_in_executor(None, self._load, checkpoint, model_config, (start, end))
+                await announcer.announce_now(serving.record(ServerState.OFFLINE, span=old))
+                await announcer.announce_now()  # JOINING on the new blocks
+                loop = asyncio.get_running_loop()
+                new = await loop.run_in_executor(None, self._load, checkpoint, model_config, (start, end))
             finally:
-                state["moving_to"] = None
-            state["span"] = new
+                serving.moving_to = None
+            serving.span = new
             servicer.swap_span(new)  # sessions already open finish on the old span
-            await announcer.announce_now(make_info())
+            await announcer.announce_now()
             logger.info("Now serving blocks %d:%d", start, end)
 
         rebalancer = Rebalancer(
-            dht=dht,
+            dht=peer.dht,
             dht_prefix=dht_prefix,
             num_layers=model_config.num_hidden_layers,
             own=own,

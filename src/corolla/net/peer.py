@@ -1,0 +1,169 @@
+"""The lifecycle every corolla peer shares, whatever its role (block server, SWARM stage peer, averaging peer).
+
+A ``Peer`` owns: the peer's identity (one RSA key for its peer id and its record signatures), its DHT process and
+p2pd, SIGINT/SIGTERM handling, the periodic tasks of the role, and a graceful shutdown that runs the role's
+shutdown steps in reverse order of registration, each on its own with a timeout (one failing, e.g. because p2pd is
+gone, must not skip the rest), and then stops the DHT process. The role builds its records and RPCs on top::
+
+    async with Peer(config) as peer:           # identity, DHT process started (joining runs in the background)
+        ...                                     # load weights meanwhile
+        await peer.joined()                     # SwarmConnectionError if the initial peers cannot be reached
+        peer.on_shutdown("stop serving", servicer.stop)
+        await peer.wait_until_stopped()         # Ctrl-C, SIGTERM or peer.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from hivemind.dht import DHT
+from hivemind.p2p import P2P
+
+from corolla.errors import SwarmConnectionError
+from corolla.log import get_logger
+from corolla.net.dht_process import ParentBoundDHT
+from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
+
+logger = get_logger(__name__)
+
+ShutdownStep = Callable[[], Awaitable[object] | None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerConfig:
+    """How a peer joins the swarm (the network part of every role's config)."""
+
+    initial_peers: tuple[str, ...] = ()
+    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    announce_maddrs: tuple[str, ...] = ()
+    identity: str | None = None  # a persistent identity file (created if missing); None: a throw-away one
+    join_timeout_s: float = 60.0
+    shutdown_step_timeout_s: float = 5.0
+
+
+def quiet_lost_daemon(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """A background task that lost its connection (p2pd gone, a peer hung up) is logged in one line, not as a
+    traceback; everything else goes to asyncio's default handler."""
+    error = context.get("exception")
+    if isinstance(error, (ConnectionError, FileNotFoundError)):
+        logger.debug("%s: %s: %s", context.get("message", "background task failed"), type(error).__name__, error)
+    else:
+        loop.default_exception_handler(context)
+
+
+class Peer:
+    """One peer's identity, DHT process, signals and shutdown; an async context manager inside a running loop."""
+
+    def __init__(self, config: PeerConfig, *, role: str = "peer", handle_signals: bool = True):
+        """``role`` names the peer in messages ("server", "stage peer", ...)."""
+        self.config, self.role, self.handle_signals = config, role, handle_signals
+        self.dht: DHT | None = None
+        self.key = None
+        self._identity_path = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._shutdown_steps: list[tuple[str, ShutdownStep]] = []
+        self._p2p: P2P | None = None
+
+    # ---- start ----------------------------------------------------------------------------------------------
+    async def __aenter__(self) -> Peer:
+        self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
+        if self.handle_signals:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._loop.add_signal_handler(sig, self._stopping.set)
+        self._loop.set_exception_handler(quiet_lost_daemon)
+        # the peer id and the records' signatures come from one key, so others can tell who wrote a record
+        self._identity_path, self.key = load_or_create_identity(self.config.identity)
+        try:
+            self.dht = self._start_dht()
+        except BaseException:
+            self._forget_throwaway_identity()
+            raise
+        return self
+
+    def _start_dht(self) -> DHT:
+        cfg = self.config
+        kwargs = dict(
+            initial_peers=list(cfg.initial_peers),
+            start=False,
+            host_maddrs=list(cfg.host_maddrs),
+            record_validators=swarm_validators(self.key),
+            identity_path=str(self._identity_path),
+            # a fresh random identity cannot be taken by anyone: skip the network check for it
+            check_if_identity_free=cfg.identity is not None,
+        )
+        if cfg.announce_maddrs:
+            kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
+        dht = ParentBoundDHT(**kwargs)
+        dht.run_in_background(await_ready=False)  # joins while the role loads what it needs
+        return dht
+
+    async def joined(self) -> None:
+        """Wait until the DHT process and p2pd are up and joined (SwarmConnectionError naming the peers if not)."""
+        try:
+            await self._loop.run_in_executor(None, self.dht.wait_until_ready, self.config.join_timeout_s)
+        except Exception as e:
+            raise SwarmConnectionError(
+                f"Could not start this {self.role}'s DHT peer with --initial-peers {list(self.config.initial_peers)} "
+                f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a server's log) "
+                f"and that those peers are running and reachable."
+            ) from e
+        self._forget_throwaway_identity()  # the daemon has read it
+
+    def _forget_throwaway_identity(self) -> None:
+        if self.config.identity is None and self._identity_path is not None:
+            self._identity_path.unlink(missing_ok=True)
+
+    @property
+    def owner(self) -> bytes:
+        """This peer's ``[owner:...]`` marker: the subkey only it can write its records under."""
+        return owner_marker(self.key)
+
+    @property
+    def peer_id(self):
+        return self.dht.peer_id
+
+    async def p2p(self) -> P2P:
+        """This process's handle on the DHT process's p2pd (for serving and calling RPCs)."""
+        if self._p2p is None:
+            self._p2p = await self.dht.replicate_p2p()
+        return self._p2p
+
+    # ---- run and stop ---------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask the peer to stop (from any thread); ``wait_until_stopped`` returns."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    async def wait_until_stopped(self) -> None:
+        await self._stopping.wait()
+
+    def on_shutdown(self, name: str, step: ShutdownStep) -> None:
+        """Run ``step`` (a coroutine function or a plain function) at shutdown; steps run in reverse order of
+        registration, like the exits of nested ``with`` blocks."""
+        self._shutdown_steps.append((name, step))
+
+    async def shutdown(self) -> None:
+        """The role's shutdown steps (last registered first), then the DHT process. Never raises for a step."""
+        while self._shutdown_steps:
+            name, step = self._shutdown_steps.pop()
+            try:
+                result = step()
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, self.config.shutdown_step_timeout_s)
+            except TimeoutError:
+                timeout_s = self.config.shutdown_step_timeout_s
+                logger.warning("Shutdown step '%s' failed (no answer in %g s); stopping anyway", name, timeout_s)
+            except Exception as e:
+                logger.warning("Shutdown step '%s' failed (%s: %s); stopping anyway", name, type(e).__name__, e)
+        if self.dht is not None:
+            dht, self.dht = self.dht, None
+            await asyncio.to_thread(dht.shutdown)
+        self._forget_throwaway_identity()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.shutdown()
