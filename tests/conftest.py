@@ -1,11 +1,14 @@
-"""Shared pytest setup: one torch thread per test process (servers are separate processes on the same cores), and
+"""Shared pytest setup: one torch thread per test process (servers are separate processes on the same cores),
 hypothesis without randomness or an example database (the same examples in every run; HYPOTHESIS_PROFILE=explore
-draws new ones)."""
+draws new ones), and the global random generators seeded before every test, so that randomness a test does not
+seed itself (e.g. the initial values of a trainable prompt or a fresh head) is the same in every run and order."""
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -16,6 +19,13 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "corolla"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _seed_global_random_generators():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

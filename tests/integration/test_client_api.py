@@ -155,6 +155,45 @@ def test_latency_measurements_feed_routing(swarm):
         model.shutdown()
 
 
+PING_DELAY_S = 1.0  # under the client's ping timeout (2 s), so the delayed pings are measured, not dropped
+
+
+def test_measured_pings_change_the_route(tmp_path):
+    """Two servers of all blocks: "fast" computes a step 50x faster than "slow", so with loopback pings the client
+    routes through it. Once every call to "fast" is delayed (the client's ping RPC included, as a far-away server's
+    would be) and the client has measured that, the same records give the other route, and a generation really
+    runs through "slow" (tokens still exact)."""
+    from corolla.net.faults import Delay, FaultPlan, FaultyTransport
+
+    path = str(zoo_checkpoint("llama"))
+    # per step: 6 blocks / 1000 rps = 0.006 s on "fast", 6 / 20 = 0.3 s on "slow"
+    with LocalSwarm(model=path, log_dir=tmp_path / "logs") as s:
+        s.start_server("fast", ["--blocks", "0:6", "--throughput", "1000"])
+        s.start_server("slow", ["--blocks", "0:6", "--throughput", "20"])
+        s.wait_until_served(min_servers=2)
+        fast, slow = s.peer_ids["fast"], s.peer_ids["slow"]
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers)
+        try:
+            view = model.remote_blocks.swarm
+            assert {fast, slow} <= set(view.rtt.rtts)  # both measured at connect, without delays
+            assert [hop.peer_id for hop in view.inference_route(0, 6)] == [fast]
+            plan = FaultPlan(lambda call: Delay(PING_DELAY_S) if call.peer_id == fast else None)
+            view.wrap_transport(lambda transport: FaultyTransport(transport, plan))
+            for _ in range(3):  # the RTTs are moving averages: a few delayed measurements move "fast"'s enough
+                view.refresh()
+            assert sum(call.rpc == "info" for call, _ in plan.injected) == 3  # the pings were the delayed calls
+            assert [hop.peer_id for hop in view.inference_route(0, 6)] == [slow]
+            ids = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(4))
+            with model.inference_session(max_length=ids.shape[1] + 4) as session:
+                out = model.generate(ids, session=session, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+                assert [hop.peer_id for hop in session.route] == [slow]
+            local = AutoModelForCausalLM.from_pretrained(path).eval()
+            expected = local.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            assert out.tolist() == expected.tolist()
+        finally:
+            model.shutdown()
+
+
 def test_chat_command_keeps_one_session(swarm):
     path, s = swarm
     result = subprocess.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,6 +264,60 @@ def test_many_random_failures_keep_tokens_exact(reference, tmp_path):
         out = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         assert len(plan.injected) >= 5
         assert out.tolist() == expected.tolist()
+        model.shutdown()
+    finally:
+        swarm.stop()
+
+
+STUCK = str(Path(__file__).parents[1] / "fixtures" / "stuck_in_compute.py")
+
+
+def test_server_killed_while_it_computes_a_step(reference, tmp_path):
+    """Both servers of blocks 2:4 can be caught inside a decode step (``tests/fixtures/stuck_in_compute.py``): the
+    one the session uses is SIGKILLed while its compute thread is in the middle of the step's forward; the client
+    recovers through the other one and the tokens equal transformers'."""
+    import threading
+
+    from corolla.local_swarm import wait_for
+
+    path, ids, expected = reference
+    folder = tmp_path / "stuck"
+    folder.mkdir()
+    position = ids.shape[1] + FAIL_AFTER
+    swarm = LocalSwarm(model=path, server_args=["--throughput", "100"], log_dir=tmp_path / "logs")
+    try:
+        swarm.start_bootstrap()
+        swarm.start_server("first", ["--blocks", "0:2"])
+        swarm.start_server("last", ["--blocks", "4:6"])
+        for name in ("middle", "spare"):
+            swarm.start_server(name, ["--blocks", "2:4"], entry=[STUCK, str(folder), str(position)])
+        swarm.wait_until_served(min_servers=4)
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        pids = {process.pid: name for name, process in swarm.processes.items()}
+        killed: list[str] = []
+
+        def kill_the_computing_server():
+            def computing():
+                return next(folder.glob("computing-*"), None)
+
+            wait_for(lambda: computing() is not None, timeout_s=120, what="a server inside a decode step")
+            killed.append(pids[int(computing().name.split("-")[1])])  # KeyError: not a server of ours
+            swarm.kill(killed[0], signal.SIGKILL)
+
+        (folder / "armed").touch()
+        killer = threading.Thread(target=kill_the_computing_server, daemon=True)
+        killer.start()
+        with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+            out = model.generate(
+                ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, session=session
+            )
+            chain = [swarm.name_of(hop.peer_id) for hop in session.route]
+        killer.join(timeout=30)
+        assert killed and killed[0] in ("middle", "spare")
+        assert swarm.processes[killed[0]].wait(timeout=30) == -signal.SIGKILL  # by our SIGKILL, mid-step
+        assert out.tolist() == expected.tolist()
+        assert killed[0] not in chain and {"middle", "spare"} & set(chain), chain
+        assert swarm.peer_ids[killed[0]] in model.remote_blocks.swarm.banned()
         model.shutdown()
     finally:
         swarm.stop()

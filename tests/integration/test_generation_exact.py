@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corolla import AutoDistributedModelForCausalLM
 from corolla.local_swarm import LocalSwarm
-from tests.fixtures.zoo import FAMILIES, zoo_checkpoint
+from tests.fixtures.zoo import FAMILIES, SLIDING_FAMILIES, SLIDING_WINDOW, zoo_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -40,8 +42,9 @@ def test_greedy_tokens_match_local(family_swarm):
     _, path, model, local = family_swarm
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer("the quick brown fox jumps over", return_tensors="pt")["input_ids"]
-    expected = local.generate(ids, max_new_tokens=24, do_sample=False)
-    got = model.generate(ids, max_new_tokens=24, do_sample=False)
+    # min_new_tokens: an early EOS must not shorten (and so weaken) the comparison
+    expected = local.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
+    got = model.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False)
     assert got.tolist() == expected.tolist()
 
 
@@ -51,9 +54,104 @@ def test_padded_batch_matches_local(family_swarm):
     mask = torch.ones_like(ids)
     mask[1, :2] = 0
     mask[2, :5] = 0
-    expected = local.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    got = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = local.generate(ids, **kwargs)
+    got = model.generate(ids, **kwargs)
     assert got.tolist() == expected.tolist()
+
+
+def _greedy_with_logits(model, ids, mask, new_tokens: int, **kwargs):
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, **kwargs,
+    )  # fmt: skip
+    return out.sequences, out.logits
+
+
+def test_every_decode_step_matches_local(family_swarm):
+    """The raw logits of every step (the prefill's last position, then each cached single-token step) equal
+    transformers' with the same history, in a padded batch; the tokens agree at every step too."""
+    _, _, model, local = family_swarm
+    ids = torch.randint(4, 400, (2, 6), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    new_tokens = 16
+    expected, expected_logits = _greedy_with_logits(local, ids, mask, new_tokens)
+    got, got_logits = _greedy_with_logits(model, ids, mask, new_tokens)
+    assert len(got_logits) == len(expected_logits) == new_tokens
+    for step in range(new_tokens):
+        # the histories are equal up to here (checked at the previous step), so the logits must be too
+        torch.testing.assert_close(got_logits[step], expected_logits[step], atol=1e-4, rtol=1e-4, msg=f"step {step}")
+        column = ids.shape[1] + step
+        assert got[:, column].tolist() == expected[:, column].tolist(), f"tokens differ at step {step}"
+
+
+class _Collector:
+    """A transformers streamer that keeps every tensor ``generate`` hands it (the prompt first, then each token)."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        assert not self.ended
+        self.values.append(value.detach().clone())
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_streamed_tokens_are_the_returned_tokens(family_swarm):
+    _, _, model, local = family_swarm
+    ids = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(10))
+    streamer = _Collector()
+    got = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
+    assert streamer.ended
+    prompt, *tokens = streamer.values
+    assert prompt.tolist() == ids.tolist()
+    assert len(tokens) == 10
+    assert torch.cat([prompt.reshape(1, -1), *(t.reshape(1, -1) for t in tokens)], dim=1).tolist() == got.tolist()
+    assert got.tolist() == local.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False).tolist()
+
+
+def _without_window(path: str, local):
+    """The same weights as ``local`` with the sliding window switched off (every layer attends to everything)."""
+    config = copy.deepcopy(local.config)
+    config.sliding_window = None
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"] * config.num_hidden_layers
+    if hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = False
+    return AutoModelForCausalLM.from_pretrained(path, config=config).eval()
+
+
+def test_sliding_window_is_applied(family_swarm):
+    """Prefill and cached decode run well past the window: the servers' results equal the windowed reference,
+    which differs from the same weights without a window (so a server ignoring the window would fail here)."""
+    family, path, model, local = family_swarm
+    if family not in SLIDING_FAMILIES:
+        pytest.skip(f"the zoo's {family} model has no sliding window")
+    assert local.config.sliding_window == SLIDING_WINDOW
+    unwindowed = _without_window(path, local)
+    prompt_length, new_tokens = 2 * SLIDING_WINDOW, 2 * SLIDING_WINDOW
+    ids = torch.randint(4, 400, (1, prompt_length), generator=torch.Generator().manual_seed(11))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected_prefill = local(input_ids=ids).logits
+        unwindowed_prefill = unwindowed(input_ids=ids).logits
+        got_prefill = model(input_ids=ids).logits
+    # within the window the two references agree; past it the window changes the result
+    torch.testing.assert_close(unwindowed_prefill[:, :SLIDING_WINDOW], expected_prefill[:, :SLIDING_WINDOW])
+    assert (unwindowed_prefill[:, SLIDING_WINDOW:] - expected_prefill[:, SLIDING_WINDOW:]).abs().max() > 1e-2
+    torch.testing.assert_close(got_prefill, expected_prefill, atol=1e-4, rtol=1e-4)
+
+    expected, expected_logits = _greedy_with_logits(local, ids, mask, new_tokens)
+    got, got_logits = _greedy_with_logits(model, ids, mask, new_tokens)
+    assert got.tolist() == expected.tolist()
+    torch.testing.assert_close(torch.stack(got_logits), torch.stack(expected_logits), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # the same history without a window: the decode steps' logits would differ
+        unwindowed_steps = unwindowed(input_ids=expected).logits[:, prompt_length - 1 : -1].transpose(0, 1)
+    assert (unwindowed_steps - torch.stack(expected_logits)).abs().max() > 1e-2
 
 
 def test_session_continues_without_resending_history(family_swarm):

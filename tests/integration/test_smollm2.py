@@ -102,3 +102,45 @@ def test_lora_gradients_match_local(smollm2_path, smollm2_swarm):
             torch.testing.assert_close(grad, expected[name], atol=1e-4, rtol=1e-3)
     finally:
         model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def smollm2_local(smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, AutoModelForCausalLM.from_pretrained(smollm2_path).eval()
+
+
+def _padded_batch(tokenizer):
+    prompts = ["The capital of France is", "Two plus two is", "Once upon a time, in a small village by the sea,"]
+    batch = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any(dim=1).tolist() == [True, True, False]  # two rows really padded
+    return batch["input_ids"], batch["attention_mask"]
+
+
+def test_padded_batch_greedy_matches_local(smollm2_swarm, smollm2_local):
+    _, model = smollm2_swarm
+    tokenizer, local = smollm2_local
+    ids, mask = _padded_batch(tokenizer)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    expected = local.generate(ids, **kwargs, pad_token_id=tokenizer.pad_token_id)
+    got = model.generate(ids, **kwargs, pad_token_id=tokenizer.pad_token_id)
+    assert got.tolist() == expected.tolist()
+
+
+def test_seeded_sampling_matches_local(smollm2_swarm, smollm2_local):
+    """Sampling draws the same tokens as local transformers from the same seed, for a padded batch; a different
+    seed draws others (so the comparison is not one of two greedy runs)."""
+    _, model = smollm2_swarm
+    tokenizer, local = smollm2_local
+    ids, mask = _padded_batch(tokenizer)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=0.9)
+    kwargs |= dict(top_p=0.95, top_k=100, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(11)
+    expected = local.generate(ids, **kwargs)
+    torch.manual_seed(11)
+    got = model.generate(ids, **kwargs)
+    assert got.tolist() == expected.tolist()
+    torch.manual_seed(12)
+    assert model.generate(ids, **kwargs).tolist() != got.tolist()

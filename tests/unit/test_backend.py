@@ -16,7 +16,7 @@ from corolla.server.backend import SpanBackend
 from corolla.server.compute import ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.sessions import SessionTable
-from tests.fixtures.zoo import zoo_checkpoint
+from tests.fixtures.zoo import SLIDING_WINDOW, zoo_checkpoint
 
 START, END = 1, 4
 
@@ -78,6 +78,37 @@ def test_inference_steps_and_a_rewind_equal_one_forward(backend, span):
         outputs = asyncio.run(steps(session))
         assert session.length == 10
     torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_rewind_past_the_sliding_window_equals_one_forward():
+    """A sliding-window model (the zoo's Mistral, window 8): steps that run past the window, then a rewind to a
+    position past it (a replay), equal one forward pass, which applies the window through the attention mask."""
+    span = load_span(resolve_checkpoint(str(zoo_checkpoint("mistral"))), 0, 3)
+    assert span.config.sliding_window == SLIDING_WINDOW
+    compute = ComputeQueue()
+    config = ServerConfig(model="tiny", new_swarm=True, max_session_length=32)
+    backend = SpanBackend(span=span, config=config, compute=compute)
+    opened = InferenceOpen(session_id="s", max_length=24, start_block=0, end_block=3)
+    total, first, rewind_to = 3 * SLIDING_WINDOW, SLIDING_WINDOW + 4, 2 * SLIDING_WINDOW
+    hidden = _hidden(span, 1, total, seed=4)
+    with torch.no_grad():
+        expected = span(SpanInputs(hidden_states=hidden))
+
+    async def steps(session):
+        outputs = [await backend.step(session, InferenceStep(step_id="a", position=0), [hidden[:, :first]])]
+        outputs.append(await backend.step(session, InferenceStep(step_id="b", position=first), [hidden[:, first:]]))
+        replayed = await backend.step(session, InferenceStep(step_id="c", position=rewind_to), [hidden[:, rewind_to:]])
+        return outputs, replayed
+
+    session_span, cache = backend.new_cache(opened)
+    try:
+        with SessionTable().open(opened, span=session_span, cache=cache) as session:
+            outputs, replayed = asyncio.run(steps(session))
+            assert session.length == total
+    finally:
+        compute.shutdown()
+    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(replayed, expected[:, rewind_to:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

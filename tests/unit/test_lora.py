@@ -135,7 +135,7 @@ def test_adapter_wraps_quantized_layers(adapters):
     attach_adapters(span, [resolve_adapter(str(adapters["plain"]))])
     layer = span.blocks[0].self_attn.q_proj
     assert isinstance(layer, LoraLinear) and isinstance(layer.base, Int8Linear)
-    x = torch.randn(2, 3, layer.in_features)
+    x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(0))
     weights = layer.lora[layer.keys_by_name["plain"]]
     expected = layer.base(x) + weights.scaling * (x @ weights.lora_A.T @ weights.lora_B.T)
     with torch.no_grad(), use_adapter("plain"):

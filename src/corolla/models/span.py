@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from corolla.log import get_logger
@@ -82,8 +82,8 @@ class SpanModel(nn.Module):
         """An empty attention cache for one session over blocks ``start..end-1`` (default: the whole span)."""
         start, end = self._range(start, end)
         if (start, end) == (self.start, self.end):
-            return DynamicCache(config=self.config)
-        return DynamicCache(config=slice_layers(self.config, start - self.start, end - self.start))
+            return _rewindable(DynamicCache(config=self.config))
+        return _rewindable(DynamicCache(config=slice_layers(self.config, start - self.start, end - self.start)))
 
     def forward(
         self,
@@ -146,6 +146,20 @@ class SpanModel(nn.Module):
         finally:
             for module, layer_idx in renumbered:
                 module.layer_idx = layer_idx
+
+
+def _rewindable(cache: DynamicCache) -> DynamicCache:
+    """``cache`` with its sliding-window layers replaced by full ones.
+
+    A sliding-window layer keeps only the last ``sliding_window - 1`` keys, so once a session is past the window it
+    cannot be cropped back to an earlier position, which a server must do when a client replays steps. A full layer
+    keeps every key; the window is still applied, by the sliding-window attention mask transformers builds for
+    those layers. The session's memory is reserved for its whole ``max_length`` either way.
+    """
+    cache.layers = [
+        DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers
+    ]
+    return cache
 
 
 @contextlib.contextmanager
