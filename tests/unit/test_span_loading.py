@@ -42,3 +42,30 @@ def test_direct_build_equals_from_pretrained(family, dtype, monkeypatch):
     hidden = torch.randn(2, 5, fast.config.hidden_size, generator=torch.Generator().manual_seed(0)).to(dtype)
     with torch.no_grad():
         assert torch.equal(fast(SpanInputs(hidden_states=hidden), None), slow(SpanInputs(hidden_states=hidden), None))
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])  # mixtral: from_pretrained (below)
+def test_loading_a_span_leaves_the_global_default_dtype_alone(family, monkeypatch):
+    """A server loads new blocks (rebalancing) while its compute thread runs: the bfloat16 build must not change
+    the process-wide default dtype under that thread. (Mixtral's checkpoints go through transformers'
+    from_pretrained, which still sets it for the duration of the load.)"""
+    import threading
+
+    checkpoint = resolve_checkpoint(str(zoo_checkpoint(family)))
+    calls, seen_elsewhere = [], []
+    real = torch.set_default_dtype
+    monkeypatch.setattr(torch, "set_default_dtype", lambda dtype: (calls.append(dtype), real(dtype)))
+    direct = span_module._build_direct
+
+    def build_and_look_from_another_thread(*args, **kwargs):
+        model = direct(*args, **kwargs)
+        probe = threading.Thread(target=lambda: seen_elsewhere.append(torch.empty(1).dtype))
+        probe.start()
+        probe.join()
+        return model
+
+    monkeypatch.setattr(span_module, "_build_direct", build_and_look_from_another_thread)
+    span = load_span(checkpoint, 0, 2, dtype=torch.bfloat16)
+    assert calls == [] and seen_elsewhere == [torch.float32]
+    assert {p.dtype for p in span.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32

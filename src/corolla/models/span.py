@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig, PretrainedConfig
 from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
@@ -234,13 +235,10 @@ def _build_direct(
     """
     from transformers.initialization import no_init_weights
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # as from_pretrained builds it: parameters in dtype, buffers as the model says
-    try:
-        with no_init_weights():  # every weight is overwritten below (or unused by the span): skip random init
-            model = base_class(config)
-    finally:
-        torch.set_default_dtype(default)
+    # as from_pretrained builds it (parameters in dtype, buffers as the model says), but in this thread only: the
+    # global default dtype stays, so a compute thread running meanwhile (a rebalancing server) is not affected
+    with _DefaultDtypeInThisThread(dtype), no_init_weights():  # every weight is overwritten below: skip init
+        model = base_class(config)
     own = model.state_dict()
     unused = {f"{family.final_norm_attr}.", f"{family.embed_attr}."}
     if family.input_norm_attr is not None:
@@ -250,6 +248,33 @@ def _build_direct(
         return None
     model.load_state_dict(state_dict, strict=False)
     return model
+
+
+class _DefaultDtypeInThisThread(TorchFunctionMode):
+    """``torch.set_default_dtype(dtype)`` for the calling thread only (torch function modes are thread-local).
+
+    Factories whose floating result takes the default dtype get ``dtype`` when none is given; those whose result
+    type follows their arguments (``full``, ``tensor``, ``arange``, ...) are cast when they gave the default.
+    """
+
+    _DEFAULTED = {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.empty_strided, torch.eye}
+    _INFERRED = {torch.full, torch.tensor, torch.arange, torch.linspace, torch.logspace}
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        explicit = kwargs.get("dtype") is not None
+        if func in self._DEFAULTED and not explicit:
+            kwargs["dtype"] = self.dtype
+        result = func(*args, **kwargs)
+        from_data = func is torch.tensor and args and isinstance(args[0], torch.Tensor)  # keeps the data's dtype
+        if func in self._INFERRED and not explicit and not from_data and isinstance(result, torch.Tensor):
+            if result.dtype == torch.get_default_dtype() and result.dtype != self.dtype:
+                result = result.to(self.dtype)
+        return result
 
 
 class _quiet_transformers:
