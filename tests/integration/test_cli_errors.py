@@ -29,8 +29,9 @@ def _corolla(*args: str) -> subprocess.CompletedProcess:
         (["serve", "no-such-model", "--new-swarm"], "corolla serve: error: Model 'no-such-model' is not a local"),
         (["serve", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla serve: error: Could not start this server's DHT"),
         (["generate", "{zoo}", "--initial-peers", BOGUS_PEER, "--prompt", "hi"], "Check the addresses"),
+        (["dht", "--initial-peers", BOGUS_PEER], "corolla dht: error: Could not start this bootstrap peer's DHT"),
     ],
-    ids=["serve-unknown-model", "serve-unreachable-peers", "generate-unreachable-peers"],
+    ids=["serve-unknown-model", "serve-unreachable-peers", "generate-unreachable-peers", "dht-unreachable-peers"],
 )
 def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, message):
     args = [a.replace("{zoo}", str(zoo_checkpoint("llama"))) for a in args]
@@ -41,3 +42,21 @@ def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, 
     assert message in last, quiet.stderr
     verbose = _corolla(*args, "--verbose")
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["generate", "m", "--initial-peers", BOGUS_PEER, "--prompt", "hi", "--max-new-tokens", "0"],
+            "max_new_tokens",
+        ),
+        (["dht", "--join-timeout-s", "0"], "corolla dht: join_timeout_s must be positive seconds, got 0.0"),
+    ],
+    ids=["generate", "dht"],
+)
+def test_bad_flag_values_are_refused_in_one_line(args, message):
+    """The flags of every command come from its config dataclass, which checks them before anything starts."""
+    result = _corolla(*args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr

@@ -27,7 +27,12 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, *, positional:
         if default not in (None, ()):
             shown += f" (default: {' '.join(map(str, default)) if is_tuple else default})"
         flags = (flag, *f.metadata.get("aliases", ()))  # older spellings keep working
-        if kind is bool:
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required:
+            parser.add_argument(
+                *flags, dest=f.name, required=True, nargs="+" if is_tuple else None, type=kind, help=shown
+            )
+        elif kind is bool:
             parser.add_argument(*flags, dest=f.name, action="store_true", default=None, help=help_text)
         elif is_tuple:
             parser.add_argument(*flags, dest=f.name, nargs="+", type=kind, default=None, help=shown)
@@ -68,3 +73,11 @@ def _base_type(hint) -> tuple[type, bool]:
     if origin is tuple:
         return typing.get_args(hint)[0], True
     return hint, False
+
+
+def config_or_exit(cls, args: argparse.Namespace, command: str):
+    """``dataclass_from_args``, a bad value ending the command with its one-line message (exit status 1)."""
+    try:
+        return dataclass_from_args(cls, args)
+    except ValueError as e:
+        raise SystemExit(f"corolla {command}: {e}") from None

@@ -2,41 +2,64 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass, field
+
+from corolla.cli.dataclass_args import add_dataclass_arguments, config_or_exit
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="Hub repo id, local checkpoint folder, or bundled short name (smollm2-135m)")
-    parser.add_argument("--initial-peers", nargs="+", required=True, help="multiaddrs of peers in the swarm")
-    parser.add_argument("--dht-prefix", default=None, help="DHT namespace of the model (default: from its name)")
-    parser.add_argument(
-        "--active-adapter", default=None, help="a LoRA adapter served with `corolla serve --adapters` (its name)"
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextConfig:
+    """What ``corolla generate`` and ``corolla chat`` share: the swarm, the model and how to sample."""
+
+    model: str = field(metadata=_help("Hub repo id, local checkpoint folder, or bundled short name (smollm2-135m)"))
+    initial_peers: tuple[str, ...] = field(metadata=_help("multiaddrs of peers in the swarm"))
+    dht_prefix: str | None = field(default=None, metadata=_help("DHT namespace of the model (default: from its name)"))
+    active_adapter: str | None = field(
+        default=None, metadata=_help("a LoRA adapter served with `corolla serve --adapters` (its name)")
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per answer")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
-    parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
-    parser.add_argument(
-        "--verbose", action="store_true", help="log the client's routes (they would interleave with the text)"
+    max_new_tokens: int = field(default=64, metadata=_help("tokens to generate per answer"))
+    temperature: float = field(default=0.0, metadata=_help("0 = greedy; > 0 samples"))
+    top_p: float | None = field(default=None, metadata=_help("nucleus sampling threshold"))
+    top_k: int | None = field(default=None, metadata=_help("sample among the k most likely tokens"))
+    repetition_penalty: float | None = field(default=None, metadata=_help("> 1 discourages repeats"))
+    verbose: bool = field(
+        default=False, metadata=_help("log the client's routes (they would interleave with the text)")
     )
+
+    def __post_init__(self):
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerateConfig(TextConfig):
+    prompt: str = field(metadata=_help("the prompt text"))
+    chat: bool = field(default=False, metadata=_help("wrap the prompt in the model's chat template"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChatConfig(TextConfig):
+    max_length: int = field(default=2048, metadata=_help("longest conversation, in tokens"))
 
 
 def register(commands) -> None:
     generate = commands.add_parser(
         "generate", help="generate text through a swarm", description="Generate a continuation through a swarm."
     )
-    _add_common(generate)
-    generate.add_argument("--prompt", required=True, help="the prompt text")
-    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    generate.set_defaults(handler=run_generate)
+    add_dataclass_arguments(generate, GenerateConfig, positional=("model",))
+    generate.set_defaults(handler=lambda args: run_generate(config_or_exit(GenerateConfig, args, "generate")))
     chat = commands.add_parser(
         "chat", help="interactive chat through a swarm", description="Chat; the servers keep the conversation cache."
     )
-    _add_common(chat)
-    chat.add_argument("--max-length", type=int, default=2048, help="longest conversation, in tokens")
-    chat.set_defaults(handler=run_chat)
+    add_dataclass_arguments(chat, ChatConfig, positional=("model",))
+    chat.set_defaults(handler=lambda args: run_chat(config_or_exit(ChatConfig, args, "chat")))
 
 
 def _sampling(args) -> dict:

@@ -18,7 +18,7 @@ import asyncio
 import inspect
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
@@ -30,19 +30,35 @@ from corolla.net.identity import load_or_create_identity, owner_marker, swarm_va
 
 logger = get_logger(__name__)
 
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
 ShutdownStep = Callable[[], Awaitable[object] | None]
 
 
 @dataclass(frozen=True, kw_only=True)
 class PeerConfig:
-    """How a peer joins the swarm (the network part of every role's config)."""
+    """How a peer joins the swarm (the network part of every role's config; ``corolla dht``'s flags)."""
 
-    initial_peers: tuple[str, ...] = ()
-    host_maddrs: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
-    announce_maddrs: tuple[str, ...] = ()
-    identity: str | None = None  # a persistent identity file (created if missing); None: a throw-away one
-    join_timeout_s: float = 60.0
-    shutdown_step_timeout_s: float = 5.0
+    initial_peers: tuple[str, ...] = field(default=(), metadata=_help("multiaddrs of peers already in the swarm"))
+    host_maddrs: tuple[str, ...] = field(
+        default=("/ip4/127.0.0.1/tcp/0",), metadata=_help("multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337")
+    )
+    announce_maddrs: tuple[str, ...] = field(default=(), metadata=_help("public multiaddrs announced to others"))
+    identity: str | None = field(
+        default=None, metadata=_help("file with a persistent peer identity (created if missing)")
+    )
+    join_timeout_s: float = field(default=60.0, metadata=_help("seconds to wait for the DHT peer to join"))
+    shutdown_step_timeout_s: float = field(
+        default=5.0, metadata=_help("seconds each shutdown step (e.g. announcing OFFLINE) may take")
+    )
+
+    def __post_init__(self):
+        for name in ("join_timeout_s", "shutdown_step_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)}")
 
 
 def quiet_lost_daemon(loop: asyncio.AbstractEventLoop, context: dict) -> None:
