@@ -125,6 +125,12 @@ class ServerConfig:
             identity=self.identity,
         )
 
+    def nominal_throughput(self) -> float:
+        """What a record says before the speed is known: the configured value, or 1 (enough for servers choosing
+        their blocks meanwhile to count this one; clients never route to JOINING)."""
+        fixed = self.fixed_throughput()
+        return 1.0 if fixed is None else fixed
+
     def fixed_throughput(self) -> float | None:
         """The throughput given as a number (``--throughput 100``), or None for ``auto`` / ``eval``."""
         return None if self.throughput in ("auto", "eval") else float(self.throughput)

@@ -147,12 +147,11 @@ class Server:
         """JOINING on the chosen blocks before loading them: servers that choose right after this one go elsewhere
         (without it, servers started together all chose the same weakest span and had to rebalance later)."""
         cfg = self.config
-        fixed = cfg.fixed_throughput()
         info = ServerInfo(
             state=ServerState.JOINING,
             start_block=blocks[0],
             end_block=blocks[1],
-            throughput=1.0 if fixed is None else fixed,  # see ServingState.nominal_throughput
+            throughput=cfg.nominal_throughput(),
             quant=cfg.quant,
             adapters=cfg.adapter_names(),
             public_name=cfg.public_name,

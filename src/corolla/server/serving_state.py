@@ -30,12 +30,6 @@ class ServingState:
     moving_to: tuple[int, int] | None = None  # blocks being loaded while the old span still serves
     next_rtts: RttTracker = field(default_factory=RttTracker)
 
-    def nominal_throughput(self) -> float:
-        """What a record says before the speed is known: the configured value, or 1 (enough for servers choosing
-        their blocks meanwhile to count this one; clients never route to JOINING)."""
-        fixed = self.config.fixed_throughput()
-        return 1.0 if fixed is None else fixed
-
     def record(self, state: ServerState = ServerState.ONLINE, *, span=None) -> ServerInfo:
         """The announcement for ``state``: about ``span`` if given (e.g. OFFLINE on the blocks being left), else
         about the blocks served now; while moving, an ONLINE announcement says JOINING on the new blocks, so that
@@ -48,7 +42,7 @@ class ServingState:
             state=state,
             start_block=start,
             end_block=end,
-            throughput=speed.throughput if speed else self.nominal_throughput(),
+            throughput=speed.throughput if speed else cfg.nominal_throughput(),
             inference_rps=speed.inference_rps if speed else None,
             forward_rps=speed.forward_rps if speed else None,
             network_rps=speed.network_rps if speed else None,
