@@ -14,7 +14,7 @@ from corolla.models.span import SpanInputs, load_span
 from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, SpanRequest
 from corolla.server.backend import SpanBackend
 from corolla.server.compute import ComputeQueue
-from corolla.server.config import ServerConfig
+from corolla.server.config import LimitsConfig, ServerConfig
 from corolla.server.sessions import SessionTable
 from tests.fixtures.zoo import SLIDING_WINDOW, zoo_checkpoint
 
@@ -29,7 +29,9 @@ def span():
 @pytest.fixture
 def backend(span):
     compute = ComputeQueue()
-    config = ServerConfig(model="tiny", new_swarm=True, compute_chunk_tokens=8, max_session_length=32)
+    config = ServerConfig(
+        model="tiny", new_swarm=True, limits=LimitsConfig(compute_chunk_tokens=8, max_session_length=32)
+    )
     yield SpanBackend(span=span, config=config, compute=compute)
     compute.shutdown()
 
@@ -86,7 +88,7 @@ def test_a_rewind_past_the_sliding_window_equals_one_forward():
     span = load_span(resolve_checkpoint(str(zoo_checkpoint("mistral"))), 0, 3)
     assert span.config.sliding_window == SLIDING_WINDOW
     compute = ComputeQueue()
-    config = ServerConfig(model="tiny", new_swarm=True, max_session_length=32)
+    config = ServerConfig(model="tiny", new_swarm=True, limits=LimitsConfig(max_session_length=32))
     backend = SpanBackend(span=span, config=config, compute=compute)
     opened = InferenceOpen(session_id="s", max_length=24, start_block=0, end_block=3)
     total, first, rewind_to = 3 * SLIDING_WINDOW, SLIDING_WINDOW + 4, 2 * SLIDING_WINDOW

@@ -219,10 +219,10 @@ def test_missing_folder_or_files(tmp_path, monkeypatch):
 
 
 def test_server_config_adapter_names(tmp_path):
-    from corolla.server.config import ServerConfig
+    from corolla.server.config import SpanConfig
 
     (tmp_path / "mine").mkdir()
-    config = ServerConfig(model="m", new_swarm=True, adapters=(str(tmp_path / "mine"), "chat=/x", "org/lora"))
+    config = SpanConfig(adapters=(str(tmp_path / "mine"), "chat=/x", "org/lora"))
     assert config.adapter_names() == ("mine", "chat", "org/lora")
     with pytest.raises(ValueError, match="same name"):
-        ServerConfig(model="m", new_swarm=True, adapters=("/a/lora", "/b/lora"))
+        SpanConfig(adapters=("/a/lora", "/b/lora"))

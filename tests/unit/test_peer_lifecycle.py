@@ -10,7 +10,7 @@ import torch
 from corolla.net.announcer import Announcer
 from corolla.net.peer import Peer, PeerConfig
 from corolla.protocol.server_info import ServerState
-from corolla.server.config import ServerConfig
+from corolla.server.config import AnnounceConfig, ServerConfig
 from corolla.server.memory_cache import CacheBudget
 from corolla.server.serving_state import ServingState
 
@@ -65,7 +65,7 @@ class _Span(torch.nn.Module):
 
 
 def test_a_moving_server_announces_joining_on_its_new_blocks_and_offline_on_the_old():
-    config = ServerConfig(model="m", new_swarm=True, throughput="7", quant="none")
+    config = ServerConfig(model="m", new_swarm=True, announce=AnnounceConfig(throughput="7"))
     serving = ServingState(config=config, span=_Span(0, 3, torch.bfloat16), budget=CacheBudget(100))
     online = serving.record()
     assert (online.state, online.start_block, online.end_block, online.throughput) == (ServerState.ONLINE, 0, 3, 7)

@@ -2,29 +2,36 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from corolla.cli.flags import parse_flags
 
 DEFAULT_PROMPT = "What are three good reasons to learn a second language? Answer briefly."
 
 
-def register(commands) -> None:
-    parser = commands.add_parser(
-        "demo",
-        help="run a local swarm of the bundled model and chat through it",
-        description=(
-            "Start one bootstrap peer and three servers (each hosting a third of SmolLM2-135M's 30 blocks) as "
-            "separate processes on loopback, answer a chat prompt through them, then shut everything down."
-        ),
-    )
-    parser.add_argument("--model", default="smollm2-135m", help="model to serve (bundled short name or folder)")
-    parser.add_argument("--servers", type=int, default=3, help="number of servers (blocks split evenly)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the user's chat message")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    parser.set_defaults(handler=run)
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Start one bootstrap peer and a few servers (each hosting an even share of the model's blocks) as separate
+    processes on loopback, answer a chat prompt through them, then shut everything down."""
+
+    model: str = "smollm2-135m"
+    """model to serve (bundled short name or folder)"""
+    servers: int = 3
+    """number of servers (blocks split evenly)"""
+    prompt: str = DEFAULT_PROMPT
+    """the user's chat message"""
+    max_new_tokens: int = 64
+    """tokens to generate"""
+
+    def __post_init__(self):
+        for name in ("servers", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 def _even_spans(num_blocks: int, num_servers: int) -> list[str]:
@@ -32,7 +39,8 @@ def _even_spans(num_blocks: int, num_servers: int) -> list[str]:
     return [f"{a}:{b}" for a, b in zip(bounds, bounds[1:])]
 
 
-def run(args: argparse.Namespace) -> int:
+def run(argv: Sequence[str], *, command: str = "demo") -> int:
+    args = parse_flags(DemoConfig, argv, prog="corolla demo")
     import torch
     from transformers import AutoConfig, AutoTokenizer
 

@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+from collections.abc import Sequence
 
-from corolla.cli.dataclass_args import add_dataclass_arguments, config_or_exit
-from corolla.net.peer import PeerConfig
+from corolla.cli.flags import parse_flags
+from corolla.net.peer_config import PeerConfig
 
 
-def register(commands) -> None:
-    parser = commands.add_parser(
-        "dht",
-        help="start a bootstrap DHT peer",
+def run(argv: Sequence[str], *, command: str = "dht") -> int:
+    config = parse_flags(
+        PeerConfig,
+        argv,
+        prog="corolla dht",
         description="Start a DHT peer (no blocks) that new servers and clients can join through.",
     )
-    add_dataclass_arguments(parser, PeerConfig)
-    parser.set_defaults(handler=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    asyncio.run(_serve(config_or_exit(PeerConfig, args, "dht")))
+    asyncio.run(_serve(config))
     return 0
 
 

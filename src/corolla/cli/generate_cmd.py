@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated
 
-from corolla.cli.dataclass_args import add_dataclass_arguments, config_or_exit
+import tyro
 
+from corolla.cli.flags import parse_flags
 
-def _help(text: str) -> dict:
-    return {"help": text}
+_MODEL = Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="MODEL")]
+HAS_VERBOSE_FLAG = True  # TextConfig.verbose: `corolla generate --verbose` also logs the routes
 
 
 @dataclass(frozen=True, kw_only=True)
 class TextConfig:
     """What ``corolla generate`` and ``corolla chat`` share: the swarm, the model and how to sample."""
 
-    model: str = field(metadata=_help("Hub repo id, local checkpoint folder, or bundled short name (smollm2-135m)"))
-    initial_peers: tuple[str, ...] = field(metadata=_help("multiaddrs of peers in the swarm"))
-    dht_prefix: str | None = field(default=None, metadata=_help("DHT namespace of the model (default: from its name)"))
-    active_adapter: str | None = field(
-        default=None, metadata=_help("a LoRA adapter served with `corolla serve --adapters` (its name)")
-    )
-    max_new_tokens: int = field(default=64, metadata=_help("tokens to generate per answer"))
-    temperature: float = field(default=0.0, metadata=_help("0 = greedy; > 0 samples"))
-    top_p: float | None = field(default=None, metadata=_help("nucleus sampling threshold"))
-    top_k: int | None = field(default=None, metadata=_help("sample among the k most likely tokens"))
-    repetition_penalty: float | None = field(default=None, metadata=_help("> 1 discourages repeats"))
-    verbose: bool = field(
-        default=False, metadata=_help("log the client's routes (they would interleave with the text)")
-    )
+    model: _MODEL
+    """Hub repo id, local checkpoint folder, or bundled short name (smollm2-135m)"""
+    initial_peers: tuple[str, ...]
+    """multiaddrs of peers in the swarm"""
+    dht_prefix: str | None = None
+    """DHT namespace of the model (None: derived from its name)"""
+    active_adapter: str | None = None
+    """a LoRA adapter served with `corolla serve --adapters` (its name)"""
+    max_new_tokens: int = 64
+    """tokens to generate per answer"""
+    temperature: float = 0.0
+    """0 = greedy; > 0 samples"""
+    top_p: float | None = None
+    """nucleus sampling threshold"""
+    top_k: int | None = None
+    """sample among the k most likely tokens"""
+    repetition_penalty: float | None = None
+    """> 1 discourages repeats"""
+    verbose: bool = False
+    """log the client's routes (they would interleave with the text) and show tracebacks"""
 
     def __post_init__(self):
         if self.max_new_tokens <= 0:
@@ -40,26 +49,26 @@ class TextConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerateConfig(TextConfig):
-    prompt: str = field(metadata=_help("the prompt text"))
-    chat: bool = field(default=False, metadata=_help("wrap the prompt in the model's chat template"))
+    """Generate a continuation of a prompt through a swarm, streamed to the terminal."""
+
+    prompt: str
+    """the prompt text"""
+    chat: bool = False
+    """wrap the prompt in the model's chat template"""
 
 
 @dataclass(frozen=True, kw_only=True)
 class ChatConfig(TextConfig):
-    max_length: int = field(default=2048, metadata=_help("longest conversation, in tokens"))
+    """Chat through a swarm; the servers keep the conversation's attention cache between turns."""
+
+    max_length: int = 2048
+    """longest conversation, in tokens"""
 
 
-def register(commands) -> None:
-    generate = commands.add_parser(
-        "generate", help="generate text through a swarm", description="Generate a continuation through a swarm."
-    )
-    add_dataclass_arguments(generate, GenerateConfig, positional=("model",))
-    generate.set_defaults(handler=lambda args: run_generate(config_or_exit(GenerateConfig, args, "generate")))
-    chat = commands.add_parser(
-        "chat", help="interactive chat through a swarm", description="Chat; the servers keep the conversation cache."
-    )
-    add_dataclass_arguments(chat, ChatConfig, positional=("model",))
-    chat.set_defaults(handler=lambda args: run_chat(config_or_exit(ChatConfig, args, "chat")))
+def run(argv: Sequence[str], *, command: str = "generate") -> int:
+    if command == "chat":
+        return run_chat(parse_flags(ChatConfig, argv, prog="corolla chat"))
+    return run_generate(parse_flags(GenerateConfig, argv, prog="corolla generate"))
 
 
 def _sampling(args) -> dict:

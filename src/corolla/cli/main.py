@@ -5,35 +5,51 @@ from __future__ import annotations
 import argparse
 import sys
 
+# name -> (module under corolla.cli, one-line help); each module's ``run(argv)`` parses its own flags
+COMMANDS = {
+    "serve": ("serve_cmd", "host a span of a model's blocks for the swarm"),
+    "dht": ("dht_cmd", "start a bootstrap DHT peer"),
+    "generate": ("generate_cmd", "generate text through a swarm"),
+    "chat": ("generate_cmd", "interactive chat through a swarm"),
+    "demo": ("demo_cmd", "run a local swarm of the bundled model and chat through it"),
+}
+VERBOSE_HELP = "show the full traceback of an error"
+
+
+def _parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<10}{text}" for name, (_, text) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="corolla",
+        description="Run large language models on a swarm of computers that nobody fully controls.",
+        epilog=f"commands:\n{listing}\n\n`corolla COMMAND --help` lists a command's flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP + " (also after COMMAND)")
+    parser.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help="one of: " + ", ".join(COMMANDS))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the command's flags")
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     from corolla import startup
 
     startup.install()  # before anything imports hivemind or transformers: a server must start in seconds
-    parser = argparse.ArgumentParser(
-        prog="corolla", description="Run large language models on a swarm of computers that nobody fully controls."
-    )
-    verbose = "show the full traceback of an error"
-    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from corolla.cli import demo_cmd, dht_cmd, generate_cmd, serve_cmd
+    args = _parser().parse_args(argv)
+    import importlib
 
-    serve_cmd.register(commands)
-    dht_cmd.register(commands)
-    generate_cmd.register(commands)
-    demo_cmd.register(commands)
-    for command in {id(c): c for c in commands.choices.values()}.values():  # `corolla serve ... --verbose` too
-        if "--verbose" not in command._option_string_actions:  # generate's own --verbose also logs routes
-            command.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
-    args = parser.parse_args(argv)
+    module = importlib.import_module(f"corolla.cli.{COMMANDS[args.command][0]}")
+    verbose = args.verbose or "--verbose" in args.args
+    command_args = list(args.args)
+    if not getattr(module, "HAS_VERBOSE_FLAG", False):  # generate/chat's own --verbose also logs routes
+        command_args = [a for a in command_args if a != "--verbose"]
     try:
-        return args.handler(args) or 0
+        return module.run(command_args, command=args.command) or 0
     except KeyboardInterrupt:
         return 130
     except Exception as e:
         from corolla.errors import CorollaError
 
-        if args.verbose or not isinstance(e, CorollaError):
+        if verbose or not isinstance(e, CorollaError):
             raise  # a bug: the traceback is what a report needs
         # a user's mistake (a wrong model name, unreachable peers, ...): its message says what to do next
         sys.stderr.write(f"corolla {args.command}: error: {' '.join(str(e).split())}\n")

@@ -18,7 +18,6 @@ import asyncio
 import inspect
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P
@@ -27,38 +26,14 @@ from corolla.errors import SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_process import ParentBoundDHT
 from corolla.net.identity import load_or_create_identity, owner_marker, swarm_validators
+from corolla.net.peer_config import PeerConfig
 
 logger = get_logger(__name__)
 
-
-def _help(text: str) -> dict:
-    return {"help": text}
+__all__ = ["Peer", "PeerConfig", "quiet_lost_daemon"]
 
 
 ShutdownStep = Callable[[], Awaitable[object] | None]
-
-
-@dataclass(frozen=True, kw_only=True)
-class PeerConfig:
-    """How a peer joins the swarm (the network part of every role's config; ``corolla dht``'s flags)."""
-
-    initial_peers: tuple[str, ...] = field(default=(), metadata=_help("multiaddrs of peers already in the swarm"))
-    host_maddrs: tuple[str, ...] = field(
-        default=("/ip4/127.0.0.1/tcp/0",), metadata=_help("multiaddrs to listen on, e.g. /ip4/0.0.0.0/tcp/31337")
-    )
-    announce_maddrs: tuple[str, ...] = field(default=(), metadata=_help("public multiaddrs announced to others"))
-    identity: str | None = field(
-        default=None, metadata=_help("file with a persistent peer identity (created if missing)")
-    )
-    join_timeout_s: float = field(default=60.0, metadata=_help("seconds to wait for the DHT peer to join"))
-    shutdown_step_timeout_s: float = field(
-        default=5.0, metadata=_help("seconds each shutdown step (e.g. announcing OFFLINE) may take")
-    )
-
-    def __post_init__(self):
-        for name in ("join_timeout_s", "shutdown_step_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive seconds, got {getattr(self, name)}")
 
 
 def quiet_lost_daemon(loop: asyncio.AbstractEventLoop, context: dict) -> None:

@@ -26,7 +26,7 @@ class SpanBackend:
 
     def __init__(self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue):
         self.span, self.config, self.compute = span, config, compute
-        self.adapters: tuple[str, ...] = config.adapter_names()  # loaded into every span this server serves
+        self.adapters: tuple[str, ...] = config.span.adapter_names()  # loaded into every span this server serves
 
     @property
     def dtype(self) -> torch.dtype:
@@ -104,7 +104,7 @@ class SpanBackend:
     def _row_chunks(self, hidden: torch.Tensor) -> list[slice]:
         """Rows of a batch in chunks of at most ``compute_chunk_tokens`` tokens (at least one row each)."""
         batch, tokens = hidden.shape[:2]
-        rows = max(1, self.config.compute_chunk_tokens // tokens)
+        rows = max(1, self.config.limits.compute_chunk_tokens // tokens)
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
     # ---- inference --------------------------------------------------------------------------------------------
@@ -112,13 +112,13 @@ class SpanBackend:
         """Refuse a session this server cannot hold (blocks, adapter, length, batch) before reserving anything."""
         validation.check_span(opened.start_block, opened.end_block, served=(self.span.start, self.span.end))
         self.check_adapter(opened)
-        if opened.max_length > self.config.max_session_length:
+        if opened.max_length > self.config.limits.max_session_length:
             raise InvalidRequestError(
                 f"max_length={opened.max_length} exceeds this server's --max-session-length "
-                f"{self.config.max_session_length}"
+                f"{self.config.limits.max_session_length}"
             )
-        if opened.batch_size > self.config.max_batch_tokens:
-            raise InvalidRequestError(f"batch_size={opened.batch_size} exceeds {self.config.max_batch_tokens}")
+        if opened.batch_size > self.config.limits.max_batch_tokens:
+            raise InvalidRequestError(f"batch_size={opened.batch_size} exceeds {self.config.limits.max_batch_tokens}")
 
     def new_cache(self, opened: InferenceOpen):
         """An empty attention cache of the current span for the session's blocks (with the span it belongs to)."""
@@ -183,7 +183,7 @@ class SpanBackend:
         hidden = tensors[0]
         hidden_size = span.config.hidden_size
         validation.check_hidden_states(
-            hidden, hidden_size=hidden_size, max_tokens=self.config.max_batch_tokens, batch_size=batch_size
+            hidden, hidden_size=hidden_size, max_tokens=self.config.limits.max_batch_tokens, batch_size=batch_size
         )
         batch, new_tokens, _ = hidden.shape
         rest = iter(tensors[1:])
@@ -191,7 +191,7 @@ class SpanBackend:
         if meta.has_attention_mask:
             mask = validation.check_attention_mask(next(rest), batch=batch, length=past_length + new_tokens)
         if meta.has_position_ids:
-            limit = max(self.config.max_session_length, past_length + new_tokens)
+            limit = max(self.config.limits.max_session_length, past_length + new_tokens)
             positions = validation.check_position_ids(next(rest), batch=batch, tokens=new_tokens, limit=limit)
         parameter = next(span.parameters())
         if has_prompts:
@@ -208,10 +208,10 @@ class SpanBackend:
     async def _compute(self, priority: int, task, *, grad: bool = False):
         try:
             future = self.compute.submit(priority, task, grad=grad)
-            return await asyncio.wait_for(future, self.config.request_timeout_s)
+            return await asyncio.wait_for(future, self.config.limits.request_timeout_s)
         except asyncio.TimeoutError:
             raise InvalidRequestError(
-                f"the request took over {self.config.request_timeout_s} s and was cancelled"
+                f"the request took over {self.config.limits.request_timeout_s} s and was cancelled"
             ) from None
 
 

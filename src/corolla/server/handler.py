@@ -91,11 +91,11 @@ class BlockServicer:
             end_block=span.end,
             hidden_size=cfg.hidden_size,
             dtype=str(self.backend.dtype).removeprefix("torch."),
-            quant=self.config.quant,
+            quant=self.config.span.quant,
             cache_tokens_total=self.budget.total_tokens,
             cache_tokens_left=self.budget.tokens_left,
-            max_batch_tokens=self.config.max_batch_tokens,
-            max_session_length=self.config.max_session_length,
+            max_batch_tokens=self.config.limits.max_batch_tokens,
+            max_session_length=self.config.limits.max_session_length,
             active_sessions=len(self.sessions),
             adapters=self.backend.adapters,
             steps_from_pushes=self.sessions.steps_from_pushes,
@@ -138,8 +138,8 @@ class BlockServicer:
     async def _receive_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
         """Reassemble a streamed request, refusing (after draining) anything over the server's token limits."""
         parts, metadata, received = [], None, 0
-        limit = 64 * self.config.max_batch_tokens * self.span.config.hidden_size  # bytes; 16x float32 hidden
-        async for message in _timed(requests, self.config.request_timeout_s):
+        limit = 64 * self.config.limits.max_batch_tokens * self.span.config.hidden_size  # bytes; 16x float32 hidden
+        async for message in _timed(requests, self.config.limits.request_timeout_s):
             received += message.ByteSize()
             if received > limit:
                 # keep reading (and dropping) the rest: closing while the client still sends resets the stream,
@@ -160,14 +160,14 @@ class BlockServicer:
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A session: the first message opens it (and may carry a step); each later message is one step."""
-        requests = _timed(requests, self.config.session_timeout_s)
+        requests = _timed(requests, self.config.limits.session_timeout_s)
         first = await anext(requests, None)
         if first is None:
             return
         opened, _ = _parse(InferenceOpen, first)
         self.backend.check_open(opened)
         tokens = opened.batch_size * opened.max_length
-        async with self.budget.reserve(tokens, timeout_s=self.config.alloc_timeout_s):
+        async with self.budget.reserve(tokens, timeout_s=self.config.limits.alloc_timeout_s):
             span, cache = self.backend.new_cache(opened)
             with self.sessions.open(opened, span=span, cache=cache) as session:
                 reader = asyncio.create_task(_read_client(requests, session.inbox))
@@ -226,7 +226,7 @@ class BlockServicer:
         async def send() -> None:
             try:
                 stub = RpcStub(P2PTransport(self._p2p), target.peer_id, BLOCK_SERVER)
-                await stub.call("push", request, timeout_s=self.config.request_timeout_s)
+                await stub.call("push", request, timeout_s=self.config.limits.request_timeout_s)
             except Exception as e:
                 logger.debug("Push to %s failed: %s", target.peer_id, e)
 

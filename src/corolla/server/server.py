@@ -70,13 +70,13 @@ class Server:
     async def _main(self) -> None:
         started = time.perf_counter()
         cfg = self.config
-        torch.set_num_threads(cfg.num_threads)
+        torch.set_num_threads(cfg.span.num_threads)
         logger.info("Starting with %s", cfg)
 
         checkpoint = resolve_checkpoint(cfg.model)
-        dht_prefix = cfg.dht_prefix or default_dht_prefix(cfg.model)
+        dht_prefix = cfg.announce.dht_prefix or default_dht_prefix(cfg.model)
         # the DHT process and p2pd start first: they join the swarm while transformers is imported below
-        async with Peer(cfg.peer_config(), role="server") as peer:
+        async with Peer(cfg.network, role="server") as peer:
             self._peer = peer
             if self._stop_requested:
                 peer.stop()
@@ -89,7 +89,7 @@ class Server:
             # with an explicit span, read the weights while the DHT process and p2pd start up
             loop = asyncio.get_running_loop()
             early = None
-            if cfg.blocks is not None:
+            if cfg.span.blocks is not None:
                 early = loop.run_in_executor(
                     None, self._load, checkpoint, model_config, self._explicit_span(model_config)
                 )
@@ -99,7 +99,7 @@ class Server:
                 span = await early
             else:
                 # a random delay keeps servers that start together from all choosing the same weakest span
-                await asyncio.sleep(random.uniform(0, cfg.join_jitter_s))
+                await asyncio.sleep(random.uniform(0, cfg.balance.join_jitter_s))
                 blocks = self._auto_span(peer.dht, model_config, dht_prefix)
                 await self._announce_arrival(peer, dht_prefix, blocks)
                 span = await loop.run_in_executor(None, self._load, checkpoint, model_config, blocks)
@@ -109,14 +109,14 @@ class Server:
         from corolla.models.span import load_span
 
         cfg = self.config
-        dtype = resolve_dtype(cfg.dtype, cfg.device, getattr(model_config, "dtype", None))
-        span = load_span(checkpoint, *blocks, config=model_config, dtype=dtype, device=cfg.device)
-        logger.info("Loaded blocks %d:%d (%s, %s)", *blocks, dtype, cfg.device)
-        if cfg.quant != "none":
+        dtype = resolve_dtype(cfg.span.dtype, cfg.span.device, getattr(model_config, "dtype", None))
+        span = load_span(checkpoint, *blocks, config=model_config, dtype=dtype, device=cfg.span.device)
+        logger.info("Loaded blocks %d:%d (%s, %s)", *blocks, dtype, cfg.span.device)
+        if cfg.span.quant != "none":
             from corolla.models.quantization import quantize_blocks
 
-            backend = quantize_blocks(span, cfg.quant, device=cfg.device)
-            logger.info("Quantized blocks %d:%d to %s with %s", *blocks, cfg.quant, backend)
+            backend = quantize_blocks(span, cfg.span.quant, device=cfg.span.device)
+            logger.info("Quantized blocks %d:%d to %s with %s", *blocks, cfg.span.quant, backend)
         if self._adapters:
             from corolla.models.lora import attach_adapters
 
@@ -125,21 +125,21 @@ class Server:
 
     def _resolve_adapters(self, family, model_config) -> list:
         """The --adapters, found and checked against the model (AdapterError naming the problem)."""
-        if not self.config.adapters:
+        if not self.config.span.adapters:
             return []
         from corolla.models.lora import check_adapter, resolve_adapter
 
-        adapters = [resolve_adapter(spec) for spec in self.config.adapters]
+        adapters = [resolve_adapter(spec) for spec in self.config.span.adapters]
         for adapter in adapters:
             check_adapter(adapter, family, model_config.num_hidden_layers)
         logger.info("Adapters: %s", ", ".join(a.name for a in adapters))
         return adapters
 
     def _explicit_span(self, model_config) -> tuple[int, int]:
-        start, end = self.config.parse_blocks()
+        start, end = self.config.span.parse_blocks()
         if end > model_config.num_hidden_layers:
             raise ValueError(
-                f"--blocks {self.config.blocks}: the model has only {model_config.num_hidden_layers} blocks"
+                f"--blocks {self.config.span.blocks}: the model has only {model_config.num_hidden_layers} blocks"
             )
         return start, end
 
@@ -151,10 +151,10 @@ class Server:
             state=ServerState.JOINING,
             start_block=blocks[0],
             end_block=blocks[1],
-            throughput=cfg.nominal_throughput(),
-            quant=cfg.quant,
-            adapters=cfg.adapter_names(),
-            public_name=cfg.public_name,
+            throughput=cfg.announce.nominal_throughput(),
+            quant=cfg.span.quant,
+            adapters=cfg.span.adapter_names(),
+            public_name=cfg.announce.public_name,
         )
         announcer = self._block_announcer(peer, dht_prefix, make_record=lambda state: info)
         try:
@@ -175,7 +175,7 @@ class Server:
             name="block server record",
             store=store,
             make_record=make_record,
-            period_s=self.config.update_period_s,
+            period_s=self.config.announce.update_period_s,
             before_announce=before_announce,
         )
 
@@ -195,7 +195,7 @@ class Server:
                 peer.dht, record, owner=peer.owner, expiration_s=expiration_s
             ),
             make_record=lambda state: entry,
-            period_s=self.config.update_period_s,
+            period_s=self.config.announce.update_period_s,
         )
 
     def _auto_span(self, dht: DHT, model_config, dht_prefix: str) -> tuple[int, int]:
@@ -205,7 +205,7 @@ class Server:
         from corolla.net.dht_records import to_spans
 
         num_layers = model_config.num_hidden_layers
-        num_blocks = min(self.config.num_blocks or num_layers, num_layers)
+        num_blocks = min(self.config.span.num_blocks or num_layers, num_layers)
         records = fetch_block_records(dht, dht_prefix=dht_prefix, num_blocks=num_layers)
         coverage = compute_coverage(to_spans(collect_servers(records, include_joining=True)), num_layers)
         start = choose_best_start(coverage, num_blocks)
@@ -216,7 +216,7 @@ class Server:
         from corolla.server.handler import BlockServicer
 
         cfg = self.config
-        serving = ServingState(config=cfg, span=span, budget=CacheBudget(cfg.cache_tokens))
+        serving = ServingState(config=cfg, span=span, budget=CacheBudget(cfg.limits.cache_tokens))
         loop = asyncio.get_running_loop()
 
         async def ping_next_servers() -> None:
@@ -266,7 +266,7 @@ class Server:
             span.end,
             cfg.model,
             next(span.parameters()).dtype,
-            cfg.device,
+            cfg.span.device,
             peer.peer_id,
             time.perf_counter() - started,
         )
@@ -280,7 +280,7 @@ class Server:
     def _rebalancer(self, peer: Peer, dht_prefix, serving: ServingState, servicer, announcer) -> Rebalancer | None:
         """Servers that chose their blocks themselves (no --blocks) keep checking whether to move."""
         cfg = self.config
-        if cfg.blocks is not None or cfg.balance_quality <= 0:
+        if cfg.span.blocks is not None or cfg.balance.balance_quality <= 0:
             return None
         checkpoint, model_config = self._checkpoint, self._model_config
 
@@ -316,8 +316,8 @@ class Server:
             num_layers=model_config.num_hidden_layers,
             own=own,
             move=move,
-            period_s=cfg.balance_period_s,
-            balance_quality=cfg.balance_quality,
+            period_s=cfg.balance.balance_period_s,
+            balance_quality=cfg.balance.balance_quality,
         )
         rebalancer.start()
         return rebalancer
@@ -326,7 +326,7 @@ class Server:
         from corolla.server.throughput import SpeedReport, get_speed
 
         cfg = self.config
-        value = cfg.fixed_throughput()
+        value = cfg.announce.fixed_throughput()
         if value is not None:
             return SpeedReport(inference_rps=value, forward_rps=value, network_rps=None)
-        return get_speed(span, quant=cfg.quant, force_eval=cfg.throughput == "eval")
+        return get_speed(span, quant=cfg.span.quant, force_eval=cfg.announce.throughput == "eval")
