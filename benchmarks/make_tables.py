@@ -30,7 +30,15 @@ MARKER = re.compile(r"(<!-- results:(?P<key>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /r
 
 def _range(values: list[float], fmt: str = "{:.2f}") -> str:
     lo, hi = min(values), max(values)
-    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
+    if fmt.format(lo) == fmt.format(hi):
+        return fmt.format(lo)
+    sep = " to " if lo < 0 else "–"  # "-28–79" reads as a minus sign and a dash
+    return f"{fmt.format(lo)}{sep}{fmt.format(hi)}"
+
+
+def _small(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a capped restart's rate is not 0.00)."""
+    return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.2g}"
 
 
 def _x(ratio: float, lohi: list[float] | None = None) -> str:
@@ -91,8 +99,8 @@ def cold_start(d: dict) -> str:
     ]
     table = _table(["measurement", "median", f"range ({len(r['server_over_floor_rounds'])} rounds)", "vs floor"], rows)
     return table + (
-        f"\nServer / floor per round: {_range(r['server_over_floor_rounds'])}x; the server adds "
-        f"{r['server_minus_floor_s']:.2f} s (median) to the floor.\n"
+        f"\nServer / floor per round: {_range(r['server_over_floor_rounds'])}x; server − floor: "
+        f"{r['server_minus_floor_s']:+.2f} s (median).\n"
     )
 
 
@@ -199,7 +207,7 @@ def inference_network(d: dict) -> str:
 def fault_tolerance(d: dict) -> str:
     rows = []
     for r in d["results"]["rows"]:
-        rate = "crash" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.2f}"
+        rate = "crash" if r["tokens_per_s"] is None else _small(r["tokens_per_s"])
         if r.get("capped"):
             rate = f"capped: {rate} analytic"
         rows.append(
@@ -208,7 +216,7 @@ def fault_tolerance(d: dict) -> str:
                 f"{r['p']:g}",
                 r["strategy"],
                 rate,
-                "-" if r["vs_p0"] is None else f"{r['vs_p0']:.2f}",
+                "-" if r["vs_p0"] is None else _small(r["vs_p0"]),
                 str(r["failures"]),
                 str(r["restarts"]),
                 "-" if r["same_tokens"] is None else str(r["same_tokens"]),
@@ -280,9 +288,13 @@ def headline(results: dict[str, dict]) -> str:
         rows = r["rows"]
         gains = [x["nopush_ms"] / x["push_ms"] for x in rows if x["rtt_ms"] >= 100]
         zero = [x["nopush_ms"] / x["push_ms"] for x in rows if x["rtt_ms"] == 0]
+        if min(zero) < 1:
+            at_zero = f"slower at RTT 0 ({_range(zero)}x), where the extra copies cost CPU on 2 cores"
+        else:
+            at_zero = f"{_range(zero)}x at RTT 0 (not slower there in this run)"
         return (
-            f"Network lab, SmolLM2: server-to-server push is {_range(gains)}x faster per step at RTT ≥ 100 ms, "
-            f"but {_range(zero)}x (no-push time / push time) at RTT 0, where the extra copies cost CPU on 2 cores"
+            f"Network lab, SmolLM2: with server-to-server push a step is {_range(gains)}x faster "
+            f"(no-push time / push time) at RTT ≥ 100 ms, {at_zero}"
         )
 
     add("inference_network", network)
