@@ -653,23 +653,23 @@ def main() -> int:
     model_path = resolve_model(preset["model"])
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="corolla-hx-logs-"))
     print(f"throttle: {Throttle.detect() if args.throttle == 'auto' else args.throttle}; logs in {log_root}")
-    runs = [StrategyRun(strategy, preset, model_path, args, log_root) for strategy in STRATEGIES]
+    swarms = [StrategyRun(strategy, preset, model_path, args, log_root) for strategy in STRATEGIES]
     try:
         # both swarms start together (start-up is the slow part, especially for throttled servers); the idle one
         # waits while the other is measured
-        for run in runs:
-            run.launch()
-        for run in runs:
-            run.wait_ready()
-        for run in runs:
+        for swarm in swarms:
+            swarm.launch()
+        for swarm in swarms:
+            swarm.wait_ready()
+        for swarm in swarms:
             began = time.monotonic()
-            run.measure()
-            run.result["measure_wall_s"] = round(time.monotonic() - began, 1)
-            run.close()  # its servers must not take CPU from the next strategy's measurement
+            swarm.measure()
+            swarm.result["measure_wall_s"] = round(time.monotonic() - began, 1)
+            swarm.close()  # its servers must not take CPU from the next strategy's measurement
     finally:
-        for run in runs:
-            run.close()
-    results = {run.strategy: run.result for run in runs}
+        for swarm in swarms:
+            swarm.close()
+    results = {swarm.strategy: swarm.result for swarm in swarms}
     run.save(params=_params(preset, args), results=results)
     md, png = write_outputs(results, args.preset, preset, run.out, args, run.started.date().isoformat(), run.command)
     print("\n" + md.read_text())
