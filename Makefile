@@ -45,9 +45,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format src tests benchmarks examples
 	$(VENV)/bin/ruff check --fix src tests benchmarks examples
 
+# smoke runs write their JSON and plots to BENCH_OUT, never over the committed docs/results
+BENCH_OUT ?= /tmp/corolla-bench-smoke
 bench-smoke: $(STAMP)
-	$(PY) benchmarks/bench_routing.py --preset smoke
-	$(PY) benchmarks/bench_inference.py --preset smoke
+	$(PY) benchmarks/bench_routing.py --preset smoke --out $(BENCH_OUT)
+	$(PY) benchmarks/bench_inference.py --preset smoke --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

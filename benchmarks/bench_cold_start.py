@@ -10,9 +10,11 @@ interleaved rounds so that the machine's drift hits all three alike:
 - ``server cold start``: ``corolla serve MODEL --blocks 0:N`` from its launch to its ONLINE record in the DHT (with
   cached weights; a watcher peer started beforehand polls one block key).
 
-It prints medians and the server's cold start as a multiple of the import floor; ``--plot PATH`` saves a chart.
+It prints medians and the server's cold start as a multiple of the import floor, and saves the results (JSON)
+and a chart (``benchmarks/results.py``).
 
-    python benchmarks/bench_cold_start.py --rounds 5 --plot docs/results/cold_start.png
+    python benchmarks/bench_cold_start.py --preset smoke   # 1 round, to a temp folder
+    python benchmarks/bench_cold_start.py --preset full    # 5 rounds -> docs/results/cold_start.{json,png}
 """
 
 from __future__ import annotations
@@ -22,14 +24,21 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from corolla.local_swarm import LocalSwarm, wait_for
-from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint
-from corolla.net.dht_process import client_dht
-from corolla.net.dht_records import fetch_block_records
-from corolla.protocol.server_info import ServerState
+if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import Run, add_output_args, save_figure  # noqa: E402
+
+from corolla.local_swarm import LocalSwarm, wait_for  # noqa: E402
+from corolla.models.checkpoint import default_dht_prefix, resolve_checkpoint  # noqa: E402
+from corolla.net.dht_process import client_dht  # noqa: E402
+from corolla.net.dht_records import fetch_block_records  # noqa: E402
+from corolla.protocol.server_info import ServerState  # noqa: E402
 
 TARGET_S = 4.0
+PRESETS = {"smoke": dict(rounds=1), "full": dict(rounds=5)}
 
 
 def _time_python(code: str) -> float:
@@ -60,9 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--blocks", default="0:10", help="the span each measured server loads")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three measurements")
-    parser.add_argument("--plot", default=None, help="save a PNG bar chart here")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    parser.add_argument(
+        "--rounds", type=int, help="interleaved rounds of the three measurements (overrides the preset)"
+    )
+    add_output_args(parser)
     args = parser.parse_args()
+    args.rounds = args.rounds or PRESETS[args.preset]["rounds"]
+    run = Run("cold_start", args)
 
     from transformers import AutoConfig
 
@@ -97,21 +111,26 @@ def main() -> None:
         f"\nThe server's own work (DHT, config, weights, span, announcement) adds {server - floor:.2f} s to the "
         f"floor. Target: cold start < {TARGET_S:.0f} s; the floor alone is {floor:.2f} s here."
     )
-    if args.plot:
-        import matplotlib
+    ratios = [s / f for s, f in zip(times["server cold start"], times["import floor"], strict=True)]
+    run.save(
+        params=dict(model=args.model, blocks=args.blocks, rounds=args.rounds, modeling=modeling, target_s=TARGET_S),
+        results=dict(
+            medians_s=medians, rounds_s=times, server_over_floor=server / floor,
+            server_over_floor_rounds=ratios, server_minus_floor_s=server - floor,
+        ),
+    )  # fmt: skip
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 3))
-        ax.bar(list(medians), list(medians.values()), color=["gray", "darkgray", "C0"])
-        ax.axhline(TARGET_S, color="C3", linestyle="--", label=f"target {TARGET_S:.0f} s")
-        ax.set_ylabel("seconds (median)")
-        ax.set_title(f"{args.model}: cold start {server:.2f} s = {server / floor:.2f}x the import floor")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"\nplot saved to {args.plot}")
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(list(medians), list(medians.values()), color=["gray", "darkgray", "C0"])
+    ax.axhline(TARGET_S, color="C3", linestyle="--", label=f"target {TARGET_S:.0f} s")
+    ax.set_ylabel("seconds (median)")
+    ax.set_title(f"{args.model}: cold start {server:.2f} s = {server / floor:.2f}x the import floor", fontsize=9)
+    ax.legend()
+    save_figure(fig, run.path(".png"))
 
 
 if __name__ == "__main__":

@@ -2,26 +2,34 @@
 
 Measures, for batch-1 greedy generation after a ~20-token chat prompt: per-token latency (swarm / local ratio),
 time to first token after the session opens, and server cold start (process start -> blocks usable, with cached
-weights). Prints a markdown table; ``--plot PATH`` also saves a PNG bar chart.
+weights). Local and swarm generations alternate round by round; the ratio is taken per round and reported as
+median and range. Prints a markdown table and saves the results (JSON) and a bar chart (``benchmarks/results.py``).
 
-    python benchmarks/bench_inference.py --preset smoke
-    python benchmarks/bench_inference.py --preset full --plot docs/results/inference.png
+    python benchmarks/bench_inference.py --preset smoke    # to a temp folder
+    python benchmarks/bench_inference.py --preset full     # -> docs/results/inference.{json,png}
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corolla import AutoDistributedModelForCausalLM
-from corolla.local_swarm import LocalSwarm
-from corolla.models.checkpoint import resolve_checkpoint
+if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PRESETS = {"smoke": dict(new_tokens=8, repeats=1), "full": dict(new_tokens=64, repeats=3)}
+from benchmarks.results import Run, add_output_args, save_figure  # noqa: E402
+
+from corolla import AutoDistributedModelForCausalLM  # noqa: E402
+from corolla.local_swarm import LocalSwarm  # noqa: E402
+from corolla.models.checkpoint import resolve_checkpoint  # noqa: E402
+
+PRESETS = {"smoke": dict(new_tokens=8, repeats=1), "full": dict(new_tokens=64, repeats=5)}
 PROMPT = "Tell me one interesting fact about the ocean."
 
 
@@ -105,10 +113,11 @@ def main() -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--spans", nargs="+", default=["0:10", "10:20", "20:30"])
-    parser.add_argument("--plot", default=None, help="save a PNG bar chart here")
     parser.add_argument("--no-push", action="store_true", help="servers do not push outputs to the next server")
+    add_output_args(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    run = Run("inference", args)
     torch.set_num_threads(1)
     folder = resolve_checkpoint(args.model).folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -139,32 +148,41 @@ def main() -> None:
     local_tok = statistics.median(r[0] for r in rows["local"])
     swarm_tok = statistics.median(r[0] for r in rows["swarm"])
     ttft = statistics.median(r[1] for r in rows["swarm"])
+    ratios = [s[0] / loc[0] for s, loc in zip(rows["swarm"], rows["local"], strict=True)]
+    ratio = statistics.median(ratios)
     print(
         f"\n## Inference, {args.model}, {len(args.spans)} servers ({' '.join(args.spans)}), float32, CPU, "
-        f"prompt {ids.shape[1]} tokens, {preset['new_tokens']} new tokens, preset {args.preset}\n"
+        f"prompt {ids.shape[1]} tokens, {preset['new_tokens']} new tokens, preset {args.preset}, "
+        f"{preset['repeats']} interleaved rounds\n"
     )
-    print("| metric | swarm | local | ratio | target |")
+    print("| metric | swarm | local | ratio: median (range) | target |")
     print("|---|---|---|---|---|")
     print(
         f"| per-token latency | {swarm_tok * 1e3:.1f} ms | {local_tok * 1e3:.1f} ms | "
-        f"{swarm_tok / local_tok:.2f}x | <= 1.5x |"
+        f"{ratio:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | <= 1.5x |"
     )
-    print(f"| tokens/s | {1 / swarm_tok:.1f} | {1 / local_tok:.1f} | {local_tok / swarm_tok:.2f} | |")
     print(f"| time to first token (session open) | {ttft:.3f} s | | | < 1 s |")
     print(f"| server cold start (median of {len(cold_starts)}) | {statistics.median(cold_starts):.2f} s | | | < 4 s |")
-    if args.plot:
-        import matplotlib
+    run.save(
+        params=dict(preset, model=args.model, spans=args.spans, push=not args.no_push, prompt_tokens=ids.shape[1]),
+        results=dict(
+            local_ms_per_token=local_tok * 1e3, swarm_ms_per_token=swarm_tok * 1e3, ratio=ratio,
+            ratio_range=[min(ratios), max(ratios)], ratio_rounds=ratios, ttft_s=ttft,
+            ttft_s_rounds=[r[1] for r in rows["swarm"]], cold_start_s=statistics.median(cold_starts),
+            cold_start_s_servers=cold_starts, local_ms_rounds=[r[0] * 1e3 for r in rows["local"]],
+            swarm_ms_rounds=[r[0] * 1e3 for r in rows["swarm"]],
+        ),
+    )  # fmt: skip
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(5, 3))
-        ax.bar(["local transformers", "corolla swarm"], [local_tok * 1e3, swarm_tok * 1e3], color=["gray", "C0"])
-        ax.set_ylabel("ms per generated token")
-        ax.set_title(f"{args.model}: {swarm_tok / local_tok:.2f}x local latency")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"\nplot saved to {args.plot}")
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(["local transformers", "corolla swarm"], [local_tok * 1e3, swarm_tok * 1e3], color=["gray", "C0"])
+    ax.set_ylabel("ms per generated token")
+    ax.set_title(f"{args.model}: {ratio:.2f}x local latency (median of {len(ratios)} rounds)", fontsize=9)
+    save_figure(fig, run.path(".png"))
 
 
 if __name__ == "__main__":

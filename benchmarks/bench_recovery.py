@@ -14,12 +14,19 @@ from __future__ import annotations
 import argparse
 import signal
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from corolla import AutoDistributedModelForCausalLM
-from corolla.local_swarm import LocalSwarm
+if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import Run, add_output_args  # noqa: E402
+
+from corolla import AutoDistributedModelForCausalLM  # noqa: E402
+from corolla.local_swarm import LocalSwarm  # noqa: E402
 
 PRESETS = {"smoke": dict(repeats=1, new_tokens=20), "full": dict(repeats=5, new_tokens=40)}
 KILL_AFTER = 10
@@ -71,8 +78,10 @@ def _one_run(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="smoke")
+    add_output_args(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    run = Run("recovery", args)
     torch.set_num_threads(1)
     ids = torch.arange(20, 40).unsqueeze(0)
     results = []
@@ -96,6 +105,16 @@ def main() -> None:
     print(f"| extra delay of the failed step | {extra * 1e3:.1f} ms ({extra / normal:.1f}x a normal step) |")
     print(f"| replay compute (history through 10 blocks, measured) | {replay * 1e3:.1f} ms |")
     print(f"| recovery overhead = extra - replay | {(extra - replay) * 1e3:.1f} ms (target < 250 ms) |")
+    overheads = [(r[0] - r[2]) * 1e3 for r in results]
+    run.save(
+        params=dict(preset, kill_after=KILL_AFTER, spans=["0:10", "10:20", "10:20", "20:30"], target_ms=250),
+        results=dict(
+            normal_step_ms=normal * 1e3, extra_delay_ms=extra * 1e3, replay_ms=replay * 1e3,
+            overhead_ms=(extra - replay) * 1e3, overhead_ms_repeats=overheads,
+            overhead_ms_range=[min(overheads), max(overheads)],
+            repeats=[dict(extra_ms=r[0] * 1e3, normal_ms=r[1] * 1e3, replay_ms=r[2] * 1e3) for r in results],
+        ),
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -13,13 +13,21 @@ comparable; timings depend on the machine and on its load.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import Run, add_output_args
 
 from corolla.algorithms.routing import RoutingCosts, find_inference_route, split_by_throughput
 from corolla.algorithms.spans import ServerSpan
@@ -108,8 +116,10 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=80)
     parser.add_argument("--pings-per-server", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    add_output_args(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    run = Run("routing", args)
     rng = np.random.default_rng(args.seed)
     route_ms, split_ms, hops = [], [], []
     for _ in range(preset.swarms):
@@ -132,6 +142,16 @@ def main() -> None:
         f"split_by_throughput: {preset.split_items} chains: median {split_median:.2f} ms "
         f"({split_median / preset.split_items * 1e3:.1f} us/chain)"
     )
+    params = dict(
+        dataclasses.asdict(preset), servers=args.servers, blocks=args.blocks, pings_per_server=args.pings_per_server,
+        seed=args.seed, target_ms=TARGET_MS,
+    )  # fmt: skip
+    results = dict(
+        routes=len(route_ms), route_median_ms=median, route_p90_ms=p90, route_min_ms=min(route_ms),
+        route_max_ms=max(route_ms), median_over_target=median / TARGET_MS, mean_hops=float(np.mean(hops)),
+        split_median_ms=split_median, split_us_per_chain=split_median / preset.split_items * 1e3,
+    )  # fmt: skip
+    run.save(params=params, results=results)
 
 
 if __name__ == "__main__":

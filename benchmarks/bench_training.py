@@ -3,48 +3,67 @@
 One training step = forward + backward of a batch (default 4 x 128 tokens) with prompt tuning (a trainable
 16-vector prefix): through the swarm (SmolLM2, 3 servers x 10 blocks; servers recompute their forward pass during
 backward, as Petals does, so they keep no activations between calls) and locally (the same weights, the same prefix,
-one torch thread like each server). Reported: median step time, tokens/s, and the swarm / local ratio, also with
-activations and gradients sent as 8-bit (UNIFORM_8BIT) on the wire. Prints a markdown table; ``--plot`` saves a
-PNG bar chart.
+one torch thread like each server), also with activations and gradients sent as 8-bit (UNIFORM_8BIT) on the wire.
 
-    python benchmarks/bench_training.py --preset smoke
-    python benchmarks/bench_training.py --preset full --plot docs/results/training_cpu.png
+The three setups are measured in interleaved rounds (one step of each per round, the order rotating from round to
+round), so the machine's drift hits them alike; the swarm / local ratio is taken per round and reported as median
+and range, with the median step time and tokens/s. Prints a markdown table and saves the results (JSON) and a bar
+chart (``benchmarks/results.py``).
+
+    python benchmarks/bench_training.py --preset smoke    # to a temp folder
+    python benchmarks/bench_training.py --preset full     # -> docs/results/training.{json,png}
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from corolla import AutoDistributedModelForCausalLM
-from corolla.local_swarm import LocalSwarm
-from corolla.models.bundled import ensure_bundled_checkpoint
+if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import Run, add_output_args, save_figure  # noqa: E402
+
+from corolla import AutoDistributedModelForCausalLM  # noqa: E402
+from corolla.local_swarm import LocalSwarm  # noqa: E402
+from corolla.models.bundled import ensure_bundled_checkpoint  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(batch=2, tokens=32, steps=2, warmup=1),
-    "full": dict(batch=4, tokens=128, steps=6, warmup=1),
+    "smoke": dict(batch=2, tokens=32, rounds=2, warmup=1),
+    "full": dict(batch=4, tokens=128, rounds=8, warmup=1),
 }
 PRE_SEQ_LEN = 16
+LOCAL = "local (transformers, 1 thread)"
 
 
 def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
 
 
-def _median_step(step, steps: int, warmup: int) -> float:
+def _timed(step) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def interleaved(steps: dict[str, object], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per step of each setup, one step of each per round; the order rotates by one setup each round."""
+    names = list(steps)
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(steps[name]))
+    return times
 
 
 def _local_step(model, prefix: torch.nn.Parameter, ids: torch.Tensor):
@@ -72,9 +91,10 @@ def _swarm_step(model, ids: torch.Tensor):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=PRESETS, default="smoke")
-    parser.add_argument("--plot", default=None, help="save a PNG bar chart here")
+    add_output_args(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    run = Run("training", args)
     torch.set_num_threads(1)  # like each server; the swarm's servers are separate processes on the same cores
 
     path = str(ensure_bundled_checkpoint("smollm2-135m"))
@@ -83,50 +103,57 @@ def main() -> None:
 
     local = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
     prefix = torch.nn.Parameter(torch.randn(PRE_SEQ_LEN, local.config.hidden_size) * 0.02)
-    local_s = _median_step(_local_step(local, prefix, ids), preset["steps"], preset["warmup"])
-    del local
-
-    rows = [("local (transformers, 1 thread)", local_s)]
+    steps = {LOCAL: _local_step(local, prefix, ids)}
+    clients = []
     with LocalSwarm(model="smollm2-135m", spans=["0:10", "10:20", "20:30"]) as swarm:
-        for label, compression in (("swarm, float32 wire", "NONE"), ("swarm, 8-bit wire", "UNIFORM_8BIT")):
-            model = AutoDistributedModelForCausalLM.from_pretrained(
-                "smollm2-135m",
-                initial_peers=swarm.initial_peers,
-                tuning_mode="ptune",
-                pre_seq_len=PRE_SEQ_LEN,
-                compression=compression,
-            )
-            try:
+        try:
+            for label, compression in (("swarm, float32 wire", "NONE"), ("swarm, 8-bit wire", "UNIFORM_8BIT")):
+                model = AutoDistributedModelForCausalLM.from_pretrained(
+                    "smollm2-135m",
+                    initial_peers=swarm.initial_peers,
+                    tuning_mode="ptune",
+                    pre_seq_len=PRE_SEQ_LEN,
+                    compression=compression,
+                )
+                clients.append(model)
                 model.requires_grad_(False)
                 model.prompt_tuning.prompt_embeddings.requires_grad_(True)
-                rows.append((label, _median_step(_swarm_step(model, ids), preset["steps"], preset["warmup"])))
-            finally:
+                steps[label] = _swarm_step(model, ids)
+            times = interleaved(steps, preset["rounds"], preset["warmup"])
+        finally:
+            for model in clients:
                 model.shutdown()
 
+    results = {}
+    for label, values in times.items():
+        ratios = [t / base for t, base in zip(values, times[LOCAL], strict=True)]
+        median = statistics.median(values)
+        results[label] = dict(
+            step_s=median, step_s_rounds=values, tokens_per_s=tokens_per_step / median,
+            ratio=statistics.median(ratios), ratio_range=[min(ratios), max(ratios)], ratio_rounds=ratios,
+        )  # fmt: skip
     print(
         f"\nTraining step (forward + backward), batch {preset['batch']} x {preset['tokens']} tokens, prompt tuning "
-        f"(prefix {PRE_SEQ_LEN}), SmolLM2-135M float32, median of {preset['steps']} steps\n"
+        f"(prefix {PRE_SEQ_LEN}), SmolLM2-135M float32, {preset['rounds']} interleaved rounds, preset {args.preset}\n"
     )
-    print("| setup | step time (s) | tokens/s | vs local |")
+    print("| setup | step time (s), median | tokens/s | vs local: median (range) |")
     print("|---|---|---|---|")
-    for label, seconds in rows:
-        print(f"| {label} | {seconds:.3f} | {tokens_per_step / seconds:.0f} | {seconds / local_s:.2f}x |")
+    for label, r in results.items():
+        lo, hi = r["ratio_range"]
+        print(f"| {label} | {r['step_s']:.3f} | {r['tokens_per_s']:.0f} | {r['ratio']:.2f}x ({lo:.2f}-{hi:.2f}) |")
+    run.save(params=dict(preset, pre_seq_len=PRE_SEQ_LEN, model="smollm2-135m", threads=1), results=results)
 
-    if args.plot:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7.5, 3))
-        ax.barh(
-            [label for label, _ in rows][::-1], [s for _, s in rows][::-1], color=["#4c72b0", "#dd8452", "#55a868"]
-        )
-        ax.set_xlabel("seconds per training step (lower is better)")
-        ax.set_title(f"forward+backward, {preset['batch']}x{preset['tokens']} tokens, SmolLM2, CPU", fontsize=10)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"\nplot saved to {args.plot}")
+    fig, ax = plt.subplots(figsize=(7.5, 3))
+    labels = list(results)[::-1]
+    ax.barh(labels, [results[label]["step_s"] for label in labels], color=["#55a868", "#dd8452", "#4c72b0"])
+    ax.set_xlabel("seconds per training step, median (lower is better)")
+    ax.set_title(f"forward+backward, {preset['batch']}x{preset['tokens']} tokens, SmolLM2, CPU", fontsize=10)
+    save_figure(fig, run.path(".png"))
 
 
 if __name__ == "__main__":

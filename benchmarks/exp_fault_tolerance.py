@@ -24,11 +24,8 @@ script handles it); every run at the same ``p`` uses the same failure seed. A fr
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import random
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -39,6 +36,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `tests.fixtures` importab
 
 import torch  # noqa: E402
 from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
+from benchmarks.results import Run  # noqa: E402
 
 from corolla import AutoDistributedModelForCausalLM  # noqa: E402
 from corolla.client.inference_session import _ServerStream  # noqa: E402
@@ -60,6 +58,10 @@ MODELS = {
 }
 PRESETS = {
     "smoke": dict(models={"tiny-llama-1span": 48}, probs=[0.0, 0.05], restart_cap_s=20.0, seed=0),
+    # ~10 minutes on a 2-core machine (full: ~30)
+    "medium": dict(
+        models={"tiny-llama-3spans": 512, "smollm2-135m": 256}, probs=[0.0, 1e-3, 1e-2], restart_cap_s=45.0, seed=0
+    ),
     "full": dict(
         models={"tiny-llama-3spans": 1024, "smollm2-135m": 1024}, probs=[0.0, 1e-3, 1e-2], restart_cap_s=120.0, seed=0
     ),
@@ -284,15 +286,13 @@ def _summary(row: dict) -> str:
     )
 
 
-def write_outputs(rows: list[dict], out: Path, args, started: str) -> tuple[Path, Path]:
+def write_outputs(rows: list[dict], run: Run, args, params: dict) -> tuple[Path, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "fault_tolerance" if args.preset == "full" else f"fault_tolerance_{args.preset}"
-    command = shlex.join(["python", *sys.argv])
+    started, command = run.started.date().isoformat(), run.command
     lines = [
         f"# Fault tolerance: tokens/s under random server failures (preset {args.preset})",
         "",
@@ -316,9 +316,9 @@ def write_outputs(rows: list[dict], out: Path, args, started: str) -> tuple[Path
             f"{vs} | {r['time_s']:.1f} | {r['failures']} | {r['restarts']} | {wasted} | {expected} | "
             f"{'-' if r['same_tokens'] is None else r['same_tokens']} |"
         )
-    md, png = out / f"{stem}.md", out / f"{stem}.png"
+    md, png = run.path(".md"), run.path(".png")
     md.write_text("\n".join(lines) + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"rows": rows, "command": command, "date": started}, indent=1))
+    run.save(params=params, results={"rows": rows})
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
@@ -356,13 +356,14 @@ def main() -> int:
         logging.getLogger("corolla").setLevel(logging.ERROR)
     torch.set_num_threads(1)
     preset = PRESETS[args.preset]
-    started = datetime.date.today().isoformat()
+    run = Run("fault_tolerance", args)
     rows = []
     for name, n in preset["models"].items():
         if args.models and name not in args.models:
             continue
         rows += run_model(name, n, preset, args.log_dir)
-    md, png = write_outputs(rows, args.out, args, started)
+    params = dict(preset, models={m: n for m, n in preset["models"].items() if not args.models or m in args.models})
+    md, png = write_outputs(rows, run, args, params)
     print("\n" + md.read_text())
     print(f"wrote {md} and {png}")
     return 0

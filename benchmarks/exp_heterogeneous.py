@@ -34,11 +34,9 @@ at the start of phase 2 and the first fast server is SIGKILLed at the start of p
 
 from __future__ import annotations
 
-import datetime
-import json
+import dataclasses
 import math
 import os
-import shlex
 import shutil
 import signal
 import sys
@@ -54,6 +52,8 @@ if str(ROOT) not in sys.path:  # run as a script: make `tests.fixtures` importab
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
+from benchmarks.results import Run, load, out_dir  # noqa: E402
+from benchmarks.results import stem as results_stem  # noqa: E402
 
 STRATEGIES = ("auto", "naive")
 LABELS = {"auto": "automatic block choice + rebalancing", "naive": "static equal split (--blocks)"}
@@ -551,16 +551,15 @@ def _spans_text(spans: dict) -> str:
 
 
 def write_outputs(
-    results: dict[str, dict], preset_name: str, preset: dict, out: Path, args, date: str, command: str | None = None
-):
+    results: dict[str, dict], preset_name: str, preset: dict, out: Path, args, date: str, command: str
+) -> tuple[Path, Path]:
+    """The table (``.md``) and plot (``.png``) of a run; the JSON is written by :class:`benchmarks.results.Run`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"heterogeneous_{preset_name}"
-    command = command or shlex.join(["python", *sys.argv])
+    stem = results_stem("heterogeneous", preset_name)
     batch = preset["batch"]
     shares = ", ".join(f"{n} {'full' if s is None else f'{s:g} CPU'}" for n, s in preset["servers"].items())
     lines = [
@@ -599,8 +598,6 @@ def write_outputs(
             lines += ["", f"{strategy} errors (samples): " + "; ".join(f"`{e}`" for e in res["error_samples"])]
     md, png = out / f"{stem}.md", out / f"{stem}.png"
     md.write_text("\n".join(lines) + "\n")
-    data = {"command": command, "date": date, "machine": args.machine, "preset": preset_name, "results": results}
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=1))
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for strategy, style in (("auto", "-o"), ("naive", "-s")):
@@ -620,6 +617,13 @@ def write_outputs(
     return md, png
 
 
+def _params(preset: dict, args) -> dict:
+    """The preset as JSON (phases as label, duration and action) plus the options that change the run."""
+    params = {k: v for k, v in preset.items() if k != "phases"}
+    params["phases"] = [dataclasses.asdict(p) for p in preset["phases"]]
+    return dict(params, throttle=args.throttle, update_period=args.update_period)
+
+
 def main() -> int:
     parser = experiment_parser(__doc__, PRESETS, log_dir="keep the servers' logs here (default: a temp folder)")
     parser.add_argument("--throttle", choices=("auto", "cgroup-v2", "cgroup-v1", "sigstop"), default="auto")
@@ -633,40 +637,41 @@ def main() -> int:
     parser.add_argument("--replot", type=Path, help="only rewrite the table and plot from this run's JSON")
     args = parser.parse_args()
     if args.replot is not None:  # rewrite the table and plot of an earlier run from its JSON
-        data = json.loads(args.replot.read_text())
+        data = load(args.replot)
         preset = PRESETS[data["preset"]]
-        args.machine = data["machine"]
+        args.machine = data["machine"]["note"]
         for res in data["results"].values():
             res["events"] = [[p.label, r["start_s"]] for p, r in zip(preset["phases"], res["phases"]) if p.action]
         md, png = write_outputs(
-            data["results"], data["preset"], preset, args.out, args, data["date"], command=data["command"]
+            data["results"], data["preset"], preset, out_dir(args), args, data["date"][:10], data["command"]
         )
         print(f"wrote {md} and {png}")
         return 0
     preset = PRESETS[args.preset]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the swarms and remove the cgroups on SIGTERM
-    date = datetime.date.today().isoformat()
+    run = Run("heterogeneous", args)
     model_path = resolve_model(preset["model"])
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="corolla-hx-logs-"))
     print(f"throttle: {Throttle.detect() if args.throttle == 'auto' else args.throttle}; logs in {log_root}")
-    runs = [StrategyRun(strategy, preset, model_path, args, log_root) for strategy in STRATEGIES]
+    swarms = [StrategyRun(strategy, preset, model_path, args, log_root) for strategy in STRATEGIES]
     try:
         # both swarms start together (start-up is the slow part, especially for throttled servers); the idle one
         # waits while the other is measured
-        for run in runs:
-            run.launch()
-        for run in runs:
-            run.wait_ready()
-        for run in runs:
+        for swarm in swarms:
+            swarm.launch()
+        for swarm in swarms:
+            swarm.wait_ready()
+        for swarm in swarms:
             began = time.monotonic()
-            run.measure()
-            run.result["measure_wall_s"] = round(time.monotonic() - began, 1)
-            run.close()  # its servers must not take CPU from the next strategy's measurement
+            swarm.measure()
+            swarm.result["measure_wall_s"] = round(time.monotonic() - began, 1)
+            swarm.close()  # its servers must not take CPU from the next strategy's measurement
     finally:
-        for run in runs:
-            run.close()
-    results = {run.strategy: run.result for run in runs}
-    md, png = write_outputs(results, args.preset, preset, args.out, args, date)
+        for swarm in swarms:
+            swarm.close()
+    results = {swarm.strategy: swarm.result for swarm in swarms}
+    run.save(params=_params(preset, args), results=results)
+    md, png = write_outputs(results, args.preset, preset, run.out, args, run.started.date().isoformat(), run.command)
     print("\n" + md.read_text())
     print(f"wrote {md} and {png}")
     return 0

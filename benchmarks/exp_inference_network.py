@@ -19,9 +19,7 @@ Models: SmolLM2-135M (bundled; 3 x 10 blocks, hidden 576) and a Llama-2-70B-shap
 
 from __future__ import annotations
 
-import datetime
 import json
-import shlex
 import statistics
 import sys
 import tempfile
@@ -40,9 +38,14 @@ from benchmarks.netlab import (  # noqa: E402
     shaping,  # noqa: E402
     unavailable_reason,
 )
+from benchmarks.results import Run  # noqa: E402
 
 PRESETS = {
     "smoke": dict(models=["smollm2"], rtts=[0, 40], rates=[100], steps={"smollm2": 6}, prefill=8, warmup=1),
+    # SmolLM2 only, 8 rows: ~5 minutes on a 2-core machine (full: ~25)
+    "medium": dict(
+        models=["smollm2"], rtts=[0, 50, 100, 200], rates=[1000, 20], steps={"smollm2": 20}, prefill=16, warmup=2
+    ),  # fmt: skip
     "full": dict(
         models=["smollm2", "llama70b"],
         rtts=[0, 10, 50, 100, 200],
@@ -176,8 +179,10 @@ def run_model(lab: Lab, key: str, preset: dict, out: Path) -> list[dict]:
                     report = lab.shape(shape, bandwidth=(i == 0))  # raises LabError if the lab is off
                     probe_rtt = statistics.median(v["measured"] for v in report["rtt_ms"].values())
                     row = dict(model=key, rate_mbit=rate, rtt_ms=rtt, probe_rtt_ms=probe_rtt)
-                    if report.get("bandwidth_mbit"):
-                        row["probe_mbit"] = report["bandwidth_mbit"]["measured"]
+                    if report["bandwidth_mbit"]:  # every pair of hosts was measured: the slowest and fastest
+                        measured = [v["measured"] for v in report["bandwidth_mbit"].values()]
+                        row["probe_mbit"], row["probe_mbit_max"] = min(measured), max(measured)
+                    row["probe_pairs"] = len(report["rtt_ms"])
                     for push in (True, False) if i % 2 == 0 else (False, True):
                         times = measure(
                             views[push][1],
@@ -216,15 +221,13 @@ def add_bounds(rows: list[dict]) -> None:
             )
 
 
-def write_outputs(rows: list[dict], labels: dict[str, str], out: Path, args, preset_name: str, started: str) -> None:
+def write_outputs(rows: list[dict], labels: dict[str, str], run: Run, args, params: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "inference_network" if preset_name == "full" else f"inference_network_{preset_name}"
-    command = "sudo .venv/bin/python " + shlex.join(["benchmarks/exp_inference_network.py", *sys.argv[1:]])
+    preset_name, started, command = run.preset, run.started.date().isoformat(), "sudo " + run.command
     lines = [
         f"## Inference vs network ({preset_name})",
         "",
@@ -248,8 +251,8 @@ def write_outputs(rows: list[dict], labels: dict[str, str], out: Path, args, pre
             f"{1e3 / r['nopush_ms']:.2f} | {gain:.2f}x |"
         )
     lines += ["", "Models: " + "; ".join(f"{k} = {v}" for k, v in labels.items()), ""]
-    (out / f"{stem}.md").write_text("\n".join(lines))
-    (out / f"{stem}.json").write_text(json.dumps({"rows": rows, "labels": labels, "command": command}, indent=1))
+    run.path(".md").write_text("\n".join(lines))
+    run.save(params=params, results={"rows": rows, "labels": labels})
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     rates = list(dict.fromkeys(r["rate_mbit"] for r in rows))
@@ -271,9 +274,8 @@ def write_outputs(rows: list[dict], labels: dict[str, str], out: Path, args, pre
             if mi == 0 and ri == 0:
                 ax.legend(fontsize=7)
     fig.suptitle(f"Inference steps/s vs network, 3 servers ({started}, {args.machine})", fontsize=10)
-    save_figure(fig, out / f"{stem}.png")
+    save_figure(fig, run.path(".png"))
     print("\n".join(lines))
-    print(f"\nwrote {out / (stem + '.md')} and {out / (stem + '.png')}")
 
 
 def main() -> int:
@@ -292,8 +294,7 @@ def main() -> int:
     if reason:
         print(f"error: cannot run the network lab here: {reason}", file=sys.stderr)
         return 2
-    started = datetime.date.today().isoformat()
-    args.out.mkdir(parents=True, exist_ok=True)
+    run = Run("inference_network", args)
     rows, labels = [], {}
     try:
         with Lab(hosts=HOSTS) as lab:
@@ -301,13 +302,13 @@ def main() -> int:
             for key in preset["models"]:
                 labels[key] = model_setup(key)["label"]
                 t0 = time.monotonic()
-                rows += run_model(lab, key, preset, args.out)
+                rows += run_model(lab, key, preset, run.out)
                 print(f"{key}: {time.monotonic() - t0:.0f} s", flush=True)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     add_bounds(rows)
-    write_outputs(rows, labels, args.out, args, args.preset, started)
+    write_outputs(rows, labels, run, args, preset)
     return 0
 
 

@@ -26,10 +26,7 @@ lower bound for a real swarm, and its per-token time includes three processes co
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -44,6 +41,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks.experiment` i
 
 import torch  # noqa: E402
 from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
+from benchmarks.results import Run  # noqa: E402
 
 PRESETS = {
     "smoke": dict(new_tokens=4, budget_mib=200, bandwidth_repeats=1),
@@ -223,15 +221,13 @@ def measure_offload(copy: Path, ids, n: int, budget_mib: int) -> tuple[dict, dic
     return dict(timer=warm), dict(timer=cold), info
 
 
-def write_outputs(rows: list[dict], bounds: list[dict], info: dict, out: Path, args, started: str):
+def write_outputs(rows: list[dict], bounds: list[dict], info: dict, run: Run, args, params: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "offloading" if args.preset == "full" else f"offloading_{args.preset}"
-    command = shlex.join(["python", *sys.argv])
+    started, command = run.started.date().isoformat(), run.command
     swarm_ms = next(r["ms_per_token"] for r in rows if r["setup"] == "swarm")
     mib = 1 << 20
     resident = [None if r is None else round(r / mib, 1) for r in info["resident_after_evict"]]
@@ -269,11 +265,9 @@ def write_outputs(rows: list[dict], bounds: list[dict], info: dict, out: Path, a
         lines.append(
             f"| {b['name']} | {b['bandwidth'] / 1e9:.2f} | {b['ms']:.1f} | {b['ms'] / swarm_ms:.2f} |"
         )  # fmt: skip
-    md, png = out / f"{stem}.md", out / f"{stem}.png"
+    md, png = run.path(".md"), run.path(".png")
     md.write_text("\n".join(lines) + "\n")
-    (out / f"{stem}.json").write_text(
-        json.dumps({"rows": rows, "bounds": bounds, "info": info, "command": command, "date": started}, indent=1)
-    )
+    run.save(params=params, results={"rows": rows, "bounds": bounds, "info": info})
 
     fig, ax = plt.subplots(figsize=(8, 4))
     names = [r["setup"] for r in rows]
@@ -297,7 +291,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1)
     preset = PRESETS[args.preset]
-    started = datetime.date.today().isoformat()
+    run = Run("offloading", args)
     n = preset["new_tokens"]
 
     from transformers import AutoTokenizer
@@ -341,7 +335,7 @@ def main() -> int:
     bounds += [dict(name=name, bandwidth=bw) for name, bw in ASSUMED_BANDWIDTHS.items()]
     for b in bounds:
         b["ms"] = info["disk_bytes"] / b["bandwidth"] * 1e3
-    md, png = write_outputs(rows, bounds, info, args.out, args, started)
+    md, png = write_outputs(rows, bounds, info, run, args, dict(preset, spans=SPANS, prompt=PROMPT))
     print("\n" + md.read_text())
     print(f"wrote {md} and {png}")
     return 0

@@ -15,8 +15,9 @@ otherwise with a user-space delayer (``delayer.c``, built with gcc against libne
 iptables rule in each host's namespace sends every incoming packet to NFQUEUE and the delayer holds it for
 ``delay(src) + delay(dst)`` before accepting it. Delaying on ingress (not egress) keeps TCP at line rate.
 
-The lab checks its own shaping (:meth:`Lab.verify`: TCP round trips between hosts and a bulk transfer, measured by
-``probe.py`` inside the hosts) and raises :class:`LabError` when it is off; benchmarks call it before measuring.
+The lab checks its own shaping (:meth:`Lab.verify`: TCP round trips and a bulk transfer between every pair of hosts,
+measured by ``probe.py`` inside the hosts) and raises :class:`LabError` when it is off; benchmarks call it before
+measuring.
 
 Run as root. CLI: ``python -m benchmarks.netlab --help``.
 """
@@ -420,32 +421,24 @@ class Lab:
         bw_high: float = 1.15,
         attempts: int = 2,
     ) -> dict:
-        """Measure RTT from the first host to every other one (TCP echo, median of ``count``) and the bandwidth of
-        one transfer (second host -> first); raise :class:`LabError` if they are off (after ``attempts`` tries:
-        a busy machine can delay one probe). Returns the measurements."""
-        report: dict = {"rtt_ms": {}, "bandwidth_mbit": None}
+        """Measure the RTT of every pair of hosts (TCP echo, median of ``count``; each host probes the hosts after
+        it) and the bandwidth of one transfer per pair (later host -> earlier host); raise :class:`LabError` if any
+        is off (after ``attempts`` tries: a busy machine can delay one probe). Returns the measurements, keyed by
+        pair (``"a<->b"``)."""
+        report: dict = {"rtt_ms": {}, "bandwidth_mbit": {}}
         if len(self.hosts) < 2:
             return report
-        ref, others = self.hosts[0], self.hosts[1:]
         errors: list[str] = []
         for attempt in range(attempts):
             errors = []
             if rtt:
-                timeout = 30 + count * len(others) * max(1.0, shaping.expected_rtt_ms(self.shapes, ref, others[0]))
-                measured_all = self._probe(ref, others, "rtt", "--count", str(count), timeout=timeout)
-                for host in others:
-                    measured = measured_all[self.address(host)]["median_ms"]
-                    expected = shaping.expected_rtt_ms(self.shapes, ref, host)
-                    jitter = self.shapes[ref].jitter_ms + self.shapes[host].jitter_ms
-                    tolerance = rtt_tolerance_ms + rtt_tolerance_rel * expected + jitter
-                    report["rtt_ms"][host] = {"measured": measured, "expected": expected, "tolerance": tolerance}
-                    if abs(measured - expected) > tolerance:
-                        errors.append(
-                            f"RTT {ref}<->{host} measured {measured:.1f} ms, expected {expected:.1f} "
-                            f"± {tolerance:.1f} ms"
-                        )
+                for i, ref in enumerate(self.hosts[:-1]):
+                    errors += self._verify_rtt(ref, self.hosts[i + 1 :], report, count, rtt_tolerance_ms,
+                                               rtt_tolerance_rel)  # fmt: skip
             if bandwidth:
-                errors += self._verify_bandwidth(ref, others[0], report, bw_low, bw_high)
+                for i, ref in enumerate(self.hosts[:-1]):
+                    for src in self.hosts[i + 1 :]:
+                        errors += self._verify_bandwidth(ref, src, report, bw_low, bw_high)
             if not errors:
                 break
             if attempt + 1 < attempts:
@@ -454,6 +447,34 @@ class Lab:
             raise LabError(f"lab {self.name} is off ({self.mode}): " + "; ".join(errors))
         logger.info("lab %s verified: %s", self.name, json.dumps(report))
         return report
+
+    @staticmethod
+    def pair(a: str, b: str) -> str:
+        """A pair's key in :meth:`verify`'s report."""
+        return f"{a}<->{b}"
+
+    def _verify_rtt(
+        self, ref: str, others: Sequence[str], report: dict, count: int, tolerance_ms: float, tolerance_rel: float
+    ) -> list[str]:
+        slowest = max(shaping.expected_rtt_ms(self.shapes, ref, host) for host in others)
+        timeout = 30 + count * len(others) * max(1.0, slowest)
+        measured_all = self._probe(ref, others, "rtt", "--count", str(count), timeout=timeout)
+        errors = []
+        for host in others:
+            measured = measured_all[self.address(host)]["median_ms"]
+            expected = shaping.expected_rtt_ms(self.shapes, ref, host)
+            jitter = self.shapes[ref].jitter_ms + self.shapes[host].jitter_ms
+            tolerance = tolerance_ms + tolerance_rel * expected + jitter
+            report["rtt_ms"][self.pair(ref, host)] = {
+                "measured": measured,
+                "expected": expected,
+                "tolerance": tolerance,
+            }
+            if abs(measured - expected) > tolerance:
+                errors.append(
+                    f"RTT {ref}<->{host} measured {measured:.1f} ms, expected {expected:.1f} ± {tolerance:.1f} ms"
+                )
+        return errors
 
     def _verify_bandwidth(self, ref: str, src: str, report: dict, bw_low: float, bw_high: float) -> list[str]:
         cap = shaping.expected_rate_mbit(self.shapes, src, ref)
@@ -464,7 +485,8 @@ class Lab:
         measured = self._probe(ref, [src], "bw", "--seconds", f"{seconds:.2f}", timeout=seconds + 30)["mbit"]
         window_cap = 16e6 * 8 / max(rtt_s, 1e-3) / 1e6  # what a 16 MB TCP window sustains at this RTT
         low = bw_low * min(cap, window_cap)
-        report["bandwidth_mbit"] = {"measured": measured, "expected": cap, "low": low, "high": bw_high * cap}
+        pair = self.pair(ref, src)
+        report["bandwidth_mbit"][pair] = {"measured": measured, "expected": cap, "low": low, "high": bw_high * cap}
         if not low <= measured <= bw_high * cap:
             return [f"bandwidth {src}->{ref} measured {measured:.1f} Mbit/s, expected {low:.1f}..{bw_high * cap:.1f}"]
         return []

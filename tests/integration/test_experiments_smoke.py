@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmarks.results import load
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(700)]
 
@@ -34,7 +34,9 @@ def test_fault_tolerance_smoke(tmp_path):
     table = (tmp_path / "fault_tolerance_smoke.md").read_text()
     assert "- date: " in table and "machine: " in table and "--preset smoke" in table
     _check_png(tmp_path / "fault_tolerance_smoke.png")
-    rows = json.loads((tmp_path / "fault_tolerance_smoke.json").read_text())["rows"]
+    data = load(tmp_path / "fault_tolerance_smoke.json")
+    assert data["preset"] == "smoke" and data["machine"]["cpu_cores"] >= 1 and "--preset smoke" in data["command"]
+    rows = data["results"]["rows"]
     by_key = {(r["strategy"], r["p"]): r for r in rows}
     for strategy in ("recovery", "restart", "recompute"):
         base = by_key[(strategy, 0.0)]
@@ -56,7 +58,7 @@ def test_offloading_smoke(tmp_path):
     table = (tmp_path / "offloading_smoke.md").read_text()
     assert "- date: " in table and "machine: " in table and "--preset smoke" in table
     _check_png(tmp_path / "offloading_smoke.png")
-    data = json.loads((tmp_path / "offloading_smoke.json").read_text())
+    data = load(tmp_path / "offloading_smoke.json")["results"]
     rows = {r["setup"]: r for r in data["rows"]}
     assert set(rows) == {"local (all in RAM)", "swarm", "offload (page cache)", "offload (cold, evicted per token)"}
     for row in rows.values():

@@ -43,7 +43,7 @@ def _client(path, s, **kwargs):
     return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers, seed=0, **kwargs)
 
 
-def test_generation_routes_around_a_lying_server(swarm, local):
+def test_generation_routes_around_a_misbehaving_server(swarm, local):
     path, s = swarm
     model = _client(path, s)
     try:
@@ -57,7 +57,7 @@ def test_generation_routes_around_a_lying_server(swarm, local):
         model.shutdown()
 
 
-def test_training_routes_around_a_lying_server(swarm, local):
+def test_training_routes_around_a_misbehaving_server(swarm, local):
     path, s = swarm
     model = _client(path, s)
     try:
@@ -93,7 +93,7 @@ def test_allow_and_deny_lists_keep_the_client_away_from_a_server(swarm, local):
         model.shutdown()
 
 
-def test_only_lying_servers_left_gives_an_error_naming_the_blocks(swarm):
+def test_only_misbehaving_servers_left_gives_an_error_naming_the_blocks(swarm):
     path, s = swarm
     s.kill("server0", signal.SIGKILL)  # the honest 0:3 server; its records linger, so it fails too, then is banned
     model = _client(path, s, max_retries=2, ban_timeout_s=0.5)

@@ -45,8 +45,8 @@ def test_lab_shapes_talks_and_leaves_nothing_behind():
         assert _netns() - before_ns == {lab.ns("a"), lab.ns("b"), lab.switch_ns}
         # RTT a<->b = 2 x (5 + 5) = 20 ms; the check (RTT within 2 ms + 10 %, bandwidth within 60-115 %) passed in up()
         report = lab.verify()
-        assert abs(report["rtt_ms"]["b"]["measured"] - 20) < 4
-        assert 30 < report["bandwidth_mbit"]["measured"] <= 57.5
+        assert abs(report["rtt_ms"]["a<->b"]["measured"] - 20) < 4
+        assert 30 < report["bandwidth_mbit"]["a<->b"]["measured"] <= 57.5
         # nothing routed outside the lab: the only route is the lab's subnet
         routes = lab.run("a", ["ip", "route"], capture_output=True, text=True).stdout
         assert "default" not in routes and "10.77.0.0/24" in routes
@@ -91,6 +91,21 @@ def test_lab_shapes_talks_and_leaves_nothing_behind():
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert lab.name not in ps
     lab.down()  # idempotent
+
+
+def test_verify_checks_every_pair_of_hosts():
+    """Shapes claimed so that every pair with the first host is right but the pair b<->c is not: the check fails on
+    that pair (a check of the first host against the rest alone would pass)."""
+    lab = Lab(hosts=["a", "b", "c"], shapes={h: LinkShape(delay_ms=5) for h in ("a", "b", "c")})
+    with lab:  # up() verified all three pairs: RTT 20 ms each
+        report = lab.verify(bandwidth=False, attempts=1)
+        assert set(report["rtt_ms"]) == {"a<->b", "a<->c", "b<->c"}
+        assert all(abs(v["measured"] - 20) < 4 for v in report["rtt_ms"].values()), report
+        # claimed: a 10 ms, b and c 0 ms -> a<->b and a<->c still 20 ms, b<->c 0 ms (it is 20 ms)
+        lab.shapes.update(a=LinkShape(delay_ms=10), b=LinkShape(), c=LinkShape())
+        with pytest.raises(LabError, match=r"RTT b<->c measured") as error:
+            lab.verify(bandwidth=False, attempts=1)
+        assert "a<->b" not in str(error.value) and "a<->c" not in str(error.value)
 
 
 _UDP_ECHO = """

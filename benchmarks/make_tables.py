@@ -1,0 +1,382 @@
+"""Regenerate the result tables of ``docs/benchmarks.md`` and the headline ranges of ``README.md`` from the results
+files the benchmarks wrote (``docs/results/<name>.json``, see ``benchmarks/results.py``).
+
+Only the text between marker comments is replaced, so the prose around the tables stays hand-written::
+
+    <!-- results:inference -->
+    ...generated...
+    <!-- /results:inference -->
+
+    python benchmarks/make_tables.py            # rewrite the files
+    python benchmarks/make_tables.py --check    # exit 1 if a file is not up to date with the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.results import RESULTS_DIR, ROOT, load, machine_summary  # noqa: E402
+
+DOCS = (ROOT / "docs" / "benchmarks.md", ROOT / "README.md")
+MARKER = re.compile(r"(<!-- results:(?P<key>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=key) -->)", re.S)
+
+
+def _range(values: list[float], fmt: str = "{:.2f}") -> str:
+    lo, hi = min(values), max(values)
+    if fmt.format(lo) == fmt.format(hi):
+        return fmt.format(lo)
+    sep = " to " if lo < 0 else "–"  # "-28–79" reads as a minus sign and a dash
+    return f"{fmt.format(lo)}{sep}{fmt.format(hi)}"
+
+
+def _small(value: float) -> str:
+    """Two decimals, or two significant digits below 0.1 (a capped restart's rate is not 0.00)."""
+    return f"{value:.2f}" if abs(value) >= 0.1 or value == 0 else f"{value:.2g}"
+
+
+def _x(ratio: float, lohi: list[float] | None = None) -> str:
+    return f"{ratio:.2f}x" + (f" ({_range(lohi)})" if lohi else "")
+
+
+def caption(data: dict) -> str:
+    """Where a table's numbers come from: the command, preset, date, machine, load, commit and results file."""
+    load_avg = (data.get("load_avg") or {}).get("start")
+    load_text = f", load average {load_avg[0]:.1f} at start" if load_avg else ""
+    commit = (data["git"].get("commit") or "unknown")[:10] + (
+        " (with local changes)" if data["git"].get("dirty") else ""
+    )
+    return (
+        f"`{data['command']}` — preset **{data['preset']}**, {data['date'][:10]}, {data['duration_s']:.0f} s; "
+        f"{machine_summary(data['machine'])}{load_text}; commit {commit}; "
+        f"[results/{data['benchmark']}.json](results/{data['benchmark']}.json)\n"
+    )
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def inference(d: dict) -> str:
+    r = d["results"]
+    rounds = len(r["ratio_rounds"])
+    return _table(
+        ["metric", "swarm", "local transformers", "swarm / local", "target"],
+        [
+            [
+                f"ms per token, median of {rounds} interleaved rounds",
+                f"{r['swarm_ms_per_token']:.1f}",
+                f"{r['local_ms_per_token']:.1f}",
+                f"**{_x(r['ratio'], r['ratio_range'])}**",
+                "≤ 1.5x",
+            ],
+            ["time to first token (session open)", f"{r['ttft_s']:.3f} s", "", "", "< 1 s"],
+            [
+                f"server cold start, median of {len(r['cold_start_s_servers'])} (range)",
+                f"{r['cold_start_s']:.2f} s ({_range(r['cold_start_s_servers'])} s)",
+                "",
+                "",
+                "< 4 s",
+            ],
+        ],
+    )
+
+
+def cold_start(d: dict) -> str:
+    r = d["results"]
+    floor = r["medians_s"]["import floor"]
+    rows = [
+        [name, f"{median:.2f} s", f"{_range(r['rounds_s'][name])} s", f"{median / floor:.2f}x"]
+        for name, median in r["medians_s"].items()
+    ]
+    table = _table(["measurement", "median", f"range ({len(r['server_over_floor_rounds'])} rounds)", "vs floor"], rows)
+    return table + (
+        f"\nServer / floor per round: {_range(r['server_over_floor_rounds'])}x; server − floor: "
+        f"{r['server_minus_floor_s']:+.2f} s (median).\n"
+    )
+
+
+def training(d: dict) -> str:
+    rows = []
+    for label, r in d["results"].items():
+        rows.append(
+            [label, f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"**{_x(r['ratio'], r['ratio_range'])}**"]
+        )
+    rounds = len(next(iter(d["results"].values()))["step_s_rounds"])
+    return _table(["setup", f"s/step (median of {rounds} rounds)", "tokens/s", "vs local: median (range)"], rows)
+
+
+def quantization(d: dict) -> str:
+    rows = []
+    for mode in ("none", "int8", "nf4"):
+        r = d["results"][mode]
+        rows.append(
+            [
+                "float32" if mode == "none" else mode,
+                r["backend"],
+                f"{r['weight_bytes'] / 2**20:.1f} MiB ({r['weight_ratio']:.3f})",
+                f"{r['decode_ms']:.1f}",
+                _x(r["decode_ratio"], r["decode_ratio_range"]),
+                f"{r['prefill_ms']:.2f}",
+                _x(r["prefill_ratio"], r["prefill_ratio_range"]),
+            ]
+        )
+    header = ["mode", "backend", "linear weights (vs fp32)", "decode ms/token", "vs fp32: median (range)"]
+    speed = _table([*header, "prefill ms/token", "vs fp32: median (range)"], rows)
+    p = d["params"]
+    quality = [
+        [mode, f"{q['logit_error_mean']:.2f} / {q['logit_error_max']:.1f}", f"{q['next_token_agreement']:.2f}",
+         f"{q['free_running_identical']:.2f}"]
+        for mode, q in d["results"]["quality"].items()
+    ]  # fmt: skip
+    header = ["mode", "mean / max logit error", "next-token agreement", "identical free-running tokens"]
+    return speed + (
+        f"\nQuality, all 30 decoder layers quantized vs float, {p['quality_prompts']} chat prompts × "
+        f"{p['quality_tokens']} greedy tokens:\n\n" + _table(header, quality)
+    )
+
+
+def routing(d: dict) -> str:
+    r, p = d["results"], d["params"]
+    return _table(
+        ["operation", "median", "p90", "range", "median / 50 ms target"],
+        [
+            [
+                f"find_inference_route, {p['servers']} servers × {p['blocks']} blocks ({r['routes']} routes)",
+                f"{r['route_median_ms']:.1f} ms",
+                f"{r['route_p90_ms']:.1f} ms",
+                f"{r['route_min_ms']:.1f}–{r['route_max_ms']:.1f} ms",
+                f"**{r['median_over_target']:.2f}**",
+            ],
+            [
+                f"split_by_throughput, {p['split_items']} chains",
+                f"{r['split_median_ms']:.1f} ms",
+                "",
+                "",
+                f"{r['split_us_per_chain']:.0f} µs per chain",
+            ],
+        ],
+    )
+
+
+def recovery(d: dict) -> str:
+    r = d["results"]
+    n = len(r["repeats"])
+    return _table(
+        ["metric", f"median of {n} repeats"],
+        [
+            ["normal step", f"{r['normal_step_ms']:.1f} ms"],
+            ["extra delay of the step during which the server died", f"{r['extra_delay_ms']:.1f} ms"],
+            ["replay compute (the history through 10 blocks, measured in the same run)", f"{r['replay_ms']:.1f} ms"],
+            [
+                "recovery overhead = extra delay − replay (target < 250 ms)",
+                f"**{r['overhead_ms']:.1f} ms** (repeats: {_range(r['overhead_ms_repeats'], '{:.0f}')} ms)",
+            ],
+        ],
+    )
+
+
+def inference_network(d: dict) -> str:
+    rows = []
+    for r in d["results"]["rows"]:
+        rows.append(
+            [
+                r["model"],
+                f"{r['rate_mbit']:g} Mbit/s",
+                f"{r['rtt_ms']:g} ms",
+                f"{r['probe_rtt_ms']:.1f} ms",
+                f"{r['push_ms']:.0f}",
+                f"{r['push_bound_ms']:.0f}",
+                f"{r['nopush_ms']:.0f}",
+                f"{r['nopush_bound_ms']:.0f}",
+                f"{r['nopush_ms'] / r['push_ms']:.2f}x",
+            ]
+        )
+    header = ["model", "rate", "RTT", "probe RTT", "push ms/step", "bound", "no push", "bound", "push gain"]
+    return _table(header, rows)
+
+
+def fault_tolerance(d: dict) -> str:
+    rows = []
+    for r in d["results"]["rows"]:
+        rate = "crash" if r["tokens_per_s"] is None else _small(r["tokens_per_s"])
+        if r.get("capped"):
+            rate = f"capped: {rate} analytic"
+        rows.append(
+            [
+                f"{r['model']}, {r['n']}",
+                f"{r['p']:g}",
+                r["strategy"],
+                rate,
+                "-" if r["vs_p0"] is None else _small(r["vs_p0"]),
+                str(r["failures"]),
+                str(r["restarts"]),
+                "-" if r["same_tokens"] is None else str(r["same_tokens"]),
+            ]
+        )
+    header = ["model, tokens", "p", "strategy", "tokens/s", "vs p=0", "failures", "restarts/recomputes"]
+    return _table([*header, "same tokens as p=0"], rows)
+
+
+def offloading(d: dict) -> str:
+    res = d["results"]
+    swarm = next(r["ms_per_token"] for r in res["rows"] if r["setup"] == "swarm")
+    rows = [[r["setup"], f"{r['ms_per_token']:.1f}", f"{r['ms_per_token'] / swarm:.2f}", str(r["same_tokens"])]
+            for r in res["rows"]]  # fmt: skip
+    rows += [[f"analytic bound: {b['name']}", f"{b['ms']:.1f}", f"{b['ms'] / swarm:.2f}", ""] for b in res["bounds"]]
+    return _table(["setup", "ms/token", "/ swarm", "same tokens as local"], rows)
+
+
+def heterogeneous(d: dict) -> str:
+    res, phases = d["results"], d["params"]["phases"]
+    rows = []
+    for i, phase in enumerate(phases):
+        auto, naive = res["auto"]["phases"][i], res["naive"]["phases"][i]
+        a, n = auto["tokens_per_s_2nd_half"], naive["tokens_per_s_2nd_half"]
+        ratio = f"**{a / n:.2f}x**" if n else "-"
+        rows.append([phase["label"], f"{a:.0f}", f"{n:.0f}", ratio, str(auto["errors"]), str(naive["errors"])])
+    header = ["phase", "auto tokens/s (2nd half)", "naive tokens/s", "auto / naive", "auto errors", "naive errors"]
+    return _table(header, rows)
+
+
+def headline(results: dict[str, dict]) -> str:
+    """README's short list of measured numbers, each with its ratio or range and preset."""
+    lines = []
+
+    def add(name: str, text: Callable[[dict], str]) -> None:
+        if name in results:
+            d = results[name]
+            lines.append(f"- {text(d['results'])} ({name}, preset {d['preset']}, {d['date'][:10]})")
+
+    add("inference", lambda r: (
+        f"Inference on loopback: swarm {_x(r['ratio'], r['ratio_range'])} local transformers' per-token latency "
+        f"(median, range over rounds), time to first token {r['ttft_s']:.2f} s, server cold start "
+        f"{_range(r['cold_start_s_servers'])} s"
+    ))  # fmt: skip
+    add("training", lambda r: "Training step through the swarm: " + ", ".join(
+        f"{label} {_x(v['ratio'], v['ratio_range'])} local" for label, v in r.items() if label.startswith("swarm")
+    ))  # fmt: skip
+    add("recovery", lambda r: (
+        f"Recovery from a SIGKILLed server: {r['overhead_ms']:.0f} ms overhead (repeats "
+        f"{_range(r['overhead_ms_repeats'], '{:.0f}')} ms; target < 250 ms)"
+    ))  # fmt: skip
+    add("routing", lambda r: (
+        f"Routing over 1,000 servers: median {r['route_median_ms']:.1f} ms, p90 {r['route_p90_ms']:.1f} ms "
+        f"(target 50 ms)"
+    ))  # fmt: skip
+
+    def quant(r: dict) -> str:
+        int8, nf4 = (_x(r[m]["decode_ratio"], r[m]["decode_ratio_range"]) for m in ("int8", "nf4"))
+        return (
+            f"Quantized blocks, CPU decode time vs float32: int8 {int8}, nf4 {nf4}, for "
+            f"{r['int8']['weight_ratio']:.2f} and {r['nf4']['weight_ratio']:.2f} of the weight memory; greedy "
+            f"next-token agreement with float {r['quality']['int8']['next_token_agreement']:.2f} (int8) and "
+            f"{r['quality']['nf4']['next_token_agreement']:.2f} (nf4)"
+        )
+
+    add("quantization", quant)
+
+    def network(r: dict) -> str:
+        rows = r["rows"]
+        gains = [x["nopush_ms"] / x["push_ms"] for x in rows if x["rtt_ms"] >= 100]
+        zero = [x["nopush_ms"] / x["push_ms"] for x in rows if x["rtt_ms"] == 0]
+        if min(zero) < 1:
+            at_zero = f"slower at RTT 0 ({_range(zero)}x), where the extra copies cost CPU on 2 cores"
+        else:
+            at_zero = f"{_range(zero)}x at RTT 0 (not slower there in this run)"
+        return (
+            f"Network lab, SmolLM2: with server-to-server push a step is {_range(gains)}x faster "
+            f"(no-push time / push time) at RTT ≥ 100 ms, {at_zero}"
+        )
+
+    add("inference_network", network)
+
+    def faults(r: dict) -> str:
+        rec = [x for x in r["rows"] if x["strategy"] == "recovery" and x["p"] > 0 and x["vs_p0"] is not None]
+        return (
+            f"Random failures: corolla's recovery keeps {_range([x['vs_p0'] for x in rec])} of its p = 0 speed "
+            f"({sum(x['failures'] for x in rec)} failures in all, tokens identical: "
+            f"{all(x['same_tokens'] for x in rec)})"
+        )
+
+    add("fault_tolerance", faults)
+    add("offloading", lambda r: "Swarm vs offloading from a cold disk: offloading " + ", ".join(
+        f"{x['ms_per_token'] / next(y['ms_per_token'] for y in r['rows'] if y['setup'] == 'swarm'):.1f}x slower"
+        for x in r["rows"] if x["setup"].startswith("offload (cold")
+    ))  # fmt: skip
+
+    def hetero(r: dict) -> str:
+        ratios = []
+        for a, n in zip(r["auto"]["phases"], r["naive"]["phases"], strict=True):
+            if n["tokens_per_s_2nd_half"]:
+                ratios.append(a["tokens_per_s_2nd_half"] / n["tokens_per_s_2nd_half"])
+        return f"Heterogeneous swarm: automatic block choice {_range(ratios)}x the naive split's throughput"
+
+    add("heterogeneous", hetero)
+    return "\n".join(lines) + "\n"
+
+
+TABLES: dict[str, Callable[[dict], str]] = {
+    "inference": inference,
+    "cold_start": cold_start,
+    "training": training,
+    "quantization": quantization,
+    "routing": routing,
+    "recovery": recovery,
+    "inference_network": inference_network,
+    "fault_tolerance": fault_tolerance,
+    "offloading": offloading,
+    "heterogeneous": heterogeneous,
+}
+
+
+def load_results(folder: Path = RESULTS_DIR) -> dict[str, dict]:
+    """The committed results, by benchmark name (``<name>.json``; smoke runs are never read)."""
+    return {name: load(folder / f"{name}.json") for name in TABLES if (folder / f"{name}.json").exists()}
+
+
+def render(text: str, results: dict[str, dict]) -> str:
+    """``text`` with every marked block regenerated from ``results``."""
+
+    def block(match: re.Match) -> str:
+        key = match["key"]
+        if key == "headline":
+            body = headline(results)
+        elif key in results:
+            body = caption(results[key]) + "\n" + TABLES[key](results[key])
+        else:
+            body = f"*Not measured: no `docs/results/{key}.json`.*\n"
+        return match.group(1) + body + match.group(4)
+
+    return MARKER.sub(block, text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if a file would change")
+    args = parser.parse_args()
+    results = load_results()
+    stale = []
+    for path in DOCS:
+        text = path.read_text()
+        new = render(text, results)
+        if new != text:
+            stale.append(path)
+            if not args.check:
+                path.write_text(new)
+    verb = "out of date" if args.check else "rewritten"
+    for path in stale:
+        print(f"{path.relative_to(ROOT)}: {verb}")
+    return 1 if args.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
