@@ -44,11 +44,11 @@ def test_direct_build_equals_from_pretrained(family, dtype, monkeypatch):
         assert torch.equal(fast(SpanInputs(hidden_states=hidden), None), slow(SpanInputs(hidden_states=hidden), None))
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "mixtral"])  # mixtral: from_pretrained (below)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_loading_a_span_leaves_the_global_default_dtype_alone(family, monkeypatch):
     """A server loads new blocks (rebalancing) while its compute thread runs: the bfloat16 build must not change
-    the process-wide default dtype under that thread. (Mixtral's checkpoints go through transformers'
-    from_pretrained, which still sets it for the duration of the load.)"""
+    the process-wide default dtype under that thread, on the direct path or on transformers' from_pretrained
+    (Mixtral's checkpoints), which is asked for the default dtype and may only set it to what it already is."""
     import threading
 
     checkpoint = resolve_checkpoint(str(zoo_checkpoint(family)))
@@ -65,7 +65,52 @@ def test_loading_a_span_leaves_the_global_default_dtype_alone(family, monkeypatc
         return model
 
     monkeypatch.setattr(span_module, "_build_direct", build_and_look_from_another_thread)
+    converted = span_module._build_converted
+
+    def convert_and_look_from_another_thread(*args, **kwargs):
+        real_set = torch.set_default_dtype
+
+        def set_and_look(dtype):
+            real_set(dtype)
+            probe = threading.Thread(target=lambda: seen_elsewhere.append(torch.empty(1).dtype))
+            probe.start()
+            probe.join()
+
+        monkeypatch.setattr(torch, "set_default_dtype", set_and_look)
+        try:
+            return converted(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(torch, "set_default_dtype", real_set)
+
+    monkeypatch.setattr(span_module, "_build_converted", convert_and_look_from_another_thread)
     span = load_span(checkpoint, 0, 2, dtype=torch.bfloat16)
-    assert calls == [] and seen_elsewhere == [torch.float32]
+    if family == "mixtral":  # from_pretrained sets the default dtype (to float32, what it is), then restores it
+        assert seen_elsewhere and set(seen_elsewhere) == {torch.float32}
+    else:
+        assert calls == [] and seen_elsewhere == [torch.float32]
     assert {p.dtype for p in span.parameters()} == {torch.bfloat16}
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_a_converted_bfloat16_span_equals_transformers_own_bfloat16_blocks():
+    """Mixtral's span loads at the default dtype and casts its parameters afterwards: its weights and buffers are
+    exactly those of transformers' whole model loaded in bfloat16."""
+    from transformers import AutoModelForCausalLM
+
+    path = str(zoo_checkpoint("mixtral"))
+    span = load_span(resolve_checkpoint(path), 1, 3, dtype=torch.bfloat16)
+    whole = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    reference = {
+        name.removeprefix("model."): tensor
+        for name, tensor in [*whole.named_parameters(), *whole.named_buffers()]
+        if name.startswith(("model.layers.1.", "model.layers.2."))
+    }
+    own = {name: tensor for name, tensor in [*span.named_parameters(), *span.named_buffers()] if ".layers." in name}
+    renamed = {}
+    for name, tensor in own.items():
+        index = int(name.split(".layers.")[1].split(".")[0])
+        suffix = name.split(f".layers.{index}.", 1)[1]
+        renamed[f"layers.{index + 1}.{suffix}"] = tensor
+    assert reference and renamed.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert renamed[name].dtype == tensor.dtype and torch.equal(renamed[name], tensor), name

@@ -216,10 +216,7 @@ def load_span(
     base_class = MODEL_MAPPING[type(config)]
     base_model = _build_direct(base_class, span_config(config, start, end), state_dict, family, dtype)
     if base_model is None:  # the checkpoint's tensors need transformers' conversions (e.g. Mixtral's experts)
-        with _quiet_transformers():
-            base_model = base_class.from_pretrained(
-                None, config=span_config(config, start, end), state_dict=state_dict, dtype=dtype
-            )
+        base_model = _build_converted(base_class, span_config(config, start, end), state_dict, dtype)
     span = SpanModel(base_model, family, start, end).to(device).eval()
     span.requires_grad_(False)
     return span
@@ -247,6 +244,20 @@ def _build_direct(
     if set(state_dict) != needed or any(state_dict[n].shape != own[n].shape for n in needed):
         return None
     model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def _build_converted(base_class, config: PretrainedConfig, state_dict: dict, dtype: torch.dtype) -> nn.Module:
+    """The span's base model through transformers' ``from_pretrained``, which applies the checkpoint's weight
+    conversions. Asked for ``dtype`` it would set torch's process-wide default dtype for the whole load (under a
+    compute thread that may be running); so it loads at the current default, which it then leaves as it is, and the
+    parameters are cast afterwards, as ``from_pretrained`` casts them (buffers keep the dtype the model gave them)."""
+    with _quiet_transformers():
+        model = base_class.from_pretrained(None, config=config, state_dict=state_dict, dtype=torch.get_default_dtype())
+    for parameter in model.parameters():
+        if parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+    model.config.dtype = dtype
     return model
 
 
