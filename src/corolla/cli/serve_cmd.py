@@ -12,14 +12,15 @@ def parse(argv: Sequence[str]) -> ServerConfig:
     return parse_flags(ServerConfig, argv, prog="corolla serve")
 
 
-def run(argv: Sequence[str], *, command: str = "serve", handler_wrapper=None) -> int:
-    """``handler_wrapper``: see ``corolla.server.server.Server`` (tests build misbehaving servers with it)."""
+def run(argv: Sequence[str], *, command: str = "serve", **server_hooks) -> int:
+    """``server_hooks``: ``handler_wrapper`` or ``on_span_loaded`` of ``corolla.server.server.Server`` (tests build
+    misbehaving servers with them)."""
     from corolla.errors import AdapterError
     from corolla.server.server import Server
 
     config = parse(argv)
     try:
-        Server(config, handler_wrapper=handler_wrapper).run()
+        Server(config, **server_hooks).run()
     except AdapterError as e:
         raise SystemExit(f"corolla serve: {e}") from None
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ from corolla.server.rebalancer import Rebalancer
 from corolla.server.serving_state import MAX_PUBLISHED_PINGS, ServingState
 
 if TYPE_CHECKING:
+    from corolla.models.span import SpanModel
     from corolla.server.throughput import SpeedReport
 
 logger = get_logger(__name__)
@@ -49,11 +51,20 @@ def resolve_dtype(name: str, device: str, checkpoint_dtype: torch.dtype | None) 
 class Server:
     """Owns one block server's lifetime on a ``Peer``. ``run()`` blocks until SIGINT/SIGTERM or ``stop()``."""
 
-    def __init__(self, config: ServerConfig, *, handler_wrapper: HandlerWrapper | None = None):
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        handler_wrapper: HandlerWrapper | None = None,
+        on_span_loaded: Callable[[SpanModel], None] | None = None,
+    ):
         """``handler_wrapper`` wraps every RPC handler (tests build misbehaving servers with
-        ``corolla.net.faults.FaultPlan.wrap_handler``; everything else about such a server is real)."""
+        ``corolla.net.faults.FaultPlan.wrap_handler``; everything else about such a server is real).
+        ``on_span_loaded`` sees every span this server loads before it serves it (e.g. to add torch forward hooks:
+        instrumentation, or a test that catches a server in the middle of a step's computation)."""
         self.config = config
         self.handler_wrapper = handler_wrapper
+        self.on_span_loaded = on_span_loaded
         self._adapters: list = []  # resolved --adapters (corolla.models.lora.AdapterSource)
         self._peer: Peer | None = None
         self._stop_requested = False
@@ -121,6 +132,8 @@ class Server:
             from corolla.models.lora import attach_adapters
 
             attach_adapters(span, self._adapters, dtype=dtype)  # LoRA wraps float or quantized layers alike
+        if self.on_span_loaded is not None:
+            self.on_span_loaded(span)
         return span
 
     def _resolve_adapters(self, family, model_config) -> list:
