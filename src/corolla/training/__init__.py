@@ -1,0 +1,1 @@
+"""SWARM training: pipeline stages served by swarms of peers, trainers that wire micro-batches through them."""
