@@ -69,3 +69,15 @@ def test_offloading_smoke(tmp_path):
     assert 0 < info["disk_bytes"] < info["total_bytes"]
     for bound in data["bounds"]:
         assert bound["ms"] > 0 and bound["bandwidth"] > 0
+
+
+def test_swarm_simulator_smoke(tmp_path):
+    _run("exp_swarm_sim.py", tmp_path, timeout_s=300)
+    _check_png(tmp_path / "swarm_sim_smoke.png")
+    data = load(tmp_path / "swarm_sim_smoke.json")
+    rows = {(r["lifetime"], r["policy"]): r for r in data["results"]["rows"]}
+    assert len(rows) == 12 and all(r["completed_microbatches"] > 0 for r in rows.values())
+    # without churn the wiring reaches the bottleneck capacity; uniform choice does not
+    capacity = data["params"]["bottleneck_capacity"]
+    assert rows[(None, "wiring")]["throughput_mean"] > 0.9 * capacity > rows[(None, "uniform")]["throughput_mean"]
+    assert rows[(600.0, "wiring + rebalancing")]["moves"] > 0
