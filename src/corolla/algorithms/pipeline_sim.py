@@ -218,8 +218,7 @@ class _Simulation:
         peer.queue.clear()
         peer.current = None
         del self.peers[peer_id]
-        speed = peer.speed
-        self.at(self.now + self.cfg.rejoin_delay_s, "rejoin", speed, peer.stage)
+        self.at(self.now + self.cfg.rejoin_delay_s, "rejoin", peer.speed, peer.stage)
 
     def on_rejoin(self, speed: float, old_stage: int) -> None:
         if self.cfg.rebalance:
@@ -252,10 +251,13 @@ class _Simulation:
                 self.at(ready, "arrive", peer_id, move.to_stage)
         self.schedule_balance_check(peer)
 
+    def work(self, call: _Call) -> float:
+        """A call's work in forward-sample units."""
+        return self.cfg.samples_per_microbatch * (self.cfg.backward_cost if call.backward else 1.0)
+
     def _backlog_s(self, peer: _Peer) -> float:
         waiting = [self.calls[c] for c in peer.queue if not self.calls[c].cancelled]
-        cost = sum(self.cfg.samples_per_microbatch * (self.cfg.backward_cost if c.backward else 1.0) for c in waiting)
-        return max(0.0, peer.busy_until - self.now) + cost / peer.speed
+        return max(0.0, peer.busy_until - self.now) + sum(self.work(c) for c in waiting) / peer.speed
 
     def on_arrive(self, peer_id: str, stage: int) -> None:
         peer = self.peers.get(peer_id)
@@ -317,8 +319,7 @@ class _Simulation:
             if call.cancelled:
                 continue
             peer.current = call.call_id
-            cost = self.cfg.samples_per_microbatch * (self.cfg.backward_cost if call.backward else 1.0)
-            peer.busy_until = self.now + cost / peer.speed
+            peer.busy_until = self.now + self.work(call) / peer.speed
             self.at(peer.busy_until, "answer", call.call_id)
             return
 
@@ -344,8 +345,7 @@ class _Simulation:
         self.calls_per_peer[call.peer] += int(not call.backward)
         self.completions[(call.microbatch, call.stage, "backward" if call.backward else "forward")] += 1
         wiring = self.wirings[call.trainer][call.stage]
-        compute_s = self.cfg.samples_per_microbatch * (self.cfg.backward_cost if call.backward else 1.0) / peer.speed
-        wiring.record(call.peer, self.cfg.samples_per_microbatch, compute_s, backward=call.backward)
+        wiring.record(call.peer, self.cfg.samples_per_microbatch, self.work(call) / peer.speed, backward=call.backward)
         self.advance(call)
 
     def advance(self, call: _Call) -> None:

@@ -112,9 +112,13 @@ class StageWiring:
             return measured
         return state.announced_throughput or self.config.default_throughput
 
+    def cost(self, samples: float, *, backward: bool = False) -> float:
+        """A call's work in forward-sample units (a backward recomputes the forward, so it costs more)."""
+        return samples * (self.config.backward_cost if backward else 1.0)
+
     def expected_finish(self, peer: Hashable, samples: float, *, now: float, backward: bool = False) -> float:
         state = self._peers[peer]
-        cost = samples * (self.config.backward_cost if backward else 1.0)
+        cost = self.cost(samples, backward=backward)
         backlog_s = state.backlog_samples / self.throughput(peer)
         return max(now, state.free_at) + backlog_s + cost / self.throughput(peer)
 
@@ -132,7 +136,7 @@ class StageWiring:
         tied = [p for p in candidates if finishes[p] <= best * (1 + 1e-12)]
         peer = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         state = self._peers[peer]
-        cost = samples * (self.config.backward_cost if backward else 1.0)
+        cost = self.cost(samples, backward=backward)
         state.free_at = max(now, state.free_at) + cost / self.throughput(peer)
         return peer
 
@@ -143,7 +147,7 @@ class StageWiring:
         would count it twice."""
         state = self._peers.get(peer)
         if state is not None:
-            cost = samples * (self.config.backward_cost if backward else 1.0)
+            cost = self.cost(samples, backward=backward)
             state.ema.update(seconds, cost)
 
     def failed(self, peer: Hashable, *, now: float) -> None:
