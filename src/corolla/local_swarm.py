@@ -123,6 +123,19 @@ class LocalSwarm:
         ``entry`` replaces ``-m corolla.cli.main`` (the Python arguments before the CLI's), e.g. a test script
         that modifies the server before running the CLI.
         """
+        identity = self._identity(name)
+        args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
+        return self._spawn(name, [*args, *self.server_args, *extra_args], entry, stdout=subprocess.DEVNULL)
+
+    def start_stage_peer(
+        self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()
+    ) -> subprocess.Popen:
+        """Start a SWARM stage peer of ``model`` (``corolla stage``); its peer id is ``peer_ids[name]``."""
+        identity = self._identity(name)
+        args = ["stage", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
+        return self._spawn(name, [*args, *extra_args], entry, stdout=subprocess.DEVNULL)
+
+    def _identity(self, name: str) -> Path:
         import tempfile
 
         from hivemind.p2p import PeerID
@@ -133,8 +146,39 @@ class LocalSwarm:
             self._identity_dir = Path(tempfile.mkdtemp(prefix="corolla-swarm-ids-"))
         identity, _ = load_or_create_identity(self._identity_dir / f"{name}.key")
         self.peer_ids[name] = PeerID.from_identity(identity.read_bytes()).to_base58()
-        args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
-        return self._spawn(name, [*args, *self.server_args, *extra_args], entry, stdout=subprocess.DEVNULL)
+        return identity
+
+    def stage_peers(self, experiment: str, num_stages: int) -> dict[str, tuple[int, str]]:
+        """Stage peer name -> (stage, state name) as their records say now (peers this swarm started only)."""
+        from corolla.net.dht_process import client_dht
+        from corolla.net.dht_records import fetch_stage_peers
+
+        dht = client_dht(self.initial_peers)
+        try:
+            found = fetch_stage_peers(dht, experiment=experiment, num_stages=num_stages)
+        finally:
+            dht.shutdown()
+        names = {peer: name for name, peer in self.peer_ids.items()}
+        return {
+            names[p.to_base58()]: (info.stage, info.state.name)
+            for stage in found
+            for p, info in stage.items()
+            if p.to_base58() in names
+        }
+
+    def wait_until_stages(
+        self, experiment: str, num_stages: int, *, peers: Sequence[str], timeout_s: float | None = None
+    ) -> dict[str, int]:
+        """Wait until each named stage peer is ONLINE (and every stage has one); name -> its stage."""
+
+        def ready() -> bool:
+            self._check_alive()
+            found = self.stage_peers(experiment, num_stages)
+            online = {n: s for n, (s, state) in found.items() if state == "ONLINE"}
+            return all(n in online for n in peers) and set(online.values()) >= set(range(num_stages))
+
+        wait_for(ready, timeout_s=timeout_s or self.start_timeout_s, what="stage peers to be ONLINE", poll_s=0.5)
+        return {n: s for n, (s, state) in self.stage_peers(experiment, num_stages).items() if state == "ONLINE"}
 
     def served_spans(self) -> dict[str, tuple[int, int]]:
         """Server name -> the span it currently announces as ONLINE (servers this swarm started only)."""

@@ -12,6 +12,8 @@ COMMANDS = {
     "generate": ("generate_cmd", "generate text through a swarm"),
     "chat": ("generate_cmd", "interactive chat through a swarm"),
     "demo": ("demo_cmd", "run a local swarm of the bundled model and chat through it"),
+    "stage": ("stage_cmd", "serve a pipeline stage of a model trained by a SWARM"),
+    "train": ("train_cmd", "train a model through a SWARM's stage peers"),
 }
 VERBOSE_HELP = "show the full traceback of an error"
 

@@ -111,6 +111,13 @@ class PipelineStage(nn.Module):
     def config(self) -> PretrainedConfig:
         return self.base_model.config
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the stage takes (stage 0) or predicts (the last stage); later stages' configs say 1."""
+        if self.lm_head is not None:
+            return self.lm_head.weight.shape[0]
+        return self.config.vocab_size
+
     def forward(
         self,
         inputs: torch.Tensor,
@@ -176,3 +183,30 @@ def split_stage(model: PreTrainedModel, stage: int, layout: StageLayout) -> Pipe
     if not first:
         getattr(base, family.embed_attr).requires_grad_(False)  # unused
     return result
+
+
+DROPOUT_FIELDS = ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout")
+
+
+def without_dropout(config: PretrainedConfig) -> PretrainedConfig:
+    """``config`` with every dropout at 0: a stage's stateless backward recomputes the forward (on any peer of the
+    stage), which must give the same activations as the forward did."""
+    for name in DROPOUT_FIELDS:
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    return config
+
+
+def load_training_model(model: str, *, random_init: bool = False, seed: int = 0) -> PreTrainedModel:
+    """The whole model to cut into stages, untied and without dropout: ``model`` (a checkpoint folder, bundled
+    name or Hub id) with its weights, or a random init of its config drawn from ``seed``."""
+    from transformers import AutoConfig
+
+    from corolla.models.checkpoint import resolve_checkpoint
+
+    folder = str(resolve_checkpoint(model).folder)
+    config = without_dropout(AutoConfig.from_pretrained(folder))
+    if random_init:
+        return build_model(config, seed=seed)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32)
+    return untied_reference(loaded)

@@ -18,9 +18,16 @@ from hivemind.p2p import PeerID
 from hivemind.utils import MPFuture
 
 from corolla.log import get_logger
-from corolla.net.records import fetch_records, parse_records, store_record
+from corolla.net.records import fetch_records, fetch_records_async, parse_records, store_record
 from corolla.protocol import server_info
-from corolla.protocol.records import MODEL_REGISTRY_KEY, ModelRegistryEntry, StagePeerInfo, stage_key
+from corolla.protocol.records import (
+    MODEL_REGISTRY_KEY,
+    ModelRegistryEntry,
+    StagePeerInfo,
+    StageProgress,
+    stage_key,
+    stage_progress_key,
+)
 from corolla.protocol.server_info import ServerInfo, ServerState
 
 logger = get_logger(__name__)
@@ -133,6 +140,29 @@ def only_stage(peers: dict[PeerID, StagePeerInfo], *, experiment: str, stage: in
             stage_key(experiment, stage),
         )
     return kept
+
+
+def declare_stage_progress(dht: DHT, progress: StageProgress, *, owner: bytes, expiration_s: float) -> MPFuture[bool]:
+    """Store a stage peer's progress towards its stage's next averaging round, signed by the peer."""
+    return store_record(dht, [progress.key()], progress, owner=owner, expiration_s=expiration_s)
+
+
+async def fetch_stage_progress(
+    dht: DHT, *, experiment: str, stage: int, timeout_s: float = 10.0
+) -> dict[PeerID, StageProgress]:
+    """The progress records of a stage's peers (records about another stage are skipped)."""
+    key = stage_progress_key(experiment, stage)
+    found = await fetch_records_async(dht, [key], StageProgress, timeout_s=timeout_s)
+    return {p: r for p, r in found[key].items() if (r.experiment, r.stage) == (experiment, stage)}
+
+
+async def fetch_stage_peers_async(
+    dht: DHT, *, experiment: str, num_stages: int, timeout_s: float = 10.0
+) -> list[dict[PeerID, StagePeerInfo]]:
+    """``fetch_stage_peers`` for asyncio code."""
+    keys = [stage_key(experiment, s) for s in range(num_stages)]
+    found = await fetch_records_async(dht, keys, StagePeerInfo, timeout_s=timeout_s)
+    return [only_stage(found[key], experiment=experiment, stage=s) for s, key in enumerate(keys)]
 
 
 # --- the model registry ---

@@ -94,6 +94,27 @@ class StagePeerInfo(SignedRecord):
         return stage_key(self.experiment, self.stage)
 
 
+def stage_progress_key(experiment: str, stage: int) -> str:
+    """The DHT key where the peers of a stage publish their progress towards the stage's next averaging round."""
+    return f"{stage_key(experiment, stage)}.progress"
+
+
+class StageProgress(SignedRecord):
+    """How far a stage peer is in its current epoch: the stage averages and steps when the samples accumulated by
+    its peers in the same epoch reach the target batch size. Written often (on every change, rate-limited)."""
+
+    kind: Literal["stage_progress"] = "stage_progress"
+    experiment: str = Field(min_length=1)
+    stage: int = Field(ge=0)
+    epoch: int = Field(ge=0, description="optimizer steps this peer's stage has made")
+    samples: int = Field(ge=0, description="samples accumulated in this epoch")
+    averaging: bool = Field(default=False, description="the peer is looking for its averaging group now")
+    online: bool = Field(default=True, description="False: the peer left the stage (its last word)")
+
+    def key(self) -> str:
+        return stage_progress_key(self.experiment, self.stage)
+
+
 class ModelRegistryEntry(SignedRecord):
     """A model a server serves: what clients, the monitor and the API need to find and use its swarm."""
 

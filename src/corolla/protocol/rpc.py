@@ -132,3 +132,15 @@ class RpcStub:
             kind = "a streaming" if rpc.stream_output else "a unary"
             raise TypeError(f"{self.contract.role}/{name} is {kind} RPC")
         return rpc
+
+
+STAGE_PEER = RpcContract(
+    role="stage",
+    version=PROTOCOL_VERSION,
+    rpcs=(
+        Rpc("info", runtime_pb2.ExpertUID, runtime_pb2.ExpertInfo),  # StagePeerStatus as msgpack
+        Rpc("forward", _Request, _Response),  # StageForward + inputs -> outputs
+        Rpc("backward", _Request, _Response),  # StageBackward + inputs, grad_outputs or labels -> grad_inputs
+    ),
+)
+"""What a SWARM stage peer serves (messages in ``corolla.protocol.stage_messages``)."""

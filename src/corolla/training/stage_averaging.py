@@ -1,0 +1,83 @@
+"""In-stage averaging over hivemind: the peers of a stage average their gradients in a butterfly all-reduce
+(``DecentralizedAverager``, its prefix the experiment and stage), and a joining peer downloads the stage's state.
+
+The averaged tensors are buffers of their own: a round copies this peer's mean gradient into them, and only a round
+that succeeds is used. hivemind adds each averaged part into the buffers as it arrives, so a round that fails half
+way leaves them half averaged; the peer's own gradients (in its parameters' ``.grad``) are untouched by that and are
+averaged again in the next attempt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.compression import (
+    CompressionBase,
+    Float16Compression,
+    NoCompression,
+    SizeAdaptiveCompression,
+    Uniform8BitQuantization,
+)
+from hivemind.compression.quantization import BlockwiseQuantization
+
+from corolla.log import get_logger
+from corolla.training.stage_worker import TrainingState
+
+logger = get_logger(__name__)
+
+SIZE_ADAPTIVE_THRESHOLD = 2**16 + 1  # elements: smaller tensors go as float16, larger ones 8-bit (as in SWARM)
+
+
+def averaging_compression(name: str) -> CompressionBase:
+    """hivemind's codec for averaged tensors: size_adaptive (float16 below 65,537 elements, 8-bit above), NONE,
+    FLOAT16, UNIFORM_8BIT or BLOCKWISE_8BIT."""
+    if name == "size_adaptive":
+        return SizeAdaptiveCompression(
+            threshold=SIZE_ADAPTIVE_THRESHOLD, less=Float16Compression(), greater_equal=Uniform8BitQuantization()
+        )
+    codecs = {
+        "NONE": NoCompression,
+        "FLOAT16": Float16Compression,
+        "UNIFORM_8BIT": Uniform8BitQuantization,
+        "BLOCKWISE_8BIT": BlockwiseQuantization,
+    }
+    if name not in codecs:
+        raise ValueError(f"unknown averaging compression {name!r}; choose size_adaptive or one of {list(codecs)}")
+    return codecs[name]()
+
+
+def averaging_prefix(experiment: str, stage: int) -> str:
+    """hivemind's averaging prefix of a stage (it may not contain dots)."""
+    return f"{experiment.replace('.', '_')}_stage{stage}"
+
+
+class StageAverager(DecentralizedAverager):
+    """hivemind's averager over gradient buffers, sharing this peer's training state with joiners.
+
+    ``current_state`` is called on a background thread of this process when another peer downloads the state."""
+
+    def __init__(self, buffers: list[torch.Tensor], *, current_state: Callable[[], TrainingState], **kwargs):
+        self._current_state = current_state
+        super().__init__(buffers, **kwargs)
+
+    def get_current_state(self):
+        state = self._current_state()
+        metadata = dict(epoch=state.epoch, optimizer_steps=state.optimizer_steps)
+        return metadata, state.tensors
+
+    def download_state(self, timeout_s: float) -> TrainingState | None:
+        """The state of the most advanced peer of the stage that shares it (None if none answered)."""
+        loaded = self.load_state_from_peers(timeout=timeout_s)
+        if loaded is None:
+            return None
+        metadata, tensors = loaded
+        if not isinstance(metadata, dict) or "epoch" not in metadata:
+            logger.warning("A peer sent a state without an epoch; ignoring it")
+            return None
+        return TrainingState(
+            epoch=int(metadata["epoch"]),
+            optimizer_steps=int(metadata.get("optimizer_steps", 0)),
+            tensors=[t.float() for t in tensors],
+        )

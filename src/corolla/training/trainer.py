@@ -1,0 +1,319 @@
+"""A SWARM trainer: pushes micro-batches through one peer of each stage, many at once, and reports the loss.
+
+For each micro-batch and stage the trainer asks that stage's ``StageWiring`` (``algorithms/stage_wiring.py``)
+for the peer expected to finish the call first, given the compute times peers report and the work queued on
+them. Calls go trainer -> peer -> trainer (the trainer keeps every stage's inputs, so a backward can go to any
+peer of the stage: it recomputes the forward). A call that times out is retried on another peer of the stage; a
+call that fails otherwise also bans the peer for ``BAN_S``. A micro-batch whose call fails ``max_retries`` + 1
+times at one stage is reported as failed; no micro-batch is sent twice after it succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from corolla.algorithms.stage_wiring import StageWiring, WiringConfig
+from corolla.errors import CorollaError
+from corolla.log import get_logger
+from corolla.net.dht_records import fetch_stage_peers_async
+from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
+from corolla.net.transport import P2PTransport
+from corolla.protocol.records import PeerState
+from corolla.protocol.rpc import STAGE_PEER, RpcStub
+from corolla.protocol.stage_messages import StageBackward, StageForward, StageReply
+from corolla.training.config import DataConfig, TrainerConfig
+
+logger = get_logger(__name__)
+
+BAN_S = 30.0
+
+__all__ = ["MicrobatchFailed", "StepReport", "Trainer", "training_batches"]
+
+
+class MicrobatchFailed(CorollaError):
+    """A micro-batch could not be served by any peer of a stage within its retries."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    loss: float  # mean over the step's micro-batches that finished
+    samples: int
+    seconds: float
+    samples_per_s: float
+    failed_microbatches: int
+    retried_calls: int
+
+
+def training_batches(data: DataConfig, *, tokenizer_folder: str | None = None) -> Iterator[torch.Tensor]:
+    """The trainer's micro-batches of token ids ``[micro_batch_size, seq_len]``, an endless deterministic stream
+    (the same ``data`` gives the same batches, so a test can train the same batches locally)."""
+    rng = np.random.default_rng(data.data_seed)
+    if data.data == "markov":
+        from corolla.training.data import MarkovSource
+
+        source = MarkovSource(vocab_size=data.markov_vocab_size, seed=data.markov_seed)
+        while True:
+            yield source.sample(data.micro_batch_size, data.seq_len, generator=rng)
+    from transformers import AutoTokenizer
+
+    from corolla.training.data import python_help_text
+
+    if tokenizer_folder is None:
+        raise ValueError("python-help data needs the model's tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    tokens = torch.tensor(tokenizer(python_help_text())["input_ids"], dtype=torch.long)
+    if len(tokens) <= data.seq_len:
+        raise ValueError(f"the text has only {len(tokens)} tokens, fewer than seq_len={data.seq_len}")
+    while True:
+        starts = rng.integers(0, len(tokens) - data.seq_len, size=data.micro_batch_size)
+        yield torch.stack([tokens[s : s + data.seq_len] for s in starts])
+
+
+class _Stages:
+    """What the trainer knows of each stage: its wiring and the peers it banned."""
+
+    def __init__(self, num_stages: int, seed: int):
+        self.wirings = [StageWiring(WiringConfig(), rng=random.Random(seed * 1000 + s)) for s in range(num_stages)]
+        self.banned: dict[str, float] = {}  # peer id -> banned until (monotonic)
+        self.refreshed = asyncio.Event()
+
+    def update(self, records: list[dict], now: float, micro_batch_size: int) -> None:
+        self.banned = {p: until for p, until in self.banned.items() if until > now}
+        for wiring, stage in zip(self.wirings, records):
+            online = {
+                str(p): (info.throughput_sps or None, info.queue_length * micro_batch_size)
+                for p, info in stage.items()
+                if info.state == PeerState.ONLINE and str(p) not in self.banned
+            }
+            wiring.update_peers(online, now=now)
+        self.refreshed.set()
+
+    def ban(self, stage: int, peer: str, now: float) -> None:
+        self.banned[peer] = now + BAN_S
+        self.wirings[stage].remove(peer)
+
+
+class Trainer:
+    """``train()`` runs ``config.steps`` steps and returns their reports (``on_step`` sees each as it ends)."""
+
+    def __init__(self, config: TrainerConfig, *, on_step: Callable[[StepReport], None] | None = None):
+        self.config = config
+        self.on_step = on_step
+        self.reports: list[StepReport] = []
+        self._uid = uuid.uuid4().hex[:8]
+        self._retried = 0
+
+    def train(self) -> list[StepReport]:
+        return asyncio.run(self._main())
+
+    async def _main(self) -> list[StepReport]:
+        from corolla.models.checkpoint import resolve_checkpoint
+        from corolla.net.dht_process import client_dht
+
+        cfg = self.config
+        folder = str(resolve_checkpoint(cfg.run.model).folder) if cfg.data.data == "python-help" else None
+        batches = training_batches(cfg.data, tokenizer_folder=folder)
+        dht = await asyncio.to_thread(client_dht, list(cfg.network.initial_peers))
+        try:
+            self._transport = P2PTransport(await dht.replicate_p2p())
+            self._stages = _Stages(cfg.run.num_stages, cfg.seed)
+            self._dht = dht
+            refresher = asyncio.create_task(self._refresh_periodically())
+            try:
+                await self._wait_for_every_stage()
+                await self._train(batches)
+            finally:
+                refresher.cancel()
+                await asyncio.gather(refresher, return_exceptions=True)
+        finally:
+            await asyncio.to_thread(dht.shutdown)
+        return self.reports
+
+    # ---- peers ---------------------------------------------------------------------------------------------
+    async def _refresh(self) -> None:
+        cfg = self.config
+        records = await fetch_stage_peers_async(
+            self._dht, experiment=cfg.run.experiment, num_stages=cfg.run.num_stages, timeout_s=10
+        )
+        self._stages.update(records, time.monotonic(), cfg.data.micro_batch_size)
+
+    async def _refresh_periodically(self) -> None:
+        while True:
+            try:
+                await self._refresh()
+            except Exception as e:
+                logger.warning("Could not read the stage peers' records: %s", e)
+            await asyncio.sleep(self.config.refresh_period_s)
+
+    async def _wait_for_every_stage(self) -> None:
+        deadline = time.monotonic() + self.config.wait_for_peers_s
+        while True:
+            empty = [s for s, wiring in enumerate(self._stages.wirings) if not wiring.peers]
+            if not empty:
+                return
+            if time.monotonic() > deadline:
+                raise MicrobatchFailed(
+                    f"no ONLINE peer serves stage(s) {empty} of experiment {self.config.run.experiment!r} after "
+                    f"{self.config.wait_for_peers_s:.0f} s: start them with `corolla stage MODEL --stage N "
+                    f"--experiment {self.config.run.experiment} --initial-peers ...`"
+                )
+            self._stages.refreshed.clear()
+            try:
+                await asyncio.wait_for(self._stages.refreshed.wait(), self.config.refresh_period_s * 2)
+            except TimeoutError:
+                pass
+
+    # ---- steps ---------------------------------------------------------------------------------------------
+    async def _train(self, batches: Iterator[torch.Tensor]) -> None:
+        cfg = self.config
+        per_step = cfg.samples_per_step // cfg.data.micro_batch_size
+        slots = asyncio.Semaphore(cfg.max_in_flight)
+
+        async def one(step: int, index: int, ids: torch.Tensor):
+            async with slots:
+                return await self._microbatch(f"{self._uid}:{step}:{index}", ids)
+
+        def launch(step: int) -> list[asyncio.Task]:
+            return [asyncio.create_task(one(step, i, next(batches))) for i in range(per_step)]
+
+        # pipelining: without --synchronous every step's micro-batches are queued at once and start as slots free
+        # up, so the next step's flow while the last of this one finish (the semaphore admits them in order)
+        queued = [] if cfg.synchronous else [launch(step) for step in range(cfg.steps)]
+        started = time.perf_counter()
+        for step in range(cfg.steps):
+            retried = self._retried
+            tasks = launch(step) if cfg.synchronous else queued[step]
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            losses = [r for r in results if isinstance(r, float)]
+            failures = [r for r in results if isinstance(r, BaseException)]
+            for error in failures:
+                if not isinstance(error, MicrobatchFailed):
+                    for task in (t for later in queued for t in later):
+                        task.cancel()
+                    raise error
+                logger.warning("%s", error)
+            seconds = time.perf_counter() - started
+            started = time.perf_counter()
+            samples = len(losses) * cfg.data.micro_batch_size
+            report = StepReport(
+                step=step,
+                loss=float(np.mean(losses)) if losses else float("nan"),
+                samples=samples,
+                seconds=seconds,
+                samples_per_s=samples / seconds if seconds > 0 else 0.0,
+                failed_microbatches=len(failures),
+                retried_calls=self._retried - retried,
+            )
+            self.reports.append(report)
+            self._log(report)
+
+    def _log(self, report: StepReport) -> None:
+        logger.info(
+            "step %d: loss %.4f, %.1f samples/s, %d failed micro-batches, %d retried calls",
+            report.step,
+            report.loss,
+            report.samples_per_s,
+            report.failed_microbatches,
+            report.retried_calls,
+        )
+        if self.config.loss_log:
+            with open(self.config.loss_log, "a") as f:
+                f.write(json.dumps(asdict(report)) + "\n")
+        if self.on_step is not None:
+            self.on_step(report)
+
+    # ---- one micro-batch -----------------------------------------------------------------------------------
+    async def _microbatch(self, microbatch_id: str, ids: torch.Tensor) -> float:
+        last = self.config.run.num_stages - 1
+        activations = [ids]
+        for stage in range(last):
+            (outputs,), _ = await self._call(stage, "forward", microbatch_id, [activations[-1]])
+            activations.append(outputs)
+        tensors, reply = await self._call(last, "backward", microbatch_id, [activations[-1], ids])
+        loss = reply.loss
+        grad = tensors[0] if tensors else None
+        for stage in reversed(range(last)):
+            tensors, _ = await self._call(stage, "backward", microbatch_id, [activations[stage], grad])
+            grad = tensors[0] if tensors else None
+        if loss is None:
+            raise MicrobatchFailed(f"micro-batch {microbatch_id}: the last stage returned no loss")
+        return loss
+
+    async def _call(self, stage: int, rpc: str, microbatch_id: str, tensors: list[torch.Tensor]):
+        cfg = self.config
+        backward = rpc == "backward"
+        schema = StageBackward if backward else StageForward
+        meta = schema(
+            experiment=cfg.run.experiment,
+            stage=stage,
+            microbatch_id=microbatch_id,
+            output_compression=cfg.wire_compression,
+        )
+        request = pack(tensors, meta.model_dump(), compression=cfg.wire_compression)
+        timeout_s = cfg.backward_timeout_s if backward else cfg.forward_timeout_s
+        wiring = self._stages.wirings[stage]
+        samples = tensors[0].shape[0]
+        tried: set[str] = set()
+        errors: list[str] = []
+        for attempt in range(cfg.max_retries + 1):
+            peer = await self._choose(stage, samples, backward, tried)
+            if peer is None:
+                errors.append("no peer of the stage is available")
+                await asyncio.sleep(min(1.0, cfg.refresh_period_s))
+                continue
+            if attempt:
+                self._retried += 1
+            try:
+                response = await RpcStub(self._transport, peer, STAGE_PEER).call(rpc, request, timeout_s=timeout_s)
+                reply = StageReply.model_validate(unpack_metadata(response))
+                outputs = unpack_tensors(response)
+                self._check_outputs(stage, rpc, tensors, outputs)
+            except TimeoutError:
+                wiring.failed(peer, now=time.monotonic())
+                tried.add(peer)
+                errors.append(f"{peer[-8:]}: no answer in {timeout_s:g} s")
+                logger.info("Stage %d %s of %s timed out at %s; retrying", stage, rpc, microbatch_id, peer[-8:])
+                continue
+            except Exception as e:
+                self._stages.ban(stage, peer, time.monotonic())
+                tried.add(peer)
+                errors.append(f"{peer[-8:]}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+                logger.info("Stage %d %s of %s failed at %s (%s); banned it", stage, rpc, microbatch_id, peer[-8:], e)
+                continue
+            wiring.record(peer, samples, reply.compute_s, backward=backward)
+            return outputs, reply
+        raise MicrobatchFailed(
+            f"micro-batch {microbatch_id}: stage {stage} {rpc} failed {cfg.max_retries + 1} times "
+            f"({'; '.join(errors)})"
+        )
+
+    async def _choose(self, stage: int, samples: int, backward: bool, tried: set[str]) -> str | None:
+        wiring = self._stages.wirings[stage]
+        peer = wiring.choose(samples, now=time.monotonic(), backward=backward, exclude=tried)
+        if peer is None and tried:  # every known peer was tried: give the ones that only timed out another go
+            peer = wiring.choose(samples, now=time.monotonic(), backward=backward)
+        return peer
+
+    def _check_outputs(self, stage: int, rpc: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        """A peer's answer must have the shape the next step needs, with finite values."""
+        if rpc == "forward":
+            expected = 1
+        else:
+            expected = 0 if stage == 0 else 1
+        if len(outputs) != expected:
+            raise ValueError(f"expected {expected} tensor(s) in the answer, got {len(outputs)}")
+        for tensor in outputs:
+            if tensor.shape[:2] != inputs[0].shape[:2]:
+                raise ValueError(f"an answer of shape {tuple(tensor.shape)} does not fit {tuple(inputs[0].shape)}")
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError("the answer contains NaN or Inf values")
