@@ -62,12 +62,18 @@ def test_key_naming_per_role():
 @pytest.mark.parametrize("record", [_stage(), _model(), ServerInfo(state=2, start_block=0, end_block=2, throughput=1)])
 def test_records_round_trip_and_ignore_unknown_fields(record):
     raw = record.to_record()
-    assert raw["kind"] == type(record).record_kind() and raw["schema_version"] == 1
+    version = 2 if isinstance(record, StagePeerInfo) else 1  # stage records added ``movable``
+    assert raw["kind"] == type(record).record_kind() and raw["schema_version"] == version
     future = raw | {"field_from_the_future": {"nested": [1, 2]}, "schema_version": 7}
     parsed = type(record).from_record(future)
-    assert parsed.model_copy(update={"schema_version": 1}) == record and parsed.schema_version == 7
+    assert parsed.model_copy(update={"schema_version": version}) == record and parsed.schema_version == 7
     with pytest.raises(ValueError):  # frozen
         parsed.kind = "other"
+
+
+def test_a_stage_record_of_schema_1_reads_as_movable():
+    old = {k: v for k, v in _stage().to_record().items() if k != "movable"} | {"schema_version": 1}
+    assert StagePeerInfo.from_record(old).movable
 
 
 def test_server_records_without_a_kind_still_parse():

@@ -125,3 +125,12 @@ def test_a_joiner_takes_the_emptiest_or_weakest_stage():
     assert choose_stage_for_joiner(_peers({0: [1], 1: [3], 2: [0.5]}), 3) == 2
     assert choose_stage_for_joiner(_peers({0: [1], 1: [1]}), 3) == 2
     assert choose_stage_for_joiner(_peers({0: [1], 1: [1]}), 2) == 0
+
+
+def test_a_peer_that_was_told_its_stage_counts_but_never_moves():
+    fixed = [StagePeer("a", 0, 5.0, movable=False), StagePeer("b", 0, 5.0, movable=False), StagePeer("c", 1, 1.0)]
+    assert choose_move(fixed, 2) is None  # only a and b could help stage 1, and neither may move
+    assert choose_move([*fixed, StagePeer("d", 0, 4.0)], 2).peer_id == "d"
+    emptied = [StagePeer("a", 0, 5.0, movable=False), StagePeer("b", 0, 1.0)]
+    move = choose_move(emptied, 2)  # refilling the empty stage 1 takes the movable peer even if it is slower
+    assert (move.peer_id, move.to_stage) == ("b", 1)

@@ -10,7 +10,8 @@ The rule every peer evaluates on the same records (so all agree on one move with
 * a stage that is empty is refilled first: a peer of the stage that keeps the most capacity without it moves there;
 * otherwise the move of one peer to the bottleneck stage that raises the pipeline's throughput the most is made if
   it raises it by more than ``min_gain`` (a fraction: hysteresis against noisy measurements);
-* a stage's last peer never moves; at most one move per evaluation, and (with ``cooling``) per stage per period;
+* a stage's last peer never moves, nor does a peer that was told its stage (``movable=False``); at most one move
+  per evaluation, and (with ``cooling``) per stage per period;
   among equally good moves the slowest peer moves, then the lowest peer id.
 
 Pure: plain values in, a decision out; no clock, no randomness.
@@ -29,6 +30,7 @@ class StagePeer:
     peer_id: str
     stage: int
     throughput: float  # samples/s at its stage, as measured
+    movable: bool = True  # False: the peer was told its stage (it counts where it is, and never moves)
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def choose_move(
     best: tuple[tuple, Move] | None = None
     for target in targets:
         for p in settled:
-            if p.stage == target or len(members[p.stage]) < 2:  # never empty a stage
+            if p.stage == target or len(members[p.stage]) < 2 or not p.movable:  # never empty a stage
                 continue
             if p.stage in cooling and not empty:
                 continue

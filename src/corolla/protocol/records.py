@@ -87,6 +87,8 @@ class StagePeerInfo(SignedRecord):
     state: PeerState
     throughput_sps: float = Field(ge=0, description="samples/s the peer processes through its stage")
     queue_length: int = Field(default=0, ge=0, description="micro-batches waiting in the peer's queue")
+    movable: bool = Field(default=True, description="the peer may move to another stage when rebalancing")
+    schema_version: int = Field(default=2, ge=1, description="2: movable")
     version: str = __version__
     protocol_version: int = PROTOCOL_VERSION
 

@@ -81,7 +81,9 @@ class StageSwarmConfig:
     """Which stage this peer serves, how it announces itself and when it moves to another stage."""
 
     stage: int | None = None
-    """stage to serve (None: the stage that needs a peer most, and move when another stage needs it more)"""
+    """stage to serve (None: the stage that needs a peer most)"""
+    rebalance: bool | None = None
+    """move to another stage when it needs this peer more (None: only when --stage is not given)"""
     update_period_s: float = 10.0
     """seconds between announcements of this peer's record (it expires after 2.5 periods)"""
     rebalance_period_s: float = 60.0
@@ -98,6 +100,10 @@ class StageSwarmConfig:
     def __post_init__(self):
         if self.stage is not None and self.stage < 0:
             raise ValueError(f"stage must be >= 0, got {self.stage}")
+
+    @property
+    def movable(self) -> bool:
+        return self.stage is None if self.rebalance is None else self.rebalance
         _check_positive(self, ("update_period_s", "rebalance_period_s", "num_threads", "max_request_samples"))
         if self.rebalance_min_gain < 0:
             raise ValueError(f"rebalance_min_gain must be >= 0, got {self.rebalance_min_gain}")

@@ -3,7 +3,7 @@ moves to the stage that needs it most.
 
 Lifecycle of one stage (``_serve_stage``): cut the stage out of the model, announce JOINING, download the stage's
 parameters and optimizer state from a peer of the stage (if it has any), announce ONLINE, then serve forward and
-backward until stopped or moved. A peer that chose its stage itself (no ``--stage``) re-evaluates the swarm every
+backward until stopped or moved. A peer that may move (no ``--stage``, or ``--rebalance``) re-evaluates the swarm every
 ``rebalance_period_s`` (random jitter) and moves when ``algorithms.stage_balance.choose_move`` names it.
 
 Epochs (``_coordinate``, every ``PROGRESS_PERIOD_S``): each peer publishes the samples it accumulated in its epoch;
@@ -181,7 +181,7 @@ class StagePeer:
             )
             self._move_to = loop.create_future()
             tasks = [asyncio.create_task(self._coordinate(peer, worker, averager, stage))]
-            if cfg.swarm.stage is None:
+            if cfg.swarm.movable:
                 tasks.append(asyncio.create_task(self._rebalance_periodically(peer, stage)))
             await asyncio.wait([stopped, self._move_to, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in tasks:
@@ -239,6 +239,7 @@ class StagePeer:
             state=state,
             throughput_sps=worker.speed.samples_per_second or 0.0,
             queue_length=self._handler.queue_length,
+            movable=self.config.swarm.movable,
         )
 
     def status(self) -> StagePeerStatus:
