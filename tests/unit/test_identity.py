@@ -84,3 +84,24 @@ def test_non_rsa_identity_is_refused(tmp_path):
     path.write_bytes(crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.Ed25519, data=b"\x00" * 64).SerializeToString())
     with pytest.raises(ValueError, match="must be RSA keys"):
         load_or_create_identity(path)
+
+
+def test_the_swarm_validator_takes_signed_subkeys_and_hivemind_averaging_subkeys_only():
+    """hivemind's averaging (SWARM stages) keys its matchmaking records by the averager's peer id; anything else
+    that is not an owner-signed subkey (a plain value, an arbitrary subkey) is still refused."""
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils.serializer import MSGPackSerializer
+
+    from corolla.net.identity import OwnedSubkeysOnly
+
+    def record(subkey) -> DHTRecord:
+        return DHTRecord(b"key", MSGPackSerializer.dumps(subkey), b"value", 1e9)
+
+    validator = OwnedSubkeysOnly()
+    rsa_peer = PeerID.from_base58("QmQADFyjLWDW7KqgVe8TJ1uejJviUVLCsjWwf6MCX2AJcc").to_bytes()
+    ed25519_peer = PeerID.from_base58("12D3KooWDnAnTS3XhChWHq7eacgpp7aoo7Da1HUbFwxBxa9dhn4Z").to_bytes()
+    assert validator.validate(record(owner_marker(RSAPrivateKey())))
+    assert validator.validate(record(rsa_peer)) and validator.validate(record(ed25519_peer))
+    assert not validator.validate(DHTRecord(b"key", b"", b"value", 1e9))  # a plain value (no subkey)
+    for other in (b"anything", rsa_peer[:-1], b"\x12\x20" + b"x" * 33, "text", 7):
+        assert not validator.validate(record(other)), other

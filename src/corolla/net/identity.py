@@ -19,6 +19,7 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
+from hivemind.utils.serializer import MSGPackSerializer
 
 
 def load_or_create_identity(path: str | os.PathLike | None) -> tuple[Path, RSAPrivateKey]:
@@ -63,15 +64,30 @@ def peer_id_from_owner_marker(marker: bytes) -> PeerID:
 
 
 class OwnedSubkeysOnly(RecordValidatorBase):
-    """Refuse every DHT record that is not an owner-signed subkey.
+    """Refuse every DHT record that is neither an owner-signed subkey nor one of hivemind averaging's subkeys.
 
     RSASignatureValidator only protects records that carry an ``[owner:...]`` marker; without this validator any
     peer could store a plain value (or an unmarked subkey) under a block key and, with a later expiration, hide
-    every server of that block. corolla stores nothing else in its DHT, so every node refuses such records.
+    every server of that block. corolla's own records are all owner-signed subkeys. hivemind's averaging (SWARM
+    stages average gradients with it) keys its matchmaking and state-download records by the averager's peer id,
+    unsigned, as every hivemind swarm does: a subkey that is exactly a libp2p peer id is accepted too. Such a
+    subkey cannot replace a signed one (subkeys are independent entries) and corolla's record readers skip it.
     """
 
     def validate(self, record: DHTRecord) -> bool:
-        return RSASignatureValidator._PUBLIC_KEY_RE.search(record.subkey) is not None
+        return RSASignatureValidator._PUBLIC_KEY_RE.search(record.subkey) is not None or _is_peer_id(record.subkey)
+
+
+def _is_peer_id(serialized_subkey: bytes) -> bool:
+    """A (msgpack-serialized, as validators see it) libp2p peer id: the sha2-256 multihash of an RSA key (0x12, 32,
+    then 32 bytes) or an Ed25519 key inlined as an identity multihash (0x00, 36, then 36 bytes)."""
+    try:
+        subkey = MSGPackSerializer.loads(serialized_subkey)
+    except Exception:
+        return False
+    if not isinstance(subkey, bytes):
+        return False
+    return (len(subkey) == 34 and subkey[:2] == b"\x12\x20") or (len(subkey) == 38 and subkey[:2] == b"\x00\x24")
 
 
 def swarm_validators(key: RSAPrivateKey) -> list[RecordValidatorBase]:

@@ -180,7 +180,10 @@ class StagePeer:
                 "Serving stage %d of %s (blocks %d:%d)", stage, cfg.run.experiment, *self._layout.blocks(stage)
             )
             self._move_to = loop.create_future()
-            tasks = [asyncio.create_task(self._coordinate(peer, worker, averager, stage))]
+            tasks = [
+                asyncio.create_task(self._publish_periodically(peer, worker, stage)),
+                asyncio.create_task(self._coordinate(peer, worker, averager, stage)),
+            ]
             if cfg.swarm.movable:
                 tasks.append(asyncio.create_task(self._rebalance_periodically(peer, stage)))
             await asyncio.wait([stopped, self._move_to, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -281,17 +284,26 @@ class StagePeer:
             group_size,
         )
 
-    async def _coordinate(self, peer: Peer, worker, averager, stage: int) -> None:
-        """Publish this peer's progress, read the others', and average (or catch up) when it is time."""
-        target = self.config.optimizer.target_batch_size
+    async def _publish_periodically(self, peer: Peer, worker, stage: int) -> None:
+        """This peer's progress, as soon as it changes and at least every ``PROGRESS_REPUBLISH_S`` (also while an
+        averaging round keeps the compute thread busy: others must not take this peer for gone)."""
         published, last_publish = None, 0.0
+        while True:
+            state = (worker.epoch, worker.samples, self._averaging)
+            if state != published or time.monotonic() - last_publish > PROGRESS_REPUBLISH_S:
+                try:
+                    await self._publish_progress(peer, worker, stage)
+                    published, last_publish = state, time.monotonic()
+                except Exception as e:
+                    logger.warning("Could not publish stage %d's progress: %s", stage, e)
+            await asyncio.sleep(PROGRESS_PERIOD_S / 2)
+
+    async def _coordinate(self, peer: Peer, worker, averager, stage: int) -> None:
+        """Read the other peers' progress, and average (or catch up) when it is time."""
+        target = self.config.optimizer.target_batch_size
         loop = asyncio.get_running_loop()
         while True:
             try:
-                state = (worker.epoch, worker.samples, self._averaging)
-                if state != published or time.monotonic() - last_publish > PROGRESS_REPUBLISH_S:
-                    await self._publish_progress(peer, worker, stage)
-                    published, last_publish = state, time.monotonic()
                 others = await fetch_stage_progress(
                     peer.dht, experiment=self.config.run.experiment, stage=stage, timeout_s=5
                 )
@@ -305,16 +317,17 @@ class StagePeer:
                         await loop.run_in_executor(self._executor, self._step_if_alone_and_full)
                     else:
                         self._averaging = True
-                        await self._publish_progress(peer, worker, stage)
-                        ok = await loop.run_in_executor(self._executor, self._average_and_step, worker, averager)
-                        self._averaging = False
+                        try:
+                            await self._publish_progress(peer, worker, stage)
+                            ok = await loop.run_in_executor(self._executor, self._average_and_step, worker, averager)
+                        finally:
+                            self._averaging = False
                         if not ok:
                             await asyncio.sleep(self.config.optimizer.retry_averaging_s)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a background loop logs and keeps going
                 logger.warning("Stage %d coordination failed: %s", stage, e, exc_info=logger.isEnabledFor(10))
-                self._averaging = False
             await asyncio.sleep(PROGRESS_PERIOD_S)
 
     def _average_and_step(self, worker, averager) -> bool:
