@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
-from corolla.local_swarm import LocalSwarm
+from corolla.local_swarm import LocalSwarm, wait_for
 from corolla.models.stages import StageLayout
 from corolla.training.trainer import Trainer
 from tests.fixtures.swarm_training import reference_name, saved_stages, stage_args, train_locally, trainer_config
 from tests.fixtures.zoo import zoo_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+FAILING_AVERAGING = str(Path(__file__).parents[1] / "fixtures" / "failing_averaging.py")
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -79,14 +82,16 @@ def _settled(swarm: LocalSwarm, names, *, target: int, min_epochs: int):
 
 def test_peers_of_a_stage_average_into_the_same_parameters_and_a_joiner_downloads_them(tmp_path):
     """Two peers of stage 0 split the trainer's micro-batches, average their gradients every 8 samples and hold
-    the same parameters after each round; a peer that joins later downloads the stage's parameters and optimizer
-    state and matches them."""
+    the same parameters after each round; a's first round fails (injected) and training goes on, nothing lost
+    and no peer stepping alone (b waits for a's retry within its matchmaking); a peer that joins later downloads
+    the stage's parameters and optimizer state and matches them."""
     model = str(zoo_checkpoint("llama"))
     fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "10", "--averaging-compression", "NONE"]
     fast += ["--save-dir", str(tmp_path / "saved")]
     with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
         for name, stage in [("a", 0), ("b", 0), ("c", 1)]:
-            swarm.start_stage_peer(name, [*stage_args("avg", 2, "--stage", str(stage), target=8), *fast])
+            entry = [FAILING_AVERAGING] if name == "a" else []
+            swarm.start_stage_peer(name, [*stage_args("avg", 2, "--stage", str(stage), target=8), *fast], entry)
         swarm.wait_until_stages("avg", 2, peers=["a", "b", "c"])
         swarm_ids = swarm.peer_ids
         config = trainer_config(model, swarm, "avg", 2, steps=16, samples_per_step=8, max_in_flight=4)
@@ -97,6 +102,8 @@ def test_peers_of_a_stage_average_into_the_same_parameters_and_a_joiner_download
         for name in ("a", "b"):
             log = (tmp_path / "logs" / f"{name}.log").read_text()
             assert log.count("2 peer(s) averaged") == epoch, f"{name} stepped without the other peer"
+        failed = (tmp_path / "logs" / "a.log").read_text()
+        assert "averaging round of epoch 0 failed (ConnectionError: injected" in failed and "trying again" in failed
 
         swarm.start_stage_peer("d", stage_args("avg", 2, "--stage", "0", target=8) + fast)
         swarm.wait_until_stages("avg", 2, peers=["d"])
@@ -115,3 +122,33 @@ def test_peers_of_a_stage_average_into_the_same_parameters_and_a_joiner_download
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(d[name], a[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
+    """Stage 1 has two peers; one is SIGKILLed (calls fail: banned, retried on the other) or SIGSTOPped (calls time
+    out: retried on the other) after 3 steps. No micro-batch fails, every step has all its losses, the survivor
+    steps on its own once the other's progress record expires, and the loss keeps falling."""
+    model = str(zoo_checkpoint("llama"))
+    fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "4"]
+    with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
+        for name, stage in [("a", 0), ("b", 1), ("c", 1)]:
+            swarm.start_stage_peer(name, [*stage_args("faults", 2, "--stage", str(stage), target=8), *fast])
+        swarm.wait_until_stages("faults", 2, peers=["a", "b", "c"])
+
+        def on_step(report) -> None:
+            if report.step == 2:
+                swarm.kill("b", sig)
+
+        # averaging rounds (up to 4 s here) keep a peer's compute thread busy: the calls' timeouts must be longer
+        config = trainer_config(
+            model, swarm, "faults", 2, steps=14, samples_per_step=8, forward_timeout_s=6, backward_timeout_s=8
+        )
+        reports = Trainer(config, on_step=on_step).train()
+        log = tmp_path / "logs" / "c.log"
+        wait_for(lambda: "1 peer(s) averaged" in log.read_text(), timeout_s=30, what="the survivor to step alone")
+    assert [r.failed_microbatches for r in reports] == [0] * config.steps
+    assert all(r.samples == 8 for r in reports)
+    assert sum(r.retried_calls for r in reports[3:]) >= 1, "no call reached the dead peer: the test proved nothing"
+    first, last = [r.loss for r in reports[:3]], [r.loss for r in reports[-3:]]
+    assert sum(last) / 3 < sum(first) / 3 - 0.3

@@ -3,8 +3,9 @@
 For each micro-batch and stage the trainer asks that stage's ``StageWiring`` (``algorithms/stage_wiring.py``)
 for the peer expected to finish the call first, given the compute times peers report and the work queued on
 them. Calls go trainer -> peer -> trainer (the trainer keeps every stage's inputs, so a backward can go to any
-peer of the stage: it recomputes the forward). A call that times out is retried on another peer of the stage; a
-call that fails otherwise also bans the peer for ``BAN_S``. A micro-batch whose call fails ``max_retries`` + 1
+peer of the stage: it recomputes the forward). A call that times out is retried on another peer of the stage
+(the slow peer gets no new work for as long as it kept the call waiting); a call that fails otherwise also bans
+the peer for ``BAN_S``. A micro-batch whose call fails ``max_retries`` + 1
 times at one stage is reported as failed; no micro-batch is sent twice after it succeeded.
 """
 
@@ -98,8 +99,8 @@ class _Stages:
             wiring.update_peers(online, now=now)
         self.refreshed.set()
 
-    def ban(self, stage: int, peer: str, now: float) -> None:
-        self.banned[peer] = now + BAN_S
+    def ban(self, stage: int, peer: str, now: float, duration_s: float = BAN_S) -> None:
+        self.banned[peer] = max(self.banned.get(peer, 0.0), now + duration_s)
         self.wirings[stage].remove(peer)
 
 
@@ -279,7 +280,8 @@ class Trainer:
                 outputs = unpack_tensors(response)
                 self._check_outputs(stage, rpc, tensors, outputs)
             except TimeoutError:
-                wiring.failed(peer, now=time.monotonic())
+                # not a ban (the peer may only be slow), but no new work for as long as it kept this call waiting
+                self._stages.ban(stage, peer, time.monotonic(), duration_s=timeout_s)
                 tried.add(peer)
                 errors.append(f"{peer[-8:]}: no answer in {timeout_s:g} s")
                 logger.info("Stage %d %s of %s timed out at %s; retrying", stage, rpc, microbatch_id, peer[-8:])
