@@ -152,3 +152,28 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
     assert sum(r.retried_calls for r in reports[3:]) >= 1, "no call reached the dead peer: the test proved nothing"
     first, last = [r.loss for r in reports[:3]], [r.loss for r in reports[-3:]]
     assert sum(last) / 3 < sum(first) / 3 - 0.3
+
+
+def test_a_peer_moves_to_a_stage_that_emptied_and_training_resumes(tmp_path):
+    """Stage 1's only peer is SIGKILLed mid-training; a movable peer of stage 0 (it refills empty stages only: its
+    gain threshold is out of reach) moves there once the dead peer's record expires, within two rebalancing
+    periods, and the trainer's micro-batches, retried meanwhile, all finish."""
+    model = str(zoo_checkpoint("llama"))
+    fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "4"]
+    mover = ["--rebalance", "on", "--rebalance-period-s", "2", "--rebalance-min-gain", "100"]
+    with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
+        for name, stage, extra in [("a", 0, []), ("b", 1, []), ("m", 0, mover)]:
+            swarm.start_stage_peer(name, [*stage_args("refill", 2, "--stage", str(stage), target=8), *fast, *extra])
+        swarm.wait_until_stages("refill", 2, peers=["a", "b", "m"])
+        assert swarm.stage_peers("refill", 2)["m"] == (0, "ONLINE")
+
+        def on_step(report) -> None:
+            if report.step == 2:
+                swarm.kill("b")
+
+        config = trainer_config(model, swarm, "refill", 2, steps=10, samples_per_step=8, max_retries=60)
+        reports = Trainer(config, on_step=on_step).train()
+        assert swarm.stage_peers("refill", 2)["m"] == (1, "ONLINE")
+    assert [r.failed_microbatches for r in reports] == [0] * config.steps
+    log = (tmp_path / "logs" / "m.log").read_text()
+    assert "Moving from stage 0 to stage 1" in log and "Serving stage 1 of refill" in log

@@ -82,8 +82,8 @@ class StageSwarmConfig:
 
     stage: int | None = None
     """stage to serve (None: the stage that needs a peer most)"""
-    rebalance: bool | None = None
-    """move to another stage when it needs this peer more (None: only when --stage is not given)"""
+    rebalance: Literal["auto", "on", "off"] = "auto"
+    """move to another stage when it needs this peer more (auto: only when --stage is not given)"""
     update_period_s: float = 10.0
     """seconds between announcements of this peer's record (it expires after 2.5 periods)"""
     rebalance_period_s: float = 60.0
@@ -103,7 +103,7 @@ class StageSwarmConfig:
 
     @property
     def movable(self) -> bool:
-        return self.stage is None if self.rebalance is None else self.rebalance
+        return self.stage is None if self.rebalance == "auto" else self.rebalance == "on"
         _check_positive(self, ("update_period_s", "rebalance_period_s", "num_threads", "max_request_samples"))
         if self.rebalance_min_gain < 0:
             raise ValueError(f"rebalance_min_gain must be >= 0, got {self.rebalance_min_gain}")

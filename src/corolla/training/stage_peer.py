@@ -171,6 +171,12 @@ class StagePeer:
             others = (await self._stage_records())[stage]
             if others:
                 await self._download_state(worker, averager, why="joining")
+            else:
+                logger.info(
+                    "No other peer serves stage %d: starting from the model's initial weights (the training of a "
+                    "stage whose every peer is gone is lost with them)",
+                    stage,
+                )
             self._worker, self._averager, self._alone = worker, averager, not others
             averager.allow_state_sharing = True
             averager.state_sharing_priority = worker.epoch
@@ -180,6 +186,7 @@ class StagePeer:
                 "Serving stage %d of %s (blocks %d:%d)", stage, cfg.run.experiment, *self._layout.blocks(stage)
             )
             self._move_to = loop.create_future()
+            self._leaving = asyncio.Event()
             tasks = [
                 asyncio.create_task(self._publish_periodically(peer, worker, stage)),
                 asyncio.create_task(self._coordinate(peer, worker, averager, stage)),
@@ -187,7 +194,11 @@ class StagePeer:
             if cfg.swarm.movable:
                 tasks.append(asyncio.create_task(self._rebalance_periodically(peer, stage)))
             await asyncio.wait([stopped, self._move_to, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
+            # the loops finish what they await (DHT calls, bounded by their timeouts) and return: a DHT call
+            # cancelled half way makes hivemind's DHT process log errors about the cancelled future
+            self._leaving.set()
+            done, running = await asyncio.wait(tasks, timeout=10)
+            for task in running:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             new_stage = self._move_to.result() if self._move_to.done() else None
@@ -288,7 +299,7 @@ class StagePeer:
         """This peer's progress, as soon as it changes and at least every ``PROGRESS_REPUBLISH_S`` (also while an
         averaging round keeps the compute thread busy: others must not take this peer for gone)."""
         published, last_publish = None, 0.0
-        while True:
+        while not self._leaving.is_set():
             state = (worker.epoch, worker.samples, self._averaging)
             if state != published or time.monotonic() - last_publish > PROGRESS_REPUBLISH_S:
                 try:
@@ -296,13 +307,14 @@ class StagePeer:
                     published, last_publish = state, time.monotonic()
                 except Exception as e:
                     logger.warning("Could not publish stage %d's progress: %s", stage, e)
-            await asyncio.sleep(PROGRESS_PERIOD_S / 2)
+            await self._pause(PROGRESS_PERIOD_S / 2)
 
     async def _coordinate(self, peer: Peer, worker, averager, stage: int) -> None:
         """Read the other peers' progress, and average (or catch up) when it is time."""
         target = self.config.optimizer.target_batch_size
         loop = asyncio.get_running_loop()
-        while True:
+        download_failed_at = -float("inf")
+        while not self._leaving.is_set():
             try:
                 others = await fetch_stage_progress(
                     peer.dht, experiment=self.config.run.experiment, stage=stage, timeout_s=5
@@ -311,7 +323,10 @@ class StagePeer:
                 same = [r for r in others.values() if r.epoch == worker.epoch]
                 self._alone = not others
                 if any(r.epoch > worker.epoch for r in others.values()):
-                    await self._download_state(worker, averager, why="missed an averaging round")
+                    # the peers ahead may be gone (their progress outlives them by PROGRESS_EXPIRATION_S)
+                    if time.monotonic() - download_failed_at > PROGRESS_EXPIRATION_S:
+                        if not await self._download_state(worker, averager, why="missed an averaging round"):
+                            download_failed_at = time.monotonic()
                 elif worker.samples + sum(r.samples for r in same) >= target or any(r.averaging for r in same):
                     if not others:
                         await loop.run_in_executor(self._executor, self._step_if_alone_and_full)
@@ -323,12 +338,19 @@ class StagePeer:
                         finally:
                             self._averaging = False
                         if not ok:
-                            await asyncio.sleep(self.config.optimizer.retry_averaging_s)
+                            await self._pause(self.config.optimizer.retry_averaging_s)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # a background loop logs and keeps going
                 logger.warning("Stage %d coordination failed: %s", stage, e, exc_info=logger.isEnabledFor(10))
-            await asyncio.sleep(PROGRESS_PERIOD_S)
+            await self._pause(PROGRESS_PERIOD_S)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, or return early when this peer leaves its stage."""
+        try:
+            await asyncio.wait_for(self._leaving.wait(), seconds)
+        except TimeoutError:
+            pass
 
     def _average_and_step(self, worker, averager) -> bool:
         """One averaging round with the stage's other peers (on the compute thread: no backward runs meanwhile).
@@ -383,6 +405,7 @@ class StagePeer:
             why,
             worker.samples,
         )
+        return True
 
     async def _publish_progress(self, peer: Peer, worker, stage: int, *, online: bool = True) -> None:
         progress = StageProgress(
@@ -399,8 +422,10 @@ class StagePeer:
     # ---- rebalancing ---------------------------------------------------------------------------------------
     async def _rebalance_periodically(self, peer: Peer, stage: int) -> None:
         period = self.config.swarm.rebalance_period_s
-        while True:
-            await asyncio.sleep(period * random.uniform(0.5, 1.5))
+        while not self._leaving.is_set():
+            await self._pause(period * random.uniform(0.5, 1.5))
+            if self._leaving.is_set():
+                return
             try:
                 records = await self._stage_records()
             except Exception as e:
@@ -409,7 +434,9 @@ class StagePeer:
             me = str(peer.peer_id)
             worker = self._worker
             peers = [
-                BalancePeer(str(p), s, info.throughput_sps) for s, found in enumerate(records) for p, info in found
+                BalancePeer(str(p), s, info.throughput_sps, movable=info.movable)
+                for s, found in enumerate(records)
+                for p, info in found
             ]
             if worker is not None:
                 peers.append(BalancePeer(me, stage, worker.speed.samples_per_second or 0.0))
@@ -419,6 +446,7 @@ class StagePeer:
             move = choose_move(
                 peers, self.config.run.num_stages, min_gain=self.config.swarm.rebalance_min_gain, moving=moving
             )
+            logger.debug("Rebalancing: peers %s, moving %s: %s", peers, moving, move)
             if move is not None and move.peer_id == me:
                 logger.info(
                     "Moving from stage %d to stage %d (pipeline %.2f -> %.2f samples/s estimated)",
