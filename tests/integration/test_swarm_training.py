@@ -177,3 +177,26 @@ def test_a_peer_moves_to_a_stage_that_emptied_and_training_resumes(tmp_path):
     assert [r.failed_microbatches for r in reports] == [0] * config.steps
     log = (tmp_path / "logs" / "m.log").read_text()
     assert "Moving from stage 0 to stage 1" in log and "Serving stage 1 of refill" in log
+
+
+def test_training_on_the_markov_source_reaches_its_floor(tmp_path):
+    """A pipelined trainer (micro-batches in flight across steps) through 2 stage peers brings the next-token loss
+    of a random Markov chain within 0.1 nat of the chain's entropy rate, the lowest loss any model can reach."""
+    from corolla.training.config import DataConfig
+    from corolla.training.data import MarkovSource
+
+    model = str(zoo_checkpoint("llama"))
+    floor = MarkovSource(vocab_size=16, seed=0).entropy_rate()
+    with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
+        for stage in range(2):
+            swarm.start_stage_peer(
+                f"s{stage}", stage_args("markov", 2, "--stage", str(stage), "--lr", "3e-3", target=16)
+            )
+        swarm.wait_until_stages("markov", 2, peers=["s0", "s1"])
+        data = DataConfig(micro_batch_size=8, seq_len=32, markov_vocab_size=16, markov_seed=0)
+        config = trainer_config(model, swarm, "markov", 2, data=data, steps=320, samples_per_step=16, max_in_flight=4)
+        reports = Trainer(config).train()
+    assert sum(r.failed_microbatches for r in reports) == 0
+    final = sum(r.loss for r in reports[-20:]) / 20
+    assert reports[0].loss > floor + 3
+    assert final < floor + 0.1, f"loss {final:.3f} vs floor {floor:.3f}"
