@@ -30,8 +30,19 @@ def _corolla(*args: str) -> subprocess.CompletedProcess:
         (["serve", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla serve: error: Could not start this server's DHT"),
         (["generate", "{zoo}", "--initial-peers", BOGUS_PEER, "--prompt", "hi"], "Check the addresses"),
         (["dht", "--initial-peers", BOGUS_PEER], "corolla dht: error: Could not start this bootstrap peer's DHT"),
+        (["stage", "no-such-model", "--new-swarm"], "corolla stage: error: Model 'no-such-model' is not a local"),
+        (["stage", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla stage: error: Could not start this stage peer's"),
+        (["train", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla train: error: Could not join the swarm"),
     ],
-    ids=["serve-unknown-model", "serve-unreachable-peers", "generate-unreachable-peers", "dht-unreachable-peers"],
+    ids=[
+        "serve-unknown-model",
+        "serve-unreachable-peers",
+        "generate-unreachable-peers",
+        "dht-unreachable-peers",
+        "stage-unknown-model",
+        "stage-unreachable-peers",
+        "train-unreachable-peers",
+    ],
 )
 def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, message):
     args = [a.replace("{zoo}", str(zoo_checkpoint("llama"))) for a in args]

@@ -81,6 +81,9 @@ class StagePeer:
         cfg = self.config
         torch.set_num_threads(cfg.swarm.num_threads)
         logger.info("Starting with %s", cfg)
+        from corolla.models.checkpoint import resolve_checkpoint
+
+        resolve_checkpoint(cfg.run.model)  # a wrong name fails before anything starts
         async with Peer(cfg.network, role="stage peer") as peer:
             self._peer = peer
             if self._stop_requested:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from corolla.algorithms.stage_wiring import StageWiring, WiringConfig
-from corolla.errors import CorollaError
+from corolla.errors import CorollaError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_records import fetch_stage_peers_async
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
@@ -124,7 +124,14 @@ class Trainer:
         cfg = self.config
         folder = str(resolve_checkpoint(cfg.run.model).folder) if cfg.data.data == "python-help" else None
         batches = training_batches(cfg.data, tokenizer_folder=folder)
-        dht = await asyncio.to_thread(client_dht, list(cfg.network.initial_peers))
+        try:
+            dht = await asyncio.to_thread(client_dht, list(cfg.network.initial_peers))
+        except Exception as e:
+            raise SwarmConnectionError(
+                f"Could not join the swarm through --initial-peers {list(cfg.network.initial_peers)} "
+                f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a stage peer's "
+                f"log) and that those peers are running and reachable."
+            ) from e
         try:
             self._transport = P2PTransport(await dht.replicate_p2p())
             self._stages = _Stages(cfg.run.num_stages, cfg.seed)
