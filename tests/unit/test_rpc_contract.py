@@ -60,7 +60,7 @@ def test_a_streamed_call_that_ends_without_a_reply_is_a_transport_failure():
     from hivemind.proto import runtime_pb2
 
     from corolla.client.failover import is_remote_failure
-    from corolla.client.span_calls import _streamed
+    from corolla.net.streaming import streamed_call
 
     class SilentStream:
         async def iterate(self, peer_id, handle, requests, response_type):
@@ -75,5 +75,5 @@ def test_a_streamed_call_that_ends_without_a_reply_is_a_transport_failure():
 
     stub = RpcStub(SilentStream(), "peer")
     with pytest.raises(ConnectionError, match="forward_stream stream ended without a reply") as caught:
-        asyncio.run(_streamed(stub, "forward_stream", runtime_pb2.ExpertRequest(metadata=b"x")))
+        asyncio.run(streamed_call(stub, "forward_stream", runtime_pb2.ExpertRequest(metadata=b"x")))
     assert is_remote_failure(caught.value)

@@ -155,3 +155,49 @@ def test_bad_requests_fail_alone_with_a_message(model, rpc, tensors, meta, messa
     assert worker.samples == 0 and not worker.ledger.accumulated
     ids = torch.randint(0, 16, (2, 8), generator=torch.Generator().manual_seed(7))
     assert unpack_tensors(_call(handler, "forward", [ids]))  # and the next request is served
+
+
+def _chunks(request):
+    from hivemind.proto import runtime_pb2
+    from hivemind.utils.streaming import split_for_streaming
+
+    async def messages():
+        yield runtime_pb2.ExpertRequest(metadata=request.metadata)
+        for tensor in request.tensors:
+            for chunk in split_for_streaming(tensor, 4096):
+                yield runtime_pb2.ExpertRequest(tensors=[chunk])
+
+    return messages()
+
+
+def test_a_streamed_request_is_answered_like_a_unary_one_and_refused_past_the_limit(model):
+    from hivemind.proto import runtime_pb2
+
+    from corolla.net.tensors import combine_chunks
+
+    worker = _worker(model, 1)
+    handler = _handler(worker)
+    hidden = torch.randn(4, 16, model.config.hidden_size, generator=torch.Generator().manual_seed(8))
+    labels = torch.randint(0, 16, (4, 16), generator=torch.Generator().manual_seed(9))
+    meta = StageBackward(experiment="exp", stage=1, microbatch_id="big").model_dump()
+    request = pack([hidden, labels], meta)
+
+    replies = asyncio.run(_drain(handler, request))
+    assert replies and replies[0].metadata  # the metadata leads the (chunked) answer
+    parts = [t for reply in replies for t in reply.tensors]
+    answer = runtime_pb2.ExpertResponse(metadata=replies[0].metadata, tensors=combine_chunks(parts))
+    assert unpack_metadata(answer)["accumulated"] is True
+    retried = _call(handler, "backward", [hidden, labels], stage=1, microbatch_id="big")  # the same id, unary
+    torch.testing.assert_close(unpack_tensors(answer)[0], unpack_tensors(retried)[0])
+    assert worker.samples == 4
+
+    small = StageHandler(
+        experiment="exp", current=lambda: worker, executor=handler.executor, max_request_samples=8,
+        status=handler.status, max_request_bytes=10_000,
+    )  # fmt: skip
+    with pytest.raises(InvalidRequestError, match="over this peer's limit of"):
+        asyncio.run(_drain(small, request))
+
+
+async def _drain(handler: StageHandler, request):
+    return [m async for m in handler.rpc_backward_stream(_chunks(request), None)]

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import torch
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
 
 from corolla.algorithms.routing import RouteHop
 from corolla.errors import RemoteCallError
-from corolla.net.tensors import STREAM_CHUNK_BYTES, combine_chunks, pack, unpack_tensors
+from corolla.net.streaming import call_maybe_streamed
+from corolla.net.tensors import pack, unpack_tensors
 from corolla.protocol.messages import BackwardRequest, SpanRequest
 from corolla.protocol.rpc import BLOCK_SERVER, RpcStub
-
-MAX_UNARY_BYTES = 2 * 2**20  # the transport refuses unary messages over 4 MiB; stream anything bigger than this
 
 
 @dataclass(frozen=True)
@@ -84,28 +81,8 @@ async def call_backward(
 
 async def _call(swarm, hop: RouteHop, request: runtime_pb2.ExpertRequest, rpc: str) -> list[torch.Tensor]:
     stub = RpcStub(await swarm.transport(), hop.peer_id, BLOCK_SERVER)
-    timeout = swarm.config.request_timeout_s
-    if request.ByteSize() <= MAX_UNARY_BYTES:
-        response = await stub.call(rpc, request, timeout_s=timeout)
-    else:
-        response = await asyncio.wait_for(_streamed(stub, f"{rpc}_stream", request), timeout)
+    response = await call_maybe_streamed(stub, rpc, request, timeout_s=swarm.config.request_timeout_s)
     try:
         return unpack_tensors(response)
     except Exception as e:  # undecodable bytes are the server's fault, not a client bug
         raise RemoteCallError(f"server {hop.peer_id} sent an undecodable {rpc} reply: {e}") from e
-
-
-async def _streamed(stub: RpcStub, rpc: str, request: runtime_pb2.ExpertRequest) -> runtime_pb2.ExpertResponse:
-    async def chunks():
-        yield runtime_pb2.ExpertRequest(metadata=request.metadata)
-        for tensor in request.tensors:
-            for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
-                yield runtime_pb2.ExpertRequest(tensors=[chunk])
-
-    parts, replies = [], 0
-    async for response in await stub.iterate(rpc, chunks()):
-        parts.extend(response.tensors)
-        replies += 1
-    if not replies:  # the stream was closed or reset before the server answered: fail over like any lost stream
-        raise ConnectionError(f"the {rpc} stream ended without a reply")
-    return runtime_pb2.ExpertResponse(tensors=combine_chunks(parts))

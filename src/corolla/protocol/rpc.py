@@ -140,7 +140,9 @@ STAGE_PEER = RpcContract(
     rpcs=(
         Rpc("info", runtime_pb2.ExpertUID, runtime_pb2.ExpertInfo),  # StagePeerStatus as msgpack
         Rpc("forward", _Request, _Response),  # StageForward + inputs -> outputs
+        Rpc("forward_stream", _Request, _Response, stream_input=True, stream_output=True),  # the same, chunked
         Rpc("backward", _Request, _Response),  # StageBackward + inputs, grad_outputs or labels -> grad_inputs
+        Rpc("backward_stream", _Request, _Response, stream_input=True, stream_output=True),
     ),
 )
 """What a SWARM stage peer serves (messages in ``corolla.protocol.stage_messages``)."""

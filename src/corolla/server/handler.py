@@ -15,15 +15,13 @@ import torch
 from hivemind.p2p import P2P, P2PContext
 from hivemind.proto import runtime_pb2
 from hivemind.utils.serializer import MSGPackSerializer
-from hivemind.utils.streaming import split_for_streaming
 from pydantic import ValidationError
 
 from corolla import __version__
 from corolla.errors import InvalidRequestError
 from corolla.log import get_logger
+from corolla.net.streaming import receive_request, response_chunks, timed
 from corolla.net.tensors import (
-    STREAM_CHUNK_BYTES,
-    combine_chunks,
     pack,
     pack_response,
     unpack_metadata,
@@ -116,7 +114,7 @@ class BlockServicer:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Like rpc_forward for payloads over the transport's unary limit: tensors arrive and leave in chunks."""
         response = await self.rpc_forward(await self._receive_stream(requests), context)
-        for message in _response_chunks(response):
+        for message in response_chunks(response):
             yield message
 
     async def rpc_backward(
@@ -132,35 +130,24 @@ class BlockServicer:
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """Like rpc_backward for payloads over the transport's unary limit."""
         response = await self.rpc_backward(await self._receive_stream(requests), context)
-        for message in _response_chunks(response):
+        for message in response_chunks(response):
             yield message
 
     async def _receive_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest]) -> runtime_pb2.ExpertRequest:
         """Reassemble a streamed request, refusing (after draining) anything over the server's token limits."""
-        parts, metadata, received = [], None, 0
-        limit = 64 * self.config.limits.max_batch_tokens * self.span.config.hidden_size  # bytes; 16x float32 hidden
-        async for message in _timed(requests, self.config.limits.request_timeout_s):
-            received += message.ByteSize()
-            if received > limit:
-                # keep reading (and dropping) the rest: closing while the client still sends resets the stream,
-                # and the client would then see a broken or empty stream instead of this error
-                parts = []
-                if received > 4 * limit:
-                    break
-                continue
-            if metadata is None and message.metadata:
-                metadata = message.metadata
-            parts.extend(message.tensors)
-        if received > limit:
-            raise InvalidRequestError("streamed request is larger than this server's max_batch_tokens allow")
-        return runtime_pb2.ExpertRequest(metadata=metadata or b"", tensors=combine_chunks(parts))
+        return await receive_request(
+            requests,
+            limit_bytes=64 * self.config.limits.max_batch_tokens * self.span.config.hidden_size,  # 16x fp32 hidden
+            timeout_s=self.config.limits.request_timeout_s,
+            too_large="streamed request is larger than this server's max_batch_tokens allow",
+        )
 
     # ---- inference --------------------------------------------------------------------------------------------
     async def rpc_inference(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
     ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
         """A session: the first message opens it (and may carry a step); each later message is one step."""
-        requests = _timed(requests, self.config.limits.session_timeout_s)
+        requests = timed(requests, self.config.limits.session_timeout_s)
         first = await anext(requests, None)
         if first is None:
             return
@@ -235,13 +222,6 @@ class BlockServicer:
         task.add_done_callback(self._pushes.discard)
 
 
-def _response_chunks(response: runtime_pb2.ExpertResponse):
-    """A response split into messages under the transport's size limit."""
-    for tensor in response.tensors:
-        for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
-            yield runtime_pb2.ExpertResponse(tensors=[chunk])
-
-
 async def _read_client(requests: AsyncIterator, inbox: asyncio.Queue) -> None:
     """Move the client's messages into the session inbox; then ("end", None), or ("error", exc) on failure."""
     try:
@@ -267,16 +247,3 @@ def _parse(schema, message) -> tuple:
 def _short(error: Exception) -> str:
     text = str(error).replace("\n", "; ")
     return text if len(text) < 300 else text[:300] + "..."
-
-
-async def _timed(iterator: AsyncIterator, timeout_s: float) -> AsyncIterator:
-    """Yield from ``iterator``, failing if the next item takes longer than ``timeout_s`` to arrive."""
-    iterator = aiter(iterator)
-    while True:
-        try:
-            item = await asyncio.wait_for(anext(iterator), timeout_s)
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise InvalidRequestError(f"no message within {timeout_s} s; closing the stream") from None
-        yield item

@@ -94,6 +94,8 @@ class StageSwarmConfig:
     """torch threads for compute"""
     max_request_samples: int = 256
     """largest micro-batch (samples) a request may carry"""
+    max_request_mb: float = 256.0
+    """largest request (MB) this peer reassembles from a stream"""
     save_dir: str | None = None
     """when it stops, write the stage's parameters there (safetensors, one file per stage and peer)"""
 
@@ -104,7 +106,9 @@ class StageSwarmConfig:
     @property
     def movable(self) -> bool:
         return self.stage is None if self.rebalance == "auto" else self.rebalance == "on"
-        _check_positive(self, ("update_period_s", "rebalance_period_s", "num_threads", "max_request_samples"))
+        _check_positive(
+            self, ("update_period_s", "rebalance_period_s", "num_threads", "max_request_samples", "max_request_mb")
+        )
         if self.rebalance_min_gain < 0:
             raise ValueError(f"rebalance_min_gain must be >= 0, got {self.rebalance_min_gain}")
 

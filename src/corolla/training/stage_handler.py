@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,6 +18,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from pydantic import ValidationError
 
 from corolla.errors import InvalidRequestError
+from corolla.net.streaming import receive_request, response_chunks
 from corolla.net.tensors import pack_response, unpack_metadata, unpack_tensors
 from corolla.protocol.stage_messages import StageBackward, StageForward, StagePeerStatus, StageReply
 
@@ -40,10 +41,13 @@ class StageHandler:
         executor: concurrent.futures.ThreadPoolExecutor,
         max_request_samples: int,
         status: Callable[[], StagePeerStatus],
+        max_request_bytes: int = 256 * 2**20,
+        request_timeout_s: float = 60.0,
         after_backward: Callable[[], None] = lambda: None,
     ):
         self.experiment, self.current, self.executor = experiment, current, executor
         self.max_request_samples, self.status, self.after_backward = max_request_samples, status, after_backward
+        self.max_request_bytes, self.request_timeout_s = max_request_bytes, request_timeout_s
         self.queue_length = 0
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
@@ -80,6 +84,26 @@ class StageHandler:
         )
         grads = [] if outcome.grad_inputs is None else [outcome.grad_inputs]
         return pack_response(grads, reply.model_dump(), compression=meta.output_compression)
+
+    async def rpc_forward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """``rpc_forward`` for requests over the transport's unary limit: tensors arrive and leave in chunks."""
+        response = await self.rpc_forward(await self._receive(requests), context)
+        for message in response_chunks(response):
+            yield message
+
+    async def rpc_backward_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """``rpc_backward`` for requests over the transport's unary limit."""
+        response = await self.rpc_backward(await self._receive(requests), context)
+        for message in response_chunks(response):
+            yield message
+
+    async def _receive(self, requests) -> runtime_pb2.ExpertRequest:
+        return await receive_request(
+            requests,
+            limit_bytes=self.max_request_bytes,
+            timeout_s=self.request_timeout_s,
+            too_large=f"the streamed request is over this peer's limit of {self.max_request_bytes / 2**20:g} MB",
+        )
 
     # ---- checks --------------------------------------------------------------------------------------------
     def _parse(self, request, schema):

@@ -103,6 +103,7 @@ class StagePeer:
                 current=lambda: self._worker,
                 executor=self._executor,
                 max_request_samples=cfg.swarm.max_request_samples,
+                max_request_bytes=int(cfg.swarm.max_request_mb * 2**20),
                 status=self.status,
                 after_backward=self._step_if_alone_and_full,
             )

@@ -26,6 +26,7 @@ from corolla.algorithms.stage_wiring import StageWiring, WiringConfig
 from corolla.errors import CorollaError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_records import fetch_stage_peers_async
+from corolla.net.streaming import call_maybe_streamed
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
 from corolla.net.transport import P2PTransport
 from corolla.protocol.records import PeerState
@@ -282,7 +283,8 @@ class Trainer:
             if attempt:
                 self._retried += 1
             try:
-                response = await RpcStub(self._transport, peer, STAGE_PEER).call(rpc, request, timeout_s=timeout_s)
+                stub = RpcStub(self._transport, peer, STAGE_PEER)
+                response = await call_maybe_streamed(stub, rpc, request, timeout_s=timeout_s)
                 reply = StageReply.model_validate(unpack_metadata(response))
                 outputs = unpack_tensors(response)
                 self._check_outputs(stage, rpc, tensors, outputs)
