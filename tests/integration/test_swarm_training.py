@@ -200,3 +200,35 @@ def test_training_on_the_markov_source_reaches_its_floor(tmp_path):
     final = sum(r.loss for r in reports[-20:]) / 20
     assert reports[0].loss > floor + 3
     assert final < floor + 0.1, f"loss {final:.3f} vs floor {floor:.3f}"
+
+
+def test_two_trainers_share_the_swarm_and_each_micro_batch_is_accumulated_once(tmp_path):
+    """Two trainers (different data) push micro-batches through the same stage peers at the same time: both finish,
+    and every stage accumulated exactly the samples both sent (its epochs x target + what it holds)."""
+    import threading
+
+    from corolla.training.config import DataConfig
+
+    model = str(zoo_checkpoint("llama"))
+    with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
+        for stage in range(2):
+            swarm.start_stage_peer(f"s{stage}", stage_args("shared", 2, "--stage", str(stage), target=8))
+        swarm.wait_until_stages("shared", 2, peers=["s0", "s1"])
+        results = {}
+
+        def train(seed: int) -> None:
+            data = DataConfig(micro_batch_size=2, seq_len=16, data_seed=seed)
+            config = trainer_config(model, swarm, "shared", 2, data=data, steps=5, samples_per_step=8, seed=seed)
+            results[seed] = Trainer(config).train()
+
+        threads = [threading.Thread(target=train, args=(seed,)) for seed in (1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+        statuses = _statuses(swarm, ["s0", "s1"])
+    sent = sum(r.samples for reports in results.values() for r in reports)
+    assert set(results) == {1, 2} and sent == 2 * 5 * 8
+    assert all(r.failed_microbatches == 0 for reports in results.values() for r in reports)
+    for status in statuses.values():
+        assert status.epoch * 8 + status.samples_accumulated == sent

@@ -88,7 +88,9 @@ class StagePeerInfo(SignedRecord):
     throughput_sps: float = Field(ge=0, description="samples/s the peer processes through its stage")
     queue_length: int = Field(default=0, ge=0, description="micro-batches waiting in the peer's queue")
     movable: bool = Field(default=True, description="the peer may move to another stage when rebalancing")
-    schema_version: int = Field(default=2, ge=1, description="2: movable")
+    moved_from: int | None = Field(default=None, ge=0, description="the stage this peer left to come here")
+    moved_at: float | None = Field(default=None, description="when it moved (DHT time)")
+    schema_version: int = Field(default=2, ge=1, description="2: movable, moved_from, moved_at")
     version: str = __version__
     protocol_version: int = PROTOCOL_VERSION
 

@@ -21,6 +21,7 @@ import random
 import time
 
 import torch
+from hivemind.utils import get_dht_time
 
 from corolla import __version__
 from corolla.algorithms.stage_balance import StagePeer as BalancePeer
@@ -49,6 +50,17 @@ PROGRESS_EXPIRATION_S = 5.0  # a dead peer's progress stops counting after this
 STATE_DOWNLOAD_TIMEOUT_S = 60.0
 
 
+def cooling_stages(records: list[list], *, now: float, period_s: float) -> set[int]:
+    """Stages that gave a peer less than a rebalancing period ago (their movers' records say so): they give no
+    other peer now, so that a stage loses at most one peer per period (unless a stage is empty)."""
+    return {
+        info.moved_from
+        for found in records
+        for _, info in found
+        if info.moved_from is not None and info.moved_at is not None and now - info.moved_at < period_s
+    }
+
+
 class StagePeer:
     """Owns one stage peer's lifetime on a ``Peer``; ``run()`` blocks until SIGINT/SIGTERM or ``stop()``."""
 
@@ -67,6 +79,7 @@ class StagePeer:
         self._averaging = False
         self._failed_rounds = 0
         self._move_to: asyncio.Future | None = None
+        self._moved: tuple[int, float] | None = None  # (stage left, DHT time) of this peer's last move
 
     def run(self) -> None:
         asyncio.run(self._main())
@@ -258,6 +271,8 @@ class StagePeer:
             throughput_sps=worker.speed.samples_per_second or 0.0,
             queue_length=self._handler.queue_length,
             movable=self.config.swarm.movable,
+            moved_from=self._moved[0] if self._moved else None,
+            moved_at=self._moved[1] if self._moved else None,
         )
 
     def status(self) -> StagePeerStatus:
@@ -448,7 +463,11 @@ class StagePeer:
                 str(p): s for s, found in enumerate(records) for p, info in found if info.state == PeerState.JOINING
             }
             move = choose_move(
-                peers, self.config.run.num_stages, min_gain=self.config.swarm.rebalance_min_gain, moving=moving
+                peers,
+                self.config.run.num_stages,
+                min_gain=self.config.swarm.rebalance_min_gain,
+                moving=moving,
+                cooling=cooling_stages(records, now=get_dht_time(), period_s=period),
             )
             logger.debug("Rebalancing: peers %s, moving %s: %s", peers, moving, move)
             if move is not None and move.peer_id == me:
@@ -459,5 +478,6 @@ class StagePeer:
                     move.throughput_before,
                     move.throughput_after,
                 )
+                self._moved = (move.from_stage, get_dht_time())
                 self._move_to.set_result(move.to_stage)
                 return
