@@ -11,22 +11,11 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class SpanRequest(_Message):
-    """Which of the server's blocks to run, and how the tensors that follow are laid out.
+class VersionedRequest(_Message):
+    """What every request of a corolla RPC carries besides its own fields: the codec of the reply's tensors and the
+    protocol version, both checked before any compute is spent."""
 
-    Tensors, in order: hidden_states [batch, tokens, hidden]; then attention_mask [batch, past+tokens] if
-    ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``; then deep prompts
-    [end_block - start_block, batch or 1, prefix, hidden] if ``has_prompts`` (added to the first ``prefix``
-    hidden states before each block). ``active_adapter``: compute with this LoRA adapter (None: the base model).
-    """
-
-    start_block: int = Field(ge=0)
-    end_block: int = Field(gt=0)
-    has_attention_mask: bool = False
-    has_position_ids: bool = False
-    has_prompts: bool = False
     output_compression: str = "NONE"  # a hivemind CompressionType name
-    active_adapter: str | None = Field(default=None, min_length=1, max_length=128)  # a LoRA adapter the server holds
     protocol_version: int = PROTOCOL_VERSION
 
     @field_validator("output_compression")
@@ -46,6 +35,23 @@ class SpanRequest(_Message):
                 f"use the same corolla version as the swarm"
             )
         return version
+
+
+class SpanRequest(VersionedRequest):
+    """Which of the server's blocks to run, and how the tensors that follow are laid out.
+
+    Tensors, in order: hidden_states [batch, tokens, hidden]; then attention_mask [batch, past+tokens] if
+    ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``; then deep prompts
+    [end_block - start_block, batch or 1, prefix, hidden] if ``has_prompts`` (added to the first ``prefix``
+    hidden states before each block). ``active_adapter``: compute with this LoRA adapter (None: the base model).
+    """
+
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    has_attention_mask: bool = False
+    has_position_ids: bool = False
+    has_prompts: bool = False
+    active_adapter: str | None = Field(default=None, min_length=1, max_length=128)  # a LoRA adapter the server holds
 
 
 class BackwardRequest(SpanRequest):

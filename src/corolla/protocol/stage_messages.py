@@ -8,9 +8,9 @@ accumulates the parameter gradients into the peer's stage and returns the inputs
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from corolla.protocol.versions import PROTOCOL_VERSION
+from corolla.protocol.messages import VersionedRequest
 
 MAX_MICROBATCH_ID_CHARS = 128
 
@@ -19,32 +19,12 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
 
-class StageForward(_Message):
+class StageForward(VersionedRequest):
     """Tensors: the stage's inputs (token ids [batch, seq] for stage 0, hidden states [batch, seq, hidden] after)."""
 
     experiment: str = Field(min_length=1)
     stage: int = Field(ge=0)
     microbatch_id: str = Field(min_length=1, max_length=MAX_MICROBATCH_ID_CHARS)
-    output_compression: str = "NONE"  # a hivemind CompressionType name for the tensors of the reply
-    protocol_version: int = PROTOCOL_VERSION
-
-    @field_validator("output_compression")
-    @classmethod
-    def _known_compression(cls, name: str) -> str:
-        from corolla.net.tensors import compression_type
-
-        compression_type(name)  # ValueError naming the choices, before any compute is spent
-        return name
-
-    @field_validator("protocol_version")
-    @classmethod
-    def _same_protocol(cls, version: int) -> int:
-        if version != PROTOCOL_VERSION:
-            raise ValueError(
-                f"the request speaks corolla protocol {version}, this peer speaks {PROTOCOL_VERSION}: "
-                f"use the same corolla version as the swarm"
-            )
-        return version
 
 
 class StageBackward(StageForward):
