@@ -195,19 +195,22 @@ class Trainer:
         def launch(step: int) -> list[asyncio.Task]:
             return [asyncio.create_task(one(step, i, next(batches))) for i in range(per_step)]
 
-        # pipelining: without --synchronous every step's micro-batches are queued at once and start as slots free
-        # up, so the next step's flow while the last of this one finish (the semaphore admits them in order)
-        queued = [] if cfg.synchronous else [launch(step) for step in range(cfg.steps)]
+        # pipelining: without --synchronous the next step's micro-batches are queued while this step's run, and
+        # start as slots free up (the semaphore admits them in order); only one step ahead, so memory stays bounded
+        queued: dict[int, list[asyncio.Task]] = {}
         started = time.perf_counter()
         for step in range(cfg.steps):
             retried = self._retried
-            tasks = launch(step) if cfg.synchronous else queued[step]
+            for ahead in (step,) if cfg.synchronous else (step, step + 1):
+                if ahead < cfg.steps and ahead not in queued:
+                    queued[ahead] = launch(ahead)
+            tasks = queued.pop(step)
             results = await asyncio.gather(*tasks, return_exceptions=True)
             losses = [r for r in results if isinstance(r, float)]
             failures = [r for r in results if isinstance(r, BaseException)]
             for error in failures:
                 if not isinstance(error, MicrobatchFailed):
-                    for task in (t for later in queued for t in later):
+                    for task in (t for later in queued.values() for t in later):
                         task.cancel()
                     raise error
                 logger.warning("%s", error)
