@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import (
     CompressionBase,
     Float16Compression,
@@ -53,14 +54,31 @@ def averaging_prefix(experiment: str, stage: int) -> str:
     return f"{experiment.replace('.', '_')}_stage{stage}"
 
 
+class PartialRound(AllreduceException):
+    """An all-reduce that returned with some parts never averaged (a groupmate's reducer or sender failed)."""
+
+
 class StageAverager(DecentralizedAverager):
     """hivemind's averager over gradient buffers, sharing this peer's training state with joiners.
 
-    ``current_state`` is called on a background thread of this process when another peer downloads the state."""
+    ``current_state`` is called on a background thread of this process when another peer downloads the state.
+
+    hivemind ends an all-reduce in which some parts never arrived as a success, with those parts left at the peer's
+    own values and only a warning ("received 74.3% results"); the peers of a stage would then step with different
+    gradients. Here such a round fails (``PartialRound``), so the peer keeps its own gradients and catches up.
+    """
 
     def __init__(self, buffers: list[torch.Tensor], *, current_state: Callable[[], TrainingState], **kwargs):
         self._current_state = current_state
         super().__init__(buffers, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        """Runs in the averager's process: hivemind's all-reduce, then a check that every part was averaged."""
+        await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
+        runner = self._running_groups[group_info.group_id if group_id is None else group_id].result()
+        parts = runner.tensor_part_container
+        if parts.failed_size:
+            raise PartialRound(f"only {1 - parts.failed_size / parts.total_size:.1%} of the gradients were averaged")
 
     def get_current_state(self):
         state = self._current_state()

@@ -78,6 +78,7 @@ class StagePeer:
         self._alone = True
         self._averaging = False
         self._failed_rounds = 0
+        self._shared_in_epoch: int | None = None  # an epoch whose round failed after this peer's gradients went out
         self._move_to: asyncio.Future | None = None
         self._moved: tuple[int, float] | None = None  # (stage left, DHT time) of this peer's last move
 
@@ -304,6 +305,7 @@ class StagePeer:
         self._after_step(worker, samples, group_size=1)
 
     def _after_step(self, worker, samples: int, group_size: int) -> None:
+        self._shared_in_epoch = None
         if self._averager is not None:
             self._averager.state_sharing_priority = worker.epoch
         logger.info(
@@ -383,11 +385,14 @@ class StagePeer:
             with averager.get_tensors() as buffers:
                 for buffer, gradient in zip(buffers, mean):
                     buffer.copy_(gradient)
-            gathered = averager.step(weight=float(samples), timeout=cfg.averaging_timeout_s, allow_retries=True)
+            # no retries inside hivemind: a retry would average the buffers a failed all-reduce left half averaged
+            gathered = averager.step(weight=float(samples), timeout=cfg.averaging_timeout_s, allow_retries=False)
             if gathered is None:
                 raise RuntimeError("no group was found")
         except Exception as e:
             self._failed_rounds += 1
+            if "Unable to run All-Reduce" in str(e):  # the group formed: groupmates may have used our gradients
+                self._shared_in_epoch = epoch
             logger.warning(
                 "Stage %d: averaging round of epoch %d failed (%s: %s); keeping the %d accumulated samples and "
                 "trying again (%d failed rounds so far)",
@@ -405,18 +410,25 @@ class StagePeer:
         self._after_step(worker, samples, group_size=len(gathered))
         return True
 
-    async def _download_state(self, worker, averager, *, why: str) -> None:
+    async def _download_state(self, worker, averager, *, why: str) -> bool:
+        """Take the state of the stage's most advanced peer; False if none could be downloaded."""
         loop = asyncio.get_running_loop()
         state = await loop.run_in_executor(None, averager.download_state, STATE_DOWNLOAD_TIMEOUT_S)
         if state is None:
             logger.warning("Stage %d: no peer shared its state (%s); keeping this peer's", worker.stage.stage, why)
-            return
+            return False
         if state.epoch < worker.epoch:
             logger.info(
                 "Stage %d: the downloaded state (epoch %d) is older than ours", worker.stage.stage, state.epoch
             )
-            return
+            return True
+        missed_epoch = worker.epoch
         await loop.run_in_executor(self._executor, worker.load_state, state)
+        if self._shared_in_epoch == missed_epoch:
+            # this peer's gradients went into the round it then failed: the others' step holds them already
+            dropped = await loop.run_in_executor(self._executor, worker.discard_gradients)
+            logger.info("Stage %d: dropped %d samples' gradients the others' step holds", worker.stage.stage, dropped)
+        self._shared_in_epoch = None
         logger.info(
             "Stage %d: downloaded the stage's state at epoch %d (%s); %d accumulated samples kept",
             worker.stage.stage,

@@ -128,6 +128,15 @@ class StageWorker:
             self.ledger.new_round()
             self.epoch += 1
 
+    def discard_gradients(self) -> int:
+        """Forget the gradients accumulated in this epoch (they went into a round this peer then failed); returns
+        how many samples they held. Their micro-batch ids may come again."""
+        with self.lock:
+            samples = self.ledger.samples
+            self.optimizer.zero_grad(set_to_none=True)
+            self.ledger.new_round()
+            return samples
+
     # ---- state download ------------------------------------------------------------------------------------
     def state(self) -> TrainingState:
         with self.lock:
