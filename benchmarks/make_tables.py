@@ -266,6 +266,52 @@ def swarm_sim(d: dict) -> str:
     return _table(["mean peer lifetime", *policies, "moves (last policy)"], table)
 
 
+def swarm_training(d: dict) -> str:
+    rows = []
+    for name, x in d["results"]["setups"].items():
+        rows.append([
+            name,
+            f"{x['samples_per_s']:.1f} ({_range(x['samples_per_s_rounds'], '{:.1f}')})",
+            f"{x['tokens_per_s']:.0f}",
+            _x(x["ratio"], x.get("ratio_range")),
+            f"{x.get('failed_microbatches', 0)} / {x.get('retried_calls', 0)}",
+        ])  # fmt: skip
+    header = ["setup", "samples/s, median (range)", "tokens/s", "samples/s vs local (range)", "failed / retried"]
+    return _table(header, rows)
+
+
+def swarm_churn(d: dict) -> str:
+    rows = [
+        [
+            policy,
+            f"{x['samples_per_s_mean']:.1f} ({x['samples_per_s_min']:.1f}–{x['samples_per_s_max']:.1f})",
+            str(x["failed_microbatches"]),
+            str(x["moves"]),
+            str(x["kills"]),
+            f"{x['empty_stage_s']:.1f}",
+            str(x["runs"]),
+        ]
+        for policy, x in d["results"]["summary"].items()
+    ]
+    header = ["policy", "samples/s: mean (range)", "failed micro-batches", "moves", "kills", "stage empty (s)", "runs"]
+    return _table(header, rows)
+
+
+def square_cube(d: dict) -> str:
+    rows = [
+        [
+            str(x["hidden"]),
+            f"{x['block_parameters'] / 1e6:.2f} M",
+            f"{x['none_lab_sps']:.1f} / {x['none_loopback_sps']:.1f} = **{x['none_ratio']:.2f}**",
+            f"{x['uniform_8bit_lab_sps']:.1f} / {x['uniform_8bit_loopback_sps']:.1f} = "
+            f"**{x['uniform_8bit_ratio']:.2f}**",
+        ]
+        for x in d["results"]["rows"]
+    ]
+    header = ["hidden", "params per block", "lab / loopback samples/s, float32 wire", "same, 8-bit wire"]
+    return _table(header, rows)
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -367,6 +413,9 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "offloading": offloading,
     "heterogeneous": heterogeneous,
     "swarm_sim": swarm_sim,
+    "swarm_training": swarm_training,
+    "swarm_churn": swarm_churn,
+    "square_cube": square_cube,
 }
 
 

@@ -81,7 +81,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--samples-per-step", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--wire-compression", default="NONE", help="NONE or BLOCKWISE_8BIT (activations, grads)")
+    parser.add_argument("--wire-compression", default="NONE", help="NONE or UNIFORM_8BIT (activations, grads)")
     parser.add_argument("--out", type=Path, default=Path("examples/train_swarm_out"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")

@@ -13,7 +13,13 @@ import tyro
 
 from corolla.net.peer_config import PeerConfig
 
-_COMPRESSIONS = ("NONE", "FLOAT16", "BLOCKWISE_8BIT", "UNIFORM_8BIT")
+
+def _check_codec(name: str, flag: str) -> None:
+    """hivemind's BLOCKWISE_8BIT codec needs bitsandbytes, which corolla does not install."""
+    import importlib.util
+
+    if name == "BLOCKWISE_8BIT" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(f"{flag} BLOCKWISE_8BIT needs bitsandbytes (pip install bitsandbytes); or use UNIFORM_8BIT")
 
 
 def _check_positive(section, names: tuple[str, ...]) -> None:
@@ -69,6 +75,7 @@ class OptimizerConfig:
         _check_positive(self, ("lr", "target_batch_size", "matchmaking_time_s", "averaging_timeout_s"))
         if self.weight_decay < 0 or self.retry_averaging_s < 0:
             raise ValueError("weight_decay and retry_averaging_s must be >= 0")
+        _check_codec(self.averaging_compression, "--averaging-compression")
         if self.averaging_timeout_s <= self.matchmaking_time_s:
             raise ValueError(
                 f"averaging_timeout_s ({self.averaging_timeout_s}) must exceed matchmaking_time_s "
@@ -203,6 +210,7 @@ class TrainerConfig:
                 "wait_for_peers_s",
             ),
         )
+        _check_codec(self.wire_compression, "--wire-compression")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
         if self.samples_per_step % self.data.micro_batch_size:
