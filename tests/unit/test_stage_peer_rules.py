@@ -23,3 +23,20 @@ def test_a_stage_that_gave_a_peer_less_than_a_period_ago_gives_no_other():
     peers = [StagePeer("p1", 0, 5.0), StagePeer("p2", 0, 5.0), StagePeer("p3", 1, 9.0), StagePeer("p4", 2, 1.0)]
     assert choose_move(peers, 3, cooling={0}) is None
     assert choose_move(peers, 3).from_stage == 0
+
+
+def test_stage_peer_settings_are_validated():
+    import pytest
+
+    from corolla.training.config import StageSwarmConfig
+
+    for bad in (
+        dict(update_period_s=0),
+        dict(rebalance_period_s=-1),
+        dict(num_threads=0),
+        dict(rebalance_min_gain=-5),
+    ):
+        with pytest.raises(ValueError):
+            StageSwarmConfig(**bad)
+    assert StageSwarmConfig().movable and not StageSwarmConfig(stage=1).movable
+    assert StageSwarmConfig(stage=1, rebalance="on").movable

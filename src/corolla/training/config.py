@@ -109,15 +109,15 @@ class StageSwarmConfig:
     def __post_init__(self):
         if self.stage is not None and self.stage < 0:
             raise ValueError(f"stage must be >= 0, got {self.stage}")
-
-    @property
-    def movable(self) -> bool:
-        return self.stage is None if self.rebalance == "auto" else self.rebalance == "on"
         _check_positive(
             self, ("update_period_s", "rebalance_period_s", "num_threads", "max_request_samples", "max_request_mb")
         )
         if self.rebalance_min_gain < 0:
             raise ValueError(f"rebalance_min_gain must be >= 0, got {self.rebalance_min_gain}")
+
+    @property
+    def movable(self) -> bool:
+        return self.stage is None if self.rebalance == "auto" else self.rebalance == "on"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -48,6 +48,7 @@ PROGRESS_PERIOD_S = 0.25  # how often a peer reads its stage's progress (and pub
 PROGRESS_REPUBLISH_S = 1.0  # republished at least this often
 PROGRESS_EXPIRATION_S = 5.0  # a dead peer's progress stops counting after this
 STATE_DOWNLOAD_TIMEOUT_S = 60.0
+MIN_STAY_PERIODS = 3  # a peer moves for a gain only after serving its stage this many rebalancing periods
 
 
 def cooling_stages(records: list[list], *, now: float, period_s: float) -> set[int]:
@@ -81,6 +82,7 @@ class StagePeer:
         self._shared_in_epoch: int | None = None  # an epoch whose round failed after this peer's gradients went out
         self._move_to: asyncio.Future | None = None
         self._moved: tuple[int, float] | None = None  # (stage left, DHT time) of this peer's last move
+        self._serving_since = 0.0  # monotonic time since which this peer serves its current stage
 
     def run(self) -> None:
         asyncio.run(self._main())
@@ -198,6 +200,7 @@ class StagePeer:
             self._worker, self._averager, self._alone = worker, averager, not others
             averager.allow_state_sharing = True
             averager.state_sharing_priority = worker.epoch
+            self._serving_since = time.monotonic()
             await announcer.set_state(PeerState.ONLINE)
             announcer.start()
             logger.info(
@@ -222,6 +225,7 @@ class StagePeer:
             new_stage = self._move_to.result() if self._move_to.done() else None
         finally:
             self._worker = None
+            averager.allow_state_sharing = False  # a peer that leaves must not hand out its state any more
             await announcer.stop()
             if cfg.swarm.save_dir:
                 await loop.run_in_executor(self._executor, self._save, worker, stage)
@@ -348,7 +352,9 @@ class StagePeer:
                     if time.monotonic() - download_failed_at > PROGRESS_EXPIRATION_S:
                         if not await self._download_state(worker, averager, why="missed an averaging round"):
                             download_failed_at = time.monotonic()
-                elif worker.samples + sum(r.samples for r in same) >= target or any(r.averaging for r in same):
+                elif worker.samples + sum(r.samples for r in same) >= target or (
+                    any(r.averaging for r in same) and worker.samples + sum(r.samples for r in same) > 0
+                ):
                     if not others:
                         await loop.run_in_executor(self._executor, self._step_if_alone_and_full)
                     else:
@@ -406,6 +412,12 @@ class StagePeer:
             return False
         with averager.get_tensors() as buffers:
             averaged = [b.clone() for b in buffers]
+        if not all(torch.isfinite(t).all() for t in averaged):  # e.g. a group whose every weight was 0 (0/0)
+            self._failed_rounds += 1
+            logger.warning(
+                "Stage %d: the averaged gradients of epoch %d are not finite; not stepping", worker.stage.stage, epoch
+            )
+            return False
         worker.apply_step(averaged)
         self._after_step(worker, samples, group_size=len(gathered))
         return True
@@ -423,7 +435,13 @@ class StagePeer:
             )
             return True
         missed_epoch = worker.epoch
-        await loop.run_in_executor(self._executor, worker.load_state, state)
+        try:
+            await loop.run_in_executor(self._executor, worker.load_state, state)
+        except ValueError as e:  # hivemind takes a stream that ended early (the donor left) for a whole state
+            logger.warning(
+                "Stage %d: the downloaded state is unusable (%s, %s); keeping this peer's", worker.stage.stage, e, why
+            )
+            return False
         if self._shared_in_epoch == missed_epoch:
             # this peer's gradients went into the round it then failed: the others' step holds them already
             dropped = await loop.run_in_executor(self._executor, worker.discard_gradients)
@@ -482,6 +500,10 @@ class StagePeer:
                 cooling=cooling_stages(records, now=get_dht_time(), period_s=period),
             )
             logger.debug("Rebalancing: peers %s, moving %s: %s", peers, moving, move)
+            settling = time.monotonic() - self._serving_since < MIN_STAY_PERIODS * period
+            if move is not None and move.peer_id == me and settling and move.throughput_before > 0:
+                logger.debug("Not moving yet: serving stage %d for less than %d periods", stage, MIN_STAY_PERIODS)
+                move = None
             if move is not None and move.peer_id == me:
                 logger.info(
                     "Moving from stage %d to stage %d (pipeline %.2f -> %.2f samples/s estimated)",

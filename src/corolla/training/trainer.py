@@ -86,22 +86,23 @@ class _Stages:
 
     def __init__(self, num_stages: int, seed: int):
         self.wirings = [StageWiring(WiringConfig(), rng=random.Random(seed * 1000 + s)) for s in range(num_stages)]
-        self.banned: dict[str, float] = {}  # peer id -> banned until (monotonic)
+        self.banned: dict[tuple[int, str], float] = {}  # (stage, peer id) -> banned until (monotonic)
         self.refreshed = asyncio.Event()
 
     def update(self, records: list[dict], now: float, micro_batch_size: int) -> None:
-        self.banned = {p: until for p, until in self.banned.items() if until > now}
-        for wiring, stage in zip(self.wirings, records):
+        self.banned = {key: until for key, until in self.banned.items() if until > now}
+        for index, (wiring, stage) in enumerate(zip(self.wirings, records)):
             online = {
                 str(p): (info.throughput_sps or None, info.queue_length * micro_batch_size)
                 for p, info in stage.items()
-                if info.state == PeerState.ONLINE and str(p) not in self.banned
+                if info.state == PeerState.ONLINE and (index, str(p)) not in self.banned
             }
             wiring.update_peers(online, now=now)
         self.refreshed.set()
 
     def ban(self, stage: int, peer: str, now: float, duration_s: float = BAN_S) -> None:
-        self.banned[peer] = max(self.banned.get(peer, 0.0), now + duration_s)
+        """No work for ``peer`` at ``stage`` for ``duration_s`` (at other stages it may still serve)."""
+        self.banned[(stage, peer)] = max(self.banned.get((stage, peer), 0.0), now + duration_s)
         self.wirings[stage].remove(peer)
 
 
@@ -299,7 +300,11 @@ class Trainer:
                 logger.info("Stage %d %s of %s timed out at %s; retrying", stage, rpc, microbatch_id, peer[-8:])
                 continue
             except Exception as e:
-                self._stages.ban(stage, peer, time.monotonic())
+                # a peer that moved away (or is joining) answers so: it is not at fault, only elsewhere for now
+                moved = "not serving a stage right now" in str(e) or "this peer serves stage" in str(e)
+                self._stages.ban(
+                    stage, peer, time.monotonic(), duration_s=cfg.refresh_period_s * 2 if moved else BAN_S
+                )
                 tried.add(peer)
                 errors.append(f"{peer[-8:]}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
                 logger.info("Stage %d %s of %s failed at %s (%s); banned it", stage, rpc, microbatch_id, peer[-8:], e)
