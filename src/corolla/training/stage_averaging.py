@@ -2,7 +2,7 @@
 (``DecentralizedAverager``, its prefix the experiment and stage), and a joining peer downloads the stage's state.
 
 The averaged tensors are buffers of their own: a round copies this peer's mean gradient into them, and only a round
-that succeeds is used. hivemind adds each averaged part into the buffers as it arrives, so a round that fails half
+that succeeds is used. The averaged parts are written into the buffers as they arrive, so a round that fails half
 way leaves them half averaged; the peer's own gradients (in its parameters' ``.grad``) are untouched by that and are
 averaged again in the next attempt.
 """
@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import torch
 from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AveragingMode
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import (
     CompressionBase,
@@ -22,8 +23,11 @@ from hivemind.compression import (
     Uniform8BitQuantization,
 )
 from hivemind.compression.quantization import BlockwiseQuantization
+from hivemind.utils import get_dht_time
+from hivemind.utils.asyncio import as_aiter, azip
 
 from corolla.log import get_logger
+from corolla.training.same_result_allreduce import SameResultAllReduce
 from corolla.training.stage_worker import TrainingState
 
 logger = get_logger(__name__)
@@ -65,7 +69,9 @@ class StageAverager(DecentralizedAverager):
 
     hivemind ends an all-reduce in which some parts never arrived as a success, with those parts left at the peer's
     own values and only a warning ("received 74.3% results"); the peers of a stage would then step with different
-    gradients. Here such a round fails (``PartialRound``), so the peer keeps its own gradients and catches up.
+    gradients. Here such a round fails (``PartialRound``), so the peer keeps its own gradients and catches up. And
+    every peer of a round receives the same averaged bits (``SameResultAllReduce``), so the same step keeps their
+    parameters bitwise equal.
     """
 
     def __init__(self, buffers: list[torch.Tensor], *, current_state: Callable[[], TrainingState], **kwargs):
@@ -73,9 +79,27 @@ class StageAverager(DecentralizedAverager):
         super().__init__(buffers, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
-        """Runs in the averager's process: hivemind's all-reduce, then a check that every part was averaged."""
-        await super()._run_allreduce_inplace_(tensors, group_info, group_id=group_id, **kwargs)
-        runner = self._running_groups[group_info.group_id if group_id is None else group_id].result()
+        """Runs in the averager's process: one all-reduce in which every peer receives the same averaged bits
+        (``SameResultAllReduce``), copied into the buffers; a round with parts never averaged fails."""
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = SameResultAllReduce(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)  # hivemind's handler routes the groupmates' parts to it
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] == AveragingMode.AUX:
+            async for _ in runner:
+                raise ValueError("an auxiliary peer received averaged tensors")
+            return
+        async for tensor, averaged in azip(as_aiter(*tensors), runner):
+            tensor.copy_(averaged)
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
         parts = runner.tensor_part_container
         if parts.failed_size:
             raise PartialRound(f"only {1 - parts.failed_size / parts.total_size:.1%} of the gradients were averaged")
