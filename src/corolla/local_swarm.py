@@ -150,6 +150,11 @@ class LocalSwarm:
 
     def stage_peers(self, experiment: str, num_stages: int) -> dict[str, tuple[int, str]]:
         """Stage peer name -> (stage, state name) as their records say now (peers this swarm started only)."""
+        records = self.stage_records(experiment, num_stages)
+        return {name: (info.stage, info.state.name) for name, info in records.items()}
+
+    def stage_records(self, experiment: str, num_stages: int) -> dict:
+        """Stage peer name -> its ``StagePeerInfo`` record as found now (peers this swarm started only)."""
         from corolla.net.dht_process import client_dht
         from corolla.net.dht_records import fetch_stage_peers
 
@@ -159,12 +164,7 @@ class LocalSwarm:
         finally:
             dht.shutdown()
         names = {peer: name for name, peer in self.peer_ids.items()}
-        return {
-            names[p.to_base58()]: (info.stage, info.state.name)
-            for stage in found
-            for p, info in stage.items()
-            if p.to_base58() in names
-        }
+        return {names[p.to_base58()]: info for stage in found for p, info in stage.items() if p.to_base58() in names}
 
     def wait_until_stages(
         self, experiment: str, num_stages: int, *, peers: Sequence[str], timeout_s: float | None = None

@@ -156,29 +156,44 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
     assert sum(last) / 3 < sum(first) / 3 - 0.3
 
 
-def test_a_peer_moves_to_a_stage_that_emptied_and_training_resumes(tmp_path):
-    """Stage 1's only peer is SIGKILLed mid-training; a movable peer of stage 0 (it refills empty stages only: its
-    gain threshold is out of reach) moves there once the dead peer's record expires, within two rebalancing
-    periods, and the trainer's micro-batches, retried meanwhile, all finish."""
+def test_an_emptied_stage_is_refilled_from_a_backup_and_training_resumes(tmp_path):
+    """Stage 1's only peer b trains 4 epochs and is SIGKILLed. The peers of stage 0 (a, and m: movable, but only to
+    refill an empty stage, its gain threshold out of reach) each keep a copy of stage 1's state. m's first
+    rebalancing check that sees stage 1 empty moves it there (the checks come every 0.5-1.5 periods: within two
+    periods of b's record expiring); it restores the newest copy, bitwise b's parameters at its last epoch, and
+    the trainer's next steps all finish through it."""
+    from corolla.local_swarm import wait_for
+
     model = str(zoo_checkpoint("llama"))
-    fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "4"]
+    fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "4", "--backup-period-s", "1"]
     mover = ["--rebalance", "on", "--rebalance-period-s", "2", "--rebalance-min-gain", "100"]
     with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
         for name, stage, extra in [("a", 0, []), ("b", 1, []), ("m", 0, mover)]:
             swarm.start_stage_peer(name, [*stage_args("refill", 2, "--stage", str(stage), target=8), *fast, *extra])
         swarm.wait_until_stages("refill", 2, peers=["a", "b", "m"])
         assert swarm.stage_peers("refill", 2)["m"] == (0, "ONLINE")
+        config = trainer_config(model, swarm, "refill", 2, steps=4, samples_per_step=8, max_retries=60)
+        assert sum(r.failed_microbatches for r in Trainer(config).train()) == 0
+        before = _statuses(swarm, ["b"])["b"]
+        assert before.epoch == 4
 
-        def on_step(report) -> None:
-            if report.step == 2:
-                swarm.kill("b")
+        def copies_are_current() -> bool:
+            records = swarm.stage_records("refill", 2)
+            return all(records[n].backup_of == 1 and records[n].backup_epoch == before.epoch for n in ("a", "m"))
 
-        config = trainer_config(model, swarm, "refill", 2, steps=10, samples_per_step=8, max_retries=60)
-        reports = Trainer(config, on_step=on_step).train()
-        assert swarm.stage_peers("refill", 2)["m"] == (1, "ONLINE")
-    assert [r.failed_microbatches for r in reports] == [0] * config.steps
+        wait_for(copies_are_current, timeout_s=30, what="a and m to copy stage 1's last state")
+        swarm.kill("b")
+        wait_for(lambda: swarm.stage_peers("refill", 2).get("m") == (1, "ONLINE"), timeout_s=60, what="m to refill")
+        after = _statuses(swarm, ["m"])["m"]
+        assert (after.stage, after.epoch, after.parameters_digest) == (1, before.epoch, before.parameters_digest)
+        reports = Trainer(config).train()
+        assert [r.failed_microbatches for r in reports] == [0] * config.steps
+        # m steps on (at once, or once b's progress record expires: until then it waits for b to average with)
+        wait_for(lambda: _statuses(swarm, ["m"])["m"].epoch > before.epoch, timeout_s=30, what="m to step")
     log = (tmp_path / "logs" / "m.log").read_text()
-    assert "Moving from stage 0 to stage 1" in log and "Serving stage 1 of refill" in log
+    checks = [x for x in log.splitlines() if "Rebalancing check: stage(s) 1 have no peer" in x or "Moving from" in x]
+    assert len(checks) == 2 and "Moving from stage 0 to stage 1" in checks[1], checks
+    assert f"No other peer serves stage 1: restored its state at epoch {before.epoch} from" in log
 
 
 def test_training_on_the_markov_source_reaches_its_floor(tmp_path):

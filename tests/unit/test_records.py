@@ -62,7 +62,7 @@ def test_key_naming_per_role():
 @pytest.mark.parametrize("record", [_stage(), _model(), ServerInfo(state=2, start_block=0, end_block=2, throughput=1)])
 def test_records_round_trip_and_ignore_unknown_fields(record):
     raw = record.to_record()
-    version = 2 if isinstance(record, StagePeerInfo) else 1  # stage records added ``movable``
+    version = 3 if isinstance(record, StagePeerInfo) else 1  # stage records added ``movable``, then backups
     assert raw["kind"] == type(record).record_kind() and raw["schema_version"] == version
     future = raw | {"field_from_the_future": {"nested": [1, 2]}, "schema_version": 7}
     parsed = type(record).from_record(future)
@@ -74,6 +74,14 @@ def test_records_round_trip_and_ignore_unknown_fields(record):
 def test_a_stage_record_of_schema_1_reads_as_movable():
     old = {k: v for k, v in _stage().to_record().items() if k != "movable"} | {"schema_version": 1}
     assert StagePeerInfo.from_record(old).movable
+
+
+def test_a_stage_record_of_schema_2_holds_no_backup():
+    new = _stage(backup_of=2, backup_epoch=5).to_record()
+    old = {k: v for k, v in new.items() if not k.startswith("backup")} | {"schema_version": 2}
+    parsed = StagePeerInfo.from_record(old)
+    assert parsed.backup_of is None and parsed.backup_epoch is None
+    assert StagePeerInfo.from_record(new).backup_of == 2
 
 
 def test_server_records_without_a_kind_still_parse():
@@ -88,6 +96,7 @@ def test_server_records_without_a_kind_still_parse():
         (StagePeerInfo, _stage().to_record() | {"throughput_sps": -1.0}),
         (StagePeerInfo, _stage().to_record() | {"state": 7}),
         (StagePeerInfo, _stage().to_record() | {"stage": "first"}),
+        (StagePeerInfo, _stage().to_record() | {"backup_of": -1}),
         (StagePeerInfo, {k: v for k, v in _stage().to_record().items() if k != "experiment"}),
         (StagePeerInfo, _model().to_record()),  # another kind is never reinterpreted
         (ModelRegistryEntry, _model().to_record() | {"num_blocks": 0}),

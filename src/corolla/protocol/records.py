@@ -90,7 +90,9 @@ class StagePeerInfo(SignedRecord):
     movable: bool = Field(default=True, description="the peer may move to another stage when rebalancing")
     moved_from: int | None = Field(default=None, ge=0, description="the stage this peer left to come here")
     moved_at: float | None = Field(default=None, description="when it moved (DHT time)")
-    schema_version: int = Field(default=2, ge=1, description="2: movable, moved_from, moved_at")
+    backup_of: int | None = Field(default=None, ge=0, description="a stage whose state this peer keeps a copy of")
+    backup_epoch: int | None = Field(default=None, ge=0, description="the epoch of that copy")
+    schema_version: int = Field(default=3, ge=1, description="2: movable, moved_from, moved_at; 3: backup_of/epoch")
     version: str = __version__
     protocol_version: int = PROTOCOL_VERSION
 

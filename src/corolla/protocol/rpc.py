@@ -143,6 +143,8 @@ STAGE_PEER = RpcContract(
         Rpc("forward_stream", _Request, _Response, stream_input=True, stream_output=True),  # the same, chunked
         Rpc("backward", _Request, _Response),  # StageBackward + inputs, grad_outputs or labels -> grad_inputs
         Rpc("backward_stream", _Request, _Response, stream_input=True, stream_output=True),
+        # StageStateRequest -> StageStateReply + the state's tensors (a stage's state is over the unary limit)
+        Rpc("state_stream", _Request, _Response, stream_input=True, stream_output=True),
     ),
 )
 """What a SWARM stage peer serves (messages in ``corolla.protocol.stage_messages``)."""

@@ -53,3 +53,20 @@ class StagePeerStatus(_Message):
     throughput_sps: float
     parameters_digest: str  # a hash of the stage's parameters (peers of a stage compare equal after a round)
     version: str
+
+
+class StageStateRequest(VersionedRequest):
+    """The ``state`` RPC: the training state of a stage (parameters, AdamW moments, epoch), from a peer that serves
+    it or keeps a backup of it. No tensors."""
+
+    experiment: str = Field(min_length=1)
+    stage: int = Field(ge=0)
+
+
+class StageStateReply(_Message):
+    """What the ``state`` RPC answers besides its tensors (the state's tensors, in the stage's parameter order)."""
+
+    stage: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    optimizer_steps: int = Field(ge=0)
+    from_backup: bool = False  # the answering peer keeps a copy of the stage; it does not serve it

@@ -105,10 +105,14 @@ class StageSwarmConfig:
     """largest request (MB) this peer reassembles from a stream"""
     save_dir: str | None = None
     """when it stops, write the stage's parameters there (safetensors, one file per stage and peer)"""
+    backup_period_s: float = 30.0
+    """seconds between in-memory copies of the next stage's state, to refill it if its peers all die (0: none)"""
 
     def __post_init__(self):
         if self.stage is not None and self.stage < 0:
             raise ValueError(f"stage must be >= 0, got {self.stage}")
+        if self.backup_period_s < 0:
+            raise ValueError(f"backup_period_s must be >= 0 (0: no backups), got {self.backup_period_s}")
         _check_positive(
             self, ("update_period_s", "rebalance_period_s", "num_threads", "max_request_samples", "max_request_mb")
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,10 +20,11 @@ from pydantic import ValidationError
 from corolla.errors import InvalidRequestError
 from corolla.net.streaming import receive_request, response_chunks
 from corolla.net.tensors import pack_response, unpack_metadata, unpack_tensors
-from corolla.protocol.stage_messages import StageBackward, StageForward, StagePeerStatus, StageReply
+from corolla.protocol.stage_messages import StageBackward, StageForward, StagePeerStatus, StageReply, StageStateReply
+from corolla.training.stage_backup import parse_state_request
 
 if TYPE_CHECKING:
-    from corolla.training.stage_worker import StageWorker
+    from corolla.training.stage_worker import StageWorker, TrainingState
 
 __all__ = ["StageHandler"]
 
@@ -31,7 +32,9 @@ __all__ = ["StageHandler"]
 class StageHandler:
     """Serves ``rpc_info``, ``rpc_forward`` and ``rpc_backward`` for whichever stage ``current()`` returns (a peer
     that moves between stages keeps its handlers). ``after_backward`` runs on the compute thread after each
-    accumulated backward (the peer steps there when it alone holds the stage's whole target batch)."""
+    accumulated backward (the peer steps there when it alone holds the stage's whole target batch).
+    ``rpc_state_stream`` answers with ``state_of(stage)``: (the state, whether it is a backup copy), or raises
+    InvalidRequestError when this peer has no state of that stage."""
 
     def __init__(
         self,
@@ -44,11 +47,13 @@ class StageHandler:
         max_request_bytes: int = 256 * 2**20,
         request_timeout_s: float = 60.0,
         after_backward: Callable[[], None] = lambda: None,
+        state_of: Callable[[int], Awaitable[tuple[TrainingState, bool]]] | None = None,
     ):
         self.experiment, self.current, self.executor = experiment, current, executor
         self.max_request_samples, self.status, self.after_backward = max_request_samples, status, after_backward
         self.max_request_bytes, self.request_timeout_s = max_request_bytes, request_timeout_s
         self.queue_length = 0
+        self.state_of = state_of
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.status().model_dump()))
@@ -95,6 +100,18 @@ class StageHandler:
         """``rpc_backward`` for requests over the transport's unary limit."""
         response = await self.rpc_backward(await self._receive(requests), context)
         for message in response_chunks(response):
+            yield message
+
+    async def rpc_state_stream(self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext):
+        """A stage's training state, from the stage this peer serves or the copy of another stage it keeps."""
+        meta = parse_state_request(await self._receive(requests), self.experiment)
+        if self.state_of is None:
+            raise InvalidRequestError("this peer shares no training state")
+        state, from_backup = await self.state_of(meta.stage)
+        reply = StageStateReply(
+            stage=meta.stage, epoch=state.epoch, optimizer_steps=state.optimizer_steps, from_backup=from_backup
+        )
+        for message in response_chunks(pack_response(state.tensors, reply.model_dump())):
             yield message
 
     async def _receive(self, requests) -> runtime_pb2.ExpertRequest:

@@ -11,6 +11,9 @@ when the peers of a stage in the same epoch together hold the target batch, they
 butterfly all-reduce) and step. A round that fails changes nothing (the peer keeps its gradients and tries again);
 a peer that finds others of its stage an epoch ahead (it missed their round) downloads their state and keeps its
 accumulated gradients for the new epoch. A peer alone in its stage steps on its own.
+
+Backups (``training.stage_backup``): each peer keeps a copy of the next stage's state, so that a peer refilling a
+stage whose every peer is gone restores it from the newest copy rather than from the initial weights.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from hivemind.utils import get_dht_time
 from corolla import __version__
 from corolla.algorithms.stage_balance import StagePeer as BalancePeer
 from corolla.algorithms.stage_balance import choose_move, choose_stage_for_joiner
+from corolla.errors import InvalidRequestError
 from corolla.log import get_logger
 from corolla.net.announcer import Announcer
 from corolla.net.dht_records import (
@@ -35,12 +39,14 @@ from corolla.net.dht_records import (
     fetch_stage_progress,
 )
 from corolla.net.peer import Peer
-from corolla.net.transport import serve, unserve
+from corolla.net.transport import P2PTransport, serve, unserve
 from corolla.protocol.records import PeerState, StagePeerInfo, StageProgress
 from corolla.protocol.rpc import STAGE_PEER
 from corolla.protocol.stage_messages import StagePeerStatus
 from corolla.training.config import StagePeerConfig
+from corolla.training.stage_backup import BackupKeeper
 from corolla.training.stage_handler import StageHandler
+from corolla.training.stage_worker import TrainingState
 
 logger = get_logger(__name__)
 
@@ -83,6 +89,7 @@ class StagePeer:
         self._move_to: asyncio.Future | None = None
         self._moved: tuple[int, float] | None = None  # (stage left, DHT time) of this peer's last move
         self._serving_since = 0.0  # monotonic time since which this peer serves its current stage
+        self._backups: BackupKeeper | None = None
 
     def run(self) -> None:
         asyncio.run(self._main())
@@ -122,8 +129,15 @@ class StagePeer:
                 max_request_bytes=int(cfg.swarm.max_request_mb * 2**20),
                 status=self.status,
                 after_backward=self._step_if_alone_and_full,
+                state_of=self._state_of,
             )
             p2p = await peer.p2p()
+            self._backups = BackupKeeper(
+                P2PTransport(p2p),
+                experiment=cfg.run.experiment,
+                num_stages=cfg.run.num_stages,
+                timeout_s=STATE_DOWNLOAD_TIMEOUT_S,
+            )
             await serve(p2p, STAGE_PEER, self._handler)
             peer.on_shutdown("stop serving", lambda: unserve(p2p, STAGE_PEER))
             peer.on_shutdown("stop the compute thread", lambda: self._executor.shutdown(wait=False))
@@ -188,15 +202,12 @@ class StagePeer:
         )
         try:
             await announcer.set_state(PeerState.JOINING)
-            others = (await self._stage_records())[stage]
+            records = await self._stage_records()
+            others = records[stage]
             if others:
                 await self._download_state(worker, averager, why="joining")
             else:
-                logger.info(
-                    "No other peer serves stage %d: starting from the model's initial weights (the training of a "
-                    "stage whose every peer is gone is lost with them)",
-                    stage,
-                )
+                await self._restore_backup(worker, records, stage)
             self._worker, self._averager, self._alone = worker, averager, not others
             averager.allow_state_sharing = True
             averager.state_sharing_priority = worker.epoch
@@ -214,6 +225,8 @@ class StagePeer:
             ]
             if cfg.swarm.movable:
                 tasks.append(asyncio.create_task(self._rebalance_periodically(peer, stage)))
+            if cfg.swarm.backup_period_s > 0 and cfg.run.num_stages > 1:
+                tasks.append(asyncio.create_task(self._back_up_periodically(stage)))
             await asyncio.wait([stopped, self._move_to, *tasks], return_when=asyncio.FIRST_COMPLETED)
             # the loops finish what they await (DHT calls, bounded by their timeouts) and return: a DHT call
             # cancelled half way makes hivemind's DHT process log errors about the cancelled future
@@ -278,6 +291,8 @@ class StagePeer:
             movable=self.config.swarm.movable,
             moved_from=self._moved[0] if self._moved else None,
             moved_at=self._moved[1] if self._moved else None,
+            backup_of=self._backups.stage if self._backups.state is not None else None,
+            backup_epoch=self._backups.epoch,
         )
 
     def status(self) -> StagePeerStatus:
@@ -468,6 +483,58 @@ class StagePeer:
         future = declare_stage_progress(peer.dht, progress, owner=peer.owner, expiration_s=PROGRESS_EXPIRATION_S)
         await asyncio.wait_for(asyncio.wrap_future(future), 5)
 
+    # ---- backups of the next stage --------------------------------------------------------------------------
+    async def _state_of(self, stage: int) -> tuple[TrainingState, bool]:
+        """The ``state`` RPC: this peer's stage (taken between steps), or its copy of another stage."""
+        worker = self._worker
+        if worker is not None and worker.stage.stage == stage:
+            return await asyncio.get_running_loop().run_in_executor(None, worker.state), False
+        copy = self._backups.copy_of(stage) if self._backups is not None else None
+        if copy is None:
+            raise InvalidRequestError(f"this peer neither serves stage {stage} nor keeps a copy of its state")
+        return copy, True
+
+    async def _back_up_periodically(self, stage: int) -> None:
+        period = self.config.swarm.backup_period_s
+        await self._pause(period * random.uniform(0.1, 0.5))  # a first copy soon after joining
+        while not self._leaving.is_set():
+            try:
+                records = await self._stage_records()
+                if await self._backups.refresh(records, stage, random):
+                    logger.debug("Copied the state of stage %d at epoch %d", self._backups.stage, self._backups.epoch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                logger.warning("Could not copy the next stage's state: %s", e)
+            await self._pause(period * random.uniform(0.5, 1.5))
+
+    async def _restore_backup(self, worker, records: list[list], stage: int) -> None:
+        """Refill an emptied stage from the newest copy any peer keeps of it (else from the initial weights)."""
+
+        def failed(holder, error) -> None:
+            logger.warning("Could not download the copy of stage %d kept by %s: %s", stage, holder, error)
+
+        restored = await self._backups.restore(records, stage, failed) if self._backups is not None else None
+        if restored is not None:
+            state, source = restored
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, worker.load_state, state)
+            except ValueError as e:
+                logger.warning("The copy of stage %d from %s does not fit (%s)", stage, source, e)
+            else:
+                logger.info(
+                    "No other peer serves stage %d: restored its state at epoch %d from %s",
+                    stage,
+                    state.epoch,
+                    source,
+                )
+                return
+        logger.warning(
+            "No other peer serves stage %d and nobody keeps a copy of it: starting from the model's initial weights "
+            "(that stage's training is lost)",
+            stage,
+        )
+
     # ---- rebalancing ---------------------------------------------------------------------------------------
     async def _rebalance_periodically(self, peer: Peer, stage: int) -> None:
         period = self.config.swarm.rebalance_period_s
@@ -489,6 +556,9 @@ class StagePeer:
             ]
             if worker is not None:
                 peers.append(BalancePeer(me, stage, worker.speed.samples_per_second or 0.0))
+            empty = sorted(set(range(self.config.run.num_stages)) - {p.stage for p in peers})
+            if empty:
+                logger.info("Rebalancing check: stage(s) %s have no peer", ", ".join(map(str, empty)))
             moving = {
                 str(p): s for s, found in enumerate(records) for p, info in found if info.state == PeerState.JOINING
             }
