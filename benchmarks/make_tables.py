@@ -312,6 +312,31 @@ def square_cube(d: dict) -> str:
     return _table(header, rows)
 
 
+def swarm_compression(d: dict) -> str:
+    r = d["results"]
+    rows = []
+    for name, x in r["settings"].items():
+        if x["stages"]:
+            counts = [s["rounds_averaged_with_2"] if x["peers_per_stage"] > 1 else s["optimizer_steps"]
+                      for s in x["stages"].values()]  # fmt: skip
+            steps = f"{min(counts)}–{max(counts)}" if min(counts) != max(counts) else str(counts[0])
+        else:
+            steps = "-"
+        reached = "not reached" if x["steps_to_margin"] is None else str(x["steps_to_margin"])
+        rows.append([name, f"{x['final_above_floor']:.3f}", reached, steps, str(x["failed_microbatches"])])
+    b = r["bytes"]
+    header = ["setting", "loss − floor, last 10 steps", "first step within floor + 0.2", "steps (averaged rounds)",
+              "failed micro-batches"]  # fmt: skip
+    sizes = (
+        f"Wire bytes per micro-batch, {r['wire_8bit_codec']} vs NONE: {b['wire_ratio']:.2f}x. "
+        "Averaged bytes per round and peer vs NONE: "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in b["averaging_ratio"].items() if k != "NONE")
+        + f". Entropy floor {r['floor']:.3f} nat; 1 peer/stage without compression vs the local run: max |loss "
+        f"difference| {r['max_diff_vs_local']:.2g}.\n\n"
+    )
+    return sizes + _table(header, rows)
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -416,6 +441,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "swarm_training": swarm_training,
     "swarm_churn": swarm_churn,
     "square_cube": square_cube,
+    "swarm_compression": swarm_compression,
 }
 
 

@@ -105,7 +105,7 @@ class StageSwarmConfig:
     """largest request (MB) this peer reassembles from a stream"""
     save_dir: str | None = None
     """when it stops, write the stage's parameters there (safetensors, one file per stage and peer)"""
-    backup_period_s: float = 30.0
+    backup_period_s: float = 300.0
     """seconds between in-memory copies of the next stage's state, to refill it if its peers all die (0: none)"""
 
     def __post_init__(self):
