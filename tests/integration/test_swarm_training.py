@@ -128,9 +128,10 @@ def test_peers_of_a_stage_average_into_the_same_parameters_and_a_joiner_download
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
 def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
-    """Stage 1 has two peers; one is SIGKILLed (calls fail: banned, retried on the other) or SIGSTOPped (calls time
-    out: retried on the other) after 3 steps. No micro-batch fails, every step has all its losses, the survivor
-    steps on its own once the other's progress record expires, and the loss keeps falling."""
+    """Stage 1 has two peers; after 3 steps the one that answered more of step 2's calls (the one the wiring favours
+    now, so that the next calls reach it) is SIGKILLed (calls fail: banned, retried on the other) or SIGSTOPped
+    (calls time out: retried on the other). No micro-batch fails, every step has all its losses, the survivor steps
+    on its own once the other's progress record expires, and the loss keeps falling."""
     model = str(zoo_checkpoint("llama"))
     fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "4"]
     with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
@@ -138,16 +139,20 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
             swarm.start_stage_peer(name, [*stage_args("faults", 2, "--stage", str(stage), target=8), *fast])
         swarm.wait_until_stages("faults", 2, peers=["a", "b", "c"])
 
+        victim = {}
+
         def on_step(report) -> None:
             if report.step == 2:
-                swarm.kill("b", sig)
+                calls = {n: report.answered_by.get(swarm.peer_ids[n], 0) for n in ("b", "c")}
+                victim["name"] = max(calls, key=calls.get)
+                swarm.kill(victim["name"], sig)
 
         # averaging rounds (up to 4 s here) keep a peer's compute thread busy: the calls' timeouts must be longer
         config = trainer_config(
             model, swarm, "faults", 2, steps=14, samples_per_step=8, forward_timeout_s=6, backward_timeout_s=8
         )
         reports = Trainer(config, on_step=on_step).train()
-        log = tmp_path / "logs" / "c.log"
+        log = tmp_path / "logs" / f"{'c' if victim['name'] == 'b' else 'b'}.log"
         wait_for(lambda: "1 peer(s) averaged" in log.read_text(), timeout_s=30, what="the survivor to step alone")
     assert [r.failed_microbatches for r in reports] == [0] * config.steps
     assert all(r.samples == 8 for r in reports)

@@ -104,3 +104,32 @@ def test_bad_settings_are_refused():
         WiringConfig(ema_alpha=0)
     with pytest.raises(ValueError):
         WiringConfig(backward_cost=-1)
+
+
+def test_one_slow_first_measurement_does_not_starve_a_peer_past_the_measurement_ttl():
+    """Both peers announce 100 samples/s; b's only call so far was a 50x slower warm-up. While that number is
+    fresh, bursts of 8 calls all go to a (b would finish one call later than a finishes eight); once it is older
+    than measurement_ttl_s, b is judged by its announcement again, gets work, and its next measurement starts a
+    fresh average instead of being diluted into the old one."""
+    wiring = StageWiring(WiringConfig(measurement_ttl_s=30.0), rng=random.Random(0))
+    wiring.update_peers({"a": (100.0, 0.0), "b": (100.0, 0.0)}, now=0.0)
+    wiring.record("a", 1, 0.01, now=0.0)
+    wiring.record("b", 1, 0.5, now=0.0)
+
+    def burst(now: float) -> Counter:
+        return Counter(wiring.choose(1, now=now) for _ in range(8))
+
+    for now in (1.0, 10.0, 29.0):
+        assert burst(now) == Counter(a=8), now
+        wiring.record("a", 1, 0.01, now=now)
+    assert wiring.throughput("b", now=29.0) == pytest.approx(2.0)
+    assert wiring.throughput("b", now=31.0) == pytest.approx(100.0)  # stale: the announced 100 samples/s
+    assert burst(31.0)["b"] >= 3
+    wiring.record("b", 1, 0.01, now=31.0)
+    assert wiring.throughput("b", now=31.0) == pytest.approx(100.0)  # a fresh average, not 0.1*100 + 0.9*2
+    assert wiring.throughput("b") == pytest.approx(100.0)  # without a time, the measurement is used as is
+
+
+def test_the_measurement_ttl_must_be_positive():
+    with pytest.raises(ValueError, match="measurement_ttl_s"):
+        WiringConfig(measurement_ttl_s=0)

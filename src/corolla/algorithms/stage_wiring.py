@@ -5,7 +5,9 @@ of the work this trainer has given it, plus the backlog other trainers left ther
 reports, in seconds of its measured throughput). A task goes to the peer that is expected to *finish* it first, and
 that peer's clock moves on by the task's expected duration, so a peer twice as fast gets twice the work,
 interleaved. The compute times that peers report feed a bias-corrected exponential moving average of seconds per
-sample.
+sample. A measurement is trusted for ``measurement_ttl_s``: a peer that got no work for that long (e.g. because one
+slow first call, a warm-up, made it look slower than it is) is judged again by the throughput its record announces,
+and its next measurement starts a fresh average, so no peer is starved by an old number.
 
 Pure: no I/O; the time is passed in (``now``), ties are broken by the ``random.Random`` given to the wiring.
 """
@@ -55,10 +57,13 @@ class WiringConfig:
     # a peer not measured yet by this trainer: the throughput its record announces, else this (samples/s)
     default_throughput: float = 1.0
     backward_cost: float = 2.5  # a backward call costs this many forward calls (it recomputes the forward)
+    measurement_ttl_s: float = 30.0  # a peer measured longer ago than this is judged by its announced throughput
 
     def __post_init__(self):
         if not 0 < self.ema_alpha <= 1:
             raise ValueError(f"ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        if not self.measurement_ttl_s > 0:
+            raise ValueError(f"measurement_ttl_s must be positive, got {self.measurement_ttl_s}")
         if not self.default_throughput > 0 or not self.backward_cost > 0:
             raise ValueError("default_throughput and backward_cost must be positive")
 
@@ -69,6 +74,7 @@ class _Peer:
     backlog_samples: float = 0.0  # queued work from other trainers, as the peer's record says
     free_at: float = 0.0  # virtual time at which the work given by this trainer is expected to be done
     ema: ThroughputEMA = field(default_factory=ThroughputEMA)
+    measured_at: float | None = None  # when the last measurement came (None: never, or no time was given)
 
 
 class StageWiring:
@@ -104,12 +110,17 @@ class StageWiring:
 
     # --- choice --------------------------------------------------------------------------------------------------
 
-    def throughput(self, peer: Hashable) -> float:
-        """Samples/s this trainer expects of ``peer``: measured, else announced, else the default."""
+    def _fresh(self, state: _Peer, now: float | None) -> bool:
+        if not state.ema.measured:
+            return False
+        return now is None or state.measured_at is None or now - state.measured_at <= self.config.measurement_ttl_s
+
+    def throughput(self, peer: Hashable, *, now: float | None = None) -> float:
+        """Samples/s this trainer expects of ``peer``: measured (within ``measurement_ttl_s`` of ``now``, if given),
+        else announced, else the default."""
         state = self._peers[peer]
-        measured = state.ema.samples_per_second
-        if measured is not None:
-            return measured
+        if self._fresh(state, now):
+            return state.ema.samples_per_second
         return state.announced_throughput or self.config.default_throughput
 
     def cost(self, samples: float, *, backward: bool = False) -> float:
@@ -119,8 +130,8 @@ class StageWiring:
     def expected_finish(self, peer: Hashable, samples: float, *, now: float, backward: bool = False) -> float:
         state = self._peers[peer]
         cost = self.cost(samples, backward=backward)
-        backlog_s = state.backlog_samples / self.throughput(peer)
-        return max(now, state.free_at) + backlog_s + cost / self.throughput(peer)
+        throughput = self.throughput(peer, now=now)
+        return max(now, state.free_at) + (state.backlog_samples + cost) / throughput
 
     def choose(
         self, samples: float, *, now: float, backward: bool = False, exclude: Iterable[Hashable] = ()
@@ -137,18 +148,24 @@ class StageWiring:
         peer = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         state = self._peers[peer]
         cost = self.cost(samples, backward=backward)
-        state.free_at = max(now, state.free_at) + cost / self.throughput(peer)
+        state.free_at = max(now, state.free_at) + cost / self.throughput(peer, now=now)
         return peer
 
-    def record(self, peer: Hashable, samples: float, seconds: float, *, backward: bool = False) -> None:
+    def record(
+        self, peer: Hashable, samples: float, seconds: float, *, backward: bool = False, now: float | None = None
+    ) -> None:
         """A finished call of ``samples``: ``seconds`` is the time the peer spent computing it (its reply says so),
         not the round trip: the time it waited behind this trainer's other calls is what ``free_at`` models, and
         behind other trainers' calls what the peer's announced queue says; counting the wait in the speed too
-        would count it twice."""
+        would count it twice. With ``now``, a peer whose last measurement is older than ``measurement_ttl_s``
+        starts a fresh average."""
         state = self._peers.get(peer)
         if state is not None:
-            cost = self.cost(samples, backward=backward)
-            state.ema.update(seconds, cost)
+            if now is not None and state.ema.measured and not self._fresh(state, now):
+                state.ema = ThroughputEMA(self.config.ema_alpha)
+            state.ema.update(seconds, self.cost(samples, backward=backward))
+            if now is not None:
+                state.measured_at = now
 
     def failed(self, peer: Hashable, *, now: float) -> None:
         """A call to ``peer`` failed or timed out: the work this trainer queued there is not coming back, so its

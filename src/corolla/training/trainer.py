@@ -12,12 +12,13 @@ times at one stage is reported as failed; no micro-batch is sent twice after it 
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -54,6 +55,9 @@ class StepReport:
     samples_per_s: float
     failed_microbatches: int
     retried_calls: int
+    peers_per_stage: tuple[int, ...] = ()  # ONLINE peers the trainer may call at each stage, as the step ends
+    # calls each peer answered since the previous report (id -> count, all stages): where the wiring sent the work
+    answered_by: dict[str, int] = field(default_factory=dict)
 
 
 def training_batches(data: DataConfig, *, tokenizer_folder: str | None = None) -> Iterator[torch.Tensor]:
@@ -97,6 +101,10 @@ class _Stages:
                 for p, info in stage.items()
                 if info.state == PeerState.ONLINE and (index, str(p)) not in self.banned
             }
+            if set(online) != set(wiring.peers):
+                logger.info(
+                    "Stage %d: %d peer(s) to call (%s)", index, len(online), ", ".join(p[-8:] for p in sorted(online))
+                )
             wiring.update_peers(online, now=now)
         self.refreshed.set()
 
@@ -115,6 +123,7 @@ class Trainer:
         self.reports: list[StepReport] = []
         self._uid = uuid.uuid4().hex[:8]
         self._retried = 0
+        self._answered: collections.Counter[str] = collections.Counter()
 
     def train(self) -> list[StepReport]:
         return asyncio.run(self._main())
@@ -226,18 +235,22 @@ class Trainer:
                 samples_per_s=samples / seconds if seconds > 0 else 0.0,
                 failed_microbatches=len(failures),
                 retried_calls=self._retried - retried,
+                peers_per_stage=tuple(len(wiring.peers) for wiring in self._stages.wirings),
+                answered_by=dict(self._answered),
             )
+            self._answered.clear()
             self.reports.append(report)
             self._log(report)
 
     def _log(self, report: StepReport) -> None:
         logger.info(
-            "step %d: loss %.4f, %.1f samples/s, %d failed micro-batches, %d retried calls",
+            "step %d: loss %.4f, %.1f samples/s, %d failed micro-batches, %d retried calls, peers per stage %s",
             report.step,
             report.loss,
             report.samples_per_s,
             report.failed_microbatches,
             report.retried_calls,
+            "+".join(map(str, report.peers_per_stage)),
         )
         if self.config.loss_log:
             with open(self.config.loss_log, "a") as f:
@@ -309,7 +322,8 @@ class Trainer:
                 errors.append(f"{peer[-8:]}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
                 logger.info("Stage %d %s of %s failed at %s (%s); banned it", stage, rpc, microbatch_id, peer[-8:], e)
                 continue
-            wiring.record(peer, samples, reply.compute_s, backward=backward)
+            wiring.record(peer, samples, reply.compute_s, backward=backward, now=time.monotonic())
+            self._answered[peer] += 1
             return outputs, reply
         raise MicrobatchFailed(
             f"micro-batch {microbatch_id}: stage {stage} {rpc} failed {cfg.max_retries + 1} times "
