@@ -33,6 +33,7 @@ import logging
 import re
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -233,10 +234,20 @@ def curve_summary(losses: list[float], floor: float, c: dict) -> dict:
 
 
 def run_setting(
-    model: str, swarm, index: int, setting: str, c: dict, steps: int, log_dir: Path, start: bool, leaving: list
+    model: str,
+    swarm,
+    index: int,
+    setting: str,
+    c: dict,
+    steps: int,
+    log_dir: Path,
+    start: bool,
+    leaving: list,
+    slow_exits: list,
 ):
     """Train through the setting's stage peers (started here unless ``start`` is False); they are sent SIGTERM
-    afterwards and appended to ``leaving`` (the next setting waits for them to exit before it trains)."""
+    afterwards and appended to ``leaving`` (the next setting waits for them to exit before it trains; one that
+    takes over 60 s is killed and its pid appended to ``slow_exits``)."""
     from corolla.training.trainer import Trainer
 
     per_stage, wire, averaging = SETTINGS[setting]
@@ -247,7 +258,14 @@ def run_setting(
             swarm.start_stage_peer(name, peer_args(c, f"c{index}", int(name.split("-s")[1][:-1]), averaging))
     swarm.wait_until_stages(f"c{index}", c["stages"], peers=names, timeout_s=180)
     while leaving:  # the previous setting's peers exit while these start; none of them is left when this trains
-        leaving.pop().wait(timeout=60)
+        process = leaving.pop()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # noted in the results; its log says how far its shutdown got
+            print(f"a stage peer (pid {process.pid}) did not exit within 60 s of SIGTERM: killing it")
+            slow_exits.append(process.pid)
+            process.kill()
+            process.wait(timeout=30)
     startup = time.perf_counter() - started
     started = time.perf_counter()
     reports = Trainer(trainer_config(model, swarm, f"c{index}", c, steps, wire)).train()
@@ -286,9 +304,10 @@ def measure(preset: dict, c: dict, model: str, log_dir: Path) -> tuple[dict, dic
                     stage = int(name.split("-s")[1][:-1])
                     swarm.start_stage_peer(name, peer_args(c, f"c{index}", stage, SETTINGS[setting][2]))
         leaving: list = []
+        slow_exits: list[int] = []
         for index, setting in enumerate(settings):
             rows[setting] = run_setting(
-                model, swarm, index, setting, c, steps, log_dir, not preset["start_all_at_once"], leaving
+                model, swarm, index, setting, c, steps, log_dir, not preset["start_all_at_once"], leaving, slow_exits
             )
             r = rows[setting]
             print(
@@ -301,7 +320,7 @@ def measure(preset: dict, c: dict, model: str, log_dir: Path) -> tuple[dict, dic
     print(f"peers stopped after {time.perf_counter() - started:.0f} s", flush=True)
     for row in rows.values():
         row.update(curve_summary(row.pop("losses"), floor, c))
-    return rows, dict(floor=floor)
+    return rows, dict(floor=floor, slow_exits=slow_exits)
 
 
 def byte_sizes(model: str, c: dict) -> dict:
@@ -406,6 +425,7 @@ def main() -> int:
     rows, info = measure(preset, COMMON, model, log_dir)
     results = dict(
         floor=info["floor"],
+        stage_peers_slow_to_exit=len(info["slow_exits"]),
         wire_8bit_codec=WIRE_8BIT,
         settings=rows,
         bytes=byte_sizes(model, COMMON),

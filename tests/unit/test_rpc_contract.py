@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from corolla.protocol.rpc import BLOCK_SERVER, Rpc, RpcContract, RpcStub
+from corolla.protocol.rpc import BLOCK_SERVER, STAGE_PEER, Rpc, RpcContract, RpcStub
 from corolla.protocol.versions import PROTOCOL_VERSION
 
 
@@ -77,3 +77,54 @@ def test_a_streamed_call_that_ends_without_a_reply_is_a_transport_failure():
     with pytest.raises(ConnectionError, match="forward_stream stream ended without a reply") as caught:
         asyncio.run(streamed_call(stub, "forward_stream", runtime_pb2.ExpertRequest(metadata=b"x")))
     assert is_remote_failure(caught.value)
+
+
+def test_a_large_reply_streams_one_tensor_at_a_time_and_decodes_exactly():
+    """tensor_response_chunks serializes lazily (the first message exists before the last tensor is serialized)
+    and streamed_tensors_call decodes each tensor as its chunks complete: the tensors come back bitwise, with the
+    metadata; a truncated tensor is a ValueError, a stream with nothing a ConnectionError."""
+    import torch
+    from hivemind.proto import runtime_pb2
+
+    from corolla.net.streaming import streamed_tensors_call, tensor_response_chunks
+    from corolla.net.tensors import STREAM_CHUNK_BYTES
+
+    tensors = [torch.randn(3 * STREAM_CHUNK_BYTES // 4 + 5), torch.randn(7, 3), torch.zeros(0), torch.randn(2, 2)]
+    serialized = []
+
+    class Lazy(list):  # records when each tensor is read for serialization
+        def __iter__(self):
+            for i, t in enumerate(list.__iter__(self)):
+                serialized.append(i)
+                yield t
+
+    messages = tensor_response_chunks(Lazy(tensors), {"epoch": 3})
+    first = next(messages)
+    assert serialized == [0] and first.metadata
+    rest = list(messages)
+    assert len(rest) >= 4 and all(not m.metadata for m in rest)
+
+    class Replay:
+        def __init__(self, replies):
+            self.replies = replies
+
+        async def iterate(self, peer_id, handle, requests, response_type):
+            async for _ in requests:
+                pass
+
+            async def replies():
+                for reply in self.replies:
+                    yield reply
+
+            return replies()
+
+    request = runtime_pb2.ExpertRequest(metadata=b"x")
+    metadata, decoded = asyncio.run(
+        streamed_tensors_call(RpcStub(Replay([first, *rest]), "p", STAGE_PEER), "state_stream", request)
+    )
+    assert metadata == first.metadata
+    assert len(decoded) == len(tensors) and all(torch.equal(a, b) for a, b in zip(decoded, tensors))
+    with pytest.raises(ValueError, match="could not be decoded"):
+        asyncio.run(streamed_tensors_call(RpcStub(Replay([first]), "p", STAGE_PEER), "state_stream", request))
+    with pytest.raises(ConnectionError, match="ended without a reply"):
+        asyncio.run(streamed_tensors_call(RpcStub(Replay([]), "p", STAGE_PEER), "state_stream", request))

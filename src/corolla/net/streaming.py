@@ -10,13 +10,16 @@ and trainers alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
+import torch
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.proto import runtime_pb2
-from hivemind.utils.streaming import split_for_streaming
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming, split_for_streaming
 
 from corolla.errors import InvalidRequestError
-from corolla.net.tensors import STREAM_CHUNK_BYTES, combine_chunks
+from corolla.net.tensors import STREAM_CHUNK_BYTES, combine_chunks, starts_tensor
 from corolla.protocol.rpc import RpcStub
 
 MAX_UNARY_BYTES = 2 * 2**20  # the transport refuses unary messages over 4 MiB; stream anything bigger than this
@@ -46,6 +49,56 @@ async def streamed_call(stub: RpcStub, rpc: str, request: runtime_pb2.ExpertRequ
     if not replies:  # the stream was closed or reset before the server answered: fail over like any lost stream
         raise ConnectionError(f"the {rpc} stream ended without a reply")
     return runtime_pb2.ExpertResponse(metadata=metadata, tensors=combine_chunks(parts))
+
+
+def tensor_response_chunks(tensors: Sequence[torch.Tensor], metadata: dict) -> Iterator[runtime_pb2.ExpertResponse]:
+    """``response_chunks(pack_response(tensors, metadata))`` (uncompressed), serialized one tensor at a time as the
+    stream is consumed: a large state (a stage's parameters and optimizer moments) is never held serialized whole
+    next to itself."""
+    first = MSGPackSerializer.dumps(metadata)
+    for tensor in tensors:
+        serialized = serialize_torch_tensor(tensor, runtime_pb2.CompressionType.NONE)
+        for chunk in split_for_streaming(serialized, STREAM_CHUNK_BYTES):
+            yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=first)
+            first = b""
+        del serialized
+    if first:
+        yield runtime_pb2.ExpertResponse(metadata=first)
+
+
+async def streamed_tensors_call(
+    stub: RpcStub, rpc: str, request: runtime_pb2.ExpertRequest
+) -> tuple[bytes, list[torch.Tensor]]:
+    """Call a streamed RPC whose request is small and whose reply is large: (the reply's metadata, its tensors),
+    each tensor decoded as soon as its chunks are in and its chunks dropped (ValueError on one that cannot be
+    decoded), so the reply is never held both serialized and decoded."""
+    tensors: list[torch.Tensor] = []
+    pending: list[runtime_pb2.Tensor] = []
+    metadata, replies = b"", 0
+
+    def finish() -> None:
+        try:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(pending)))
+        except Exception as e:
+            raise ValueError(f"a tensor could not be decoded: {type(e).__name__}: {e}") from None
+        pending.clear()
+
+    async for response in await stub.iterate(rpc, _one(request)):
+        replies += 1
+        metadata = metadata or response.metadata
+        for part in response.tensors:
+            if starts_tensor(part) and pending:
+                finish()
+            pending.append(part)
+    if not replies:
+        raise ConnectionError(f"the {rpc} stream ended without a reply")
+    if pending:
+        finish()
+    return metadata, tensors
+
+
+async def _one(request):
+    yield request
 
 
 def response_chunks(response: runtime_pb2.ExpertResponse) -> Iterator[runtime_pb2.ExpertResponse]:

@@ -57,11 +57,17 @@ def unpack_tensors(message) -> list[torch.Tensor]:
         raise ValueError(f"a tensor could not be decoded: {type(e).__name__}: {e}") from None
 
 
+def starts_tensor(part: runtime_pb2.Tensor) -> bool:
+    """Whether a chunk from split_for_streaming is a tensor's first: it alone carries the dtype (and ``chunks``,
+    which is 0 for an empty tensor, so it cannot tell on its own)."""
+    return bool(part.chunks or part.dtype)
+
+
 def combine_chunks(parts: list[runtime_pb2.Tensor]) -> list[runtime_pb2.Tensor]:
-    """Reassemble tensors split by split_for_streaming: a chunk with ``chunks`` > 0 starts a new tensor."""
+    """Reassemble tensors split by split_for_streaming (``starts_tensor`` says where each begins)."""
     tensors, pending = [], []
     for part in parts:
-        if part.chunks and pending:
+        if starts_tensor(part) and pending:
             tensors.append(combine_from_streaming(pending))
             pending = []
         pending.append(part)

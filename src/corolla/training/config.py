@@ -197,7 +197,7 @@ class TrainerConfig:
     wait_for_peers_s: float = 120.0
     """seconds to wait for every stage to have a peer before giving up"""
     loss_log: str | None = None
-    """write one JSON line per step (step, loss, samples/s, failures) to this file"""
+    """write one JSON line per step (step, loss, samples/s, failures, retries, peers per stage, calls per peer) here"""
     seed: int = 0
     """seed of the wiring's tie-breaks"""
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import asyncio
 
+from hivemind.proto import runtime_pb2
 from pydantic import ValidationError
 
 from corolla.errors import InvalidRequestError
-from corolla.net.streaming import streamed_call
-from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
+from corolla.net.streaming import streamed_tensors_call
+from corolla.net.tensors import pack, unpack_metadata
 from corolla.protocol.records import PeerState, StagePeerInfo
 from corolla.protocol.rpc import STAGE_PEER, RpcStub, Transport
 from corolla.protocol.stage_messages import StageStateReply, StageStateRequest
@@ -47,10 +48,9 @@ async def download_stage_state(
     """A stage's state from a peer that serves it or keeps a copy of it; raises on a failed or malformed answer."""
     request = pack([], StageStateRequest(experiment=experiment, stage=stage).model_dump())
     stub = RpcStub(transport, peer_id, STAGE_PEER)
-    response = await asyncio.wait_for(streamed_call(stub, "state_stream", request), timeout_s)
     try:
-        reply = StageStateReply.model_validate(unpack_metadata(response))
-        tensors = unpack_tensors(response)
+        metadata, tensors = await asyncio.wait_for(streamed_tensors_call(stub, "state_stream", request), timeout_s)
+        reply = StageStateReply.model_validate(unpack_metadata(runtime_pb2.ExpertResponse(metadata=metadata)))
     except (ValueError, ValidationError) as e:
         raise ValueError(f"peer {peer_id} sent a malformed state: {' '.join(str(e).split())}") from None
     if reply.stage != stage:

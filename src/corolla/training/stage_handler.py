@@ -18,7 +18,7 @@ from hivemind.utils.serializer import MSGPackSerializer
 from pydantic import ValidationError
 
 from corolla.errors import InvalidRequestError
-from corolla.net.streaming import receive_request, response_chunks
+from corolla.net.streaming import receive_request, response_chunks, tensor_response_chunks
 from corolla.net.tensors import pack_response, unpack_metadata, unpack_tensors
 from corolla.protocol.stage_messages import StageBackward, StageForward, StagePeerStatus, StageReply, StageStateReply
 from corolla.training.stage_backup import parse_state_request
@@ -111,7 +111,7 @@ class StageHandler:
         reply = StageStateReply(
             stage=meta.stage, epoch=state.epoch, optimizer_steps=state.optimizer_steps, from_backup=from_backup
         )
-        for message in response_chunks(pack_response(state.tensors, reply.model_dump())):
+        for message in tensor_response_chunks(state.tensors, reply.model_dump()):
             yield message
 
     async def _receive(self, requests) -> runtime_pb2.ExpertRequest:

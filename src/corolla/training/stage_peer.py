@@ -93,6 +93,8 @@ class StagePeer:
 
     def run(self) -> None:
         asyncio.run(self._main())
+        # the interpreter's exit then joins the compute thread: a call it still runs (bounded by its timeouts)
+        logger.info("Stopped")
 
     def stop(self) -> None:
         self._stop_requested = True
@@ -200,6 +202,7 @@ class StagePeer:
             make_record=lambda state: self._record(worker, stage, state),
             period_s=cfg.swarm.update_period_s,
         )
+        leaving_since = None
         try:
             await announcer.set_state(PeerState.JOINING)
             records = await self._stage_records()
@@ -228,11 +231,15 @@ class StagePeer:
             if cfg.swarm.backup_period_s > 0 and cfg.run.num_stages > 1:
                 tasks.append(asyncio.create_task(self._back_up_periodically(stage)))
             await asyncio.wait([stopped, self._move_to, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            leaving_since = time.monotonic()
+            if stopped.done():
+                logger.info("Stopping: leaving stage %d", stage)
             # the loops finish what they await (DHT calls, bounded by their timeouts) and return: a DHT call
             # cancelled half way makes hivemind's DHT process log errors about the cancelled future
             self._leaving.set()
             done, running = await asyncio.wait(tasks, timeout=10)
             for task in running:
+                logger.warning("Stopping: %s did not finish within 10 s; cancelling it", task.get_coro().__name__)
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             new_stage = self._move_to.result() if self._move_to.done() else None
@@ -244,6 +251,8 @@ class StagePeer:
                 await loop.run_in_executor(self._executor, self._save, worker, stage)
             await self._leave(peer, worker, stage, announcer)
             await loop.run_in_executor(None, averager.shutdown)
+            if leaving_since is not None:
+                logger.info("Left stage %d in %.1f s", stage, time.monotonic() - leaving_since)
         return new_stage
 
     async def _leave(self, peer: Peer, worker, stage: int, announcer: Announcer) -> None:
