@@ -337,6 +337,14 @@ def swarm_compression(d: dict) -> str:
     return sizes + _table(header, rows)
 
 
+def btard_sim(d: dict) -> str:
+    from benchmarks.exp_btard_sim import table
+
+    r = d["results"]
+    gates = "; ".join(f"{name}: {'passed' if g['passed'] else '**FAILED**'}" for name, g in r["gates"].items())
+    return table(r["cells"], d["params"]["preset"]) + "\nGates: " + gates + ".\n"
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -442,6 +450,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "swarm_churn": swarm_churn,
     "square_cube": square_cube,
     "swarm_compression": swarm_compression,
+    "btard_sim": btard_sim,
 }
 
 

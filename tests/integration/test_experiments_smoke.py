@@ -81,3 +81,14 @@ def test_swarm_simulator_smoke(tmp_path):
     capacity = data["params"]["bottleneck_capacity"]
     assert rows[(None, "wiring")]["throughput_mean"] > 0.9 * capacity > rows[(None, "uniform")]["throughput_mean"]
     assert rows[(600.0, "wiring + rebalancing")]["moves"] > 0
+
+
+def test_btard_simulation_smoke(tmp_path):
+    _run("exp_btard_sim.py", tmp_path, timeout_s=300)
+    _check_png(tmp_path / "btard_sim_smoke.png")
+    assert "| sign flip (x-1000) |" in (tmp_path / "btard_sim_smoke.md").read_text()
+    data = load(tmp_path / "btard_sim_smoke.json")
+    cells, gates = data["results"]["cells"], data["results"]["gates"]
+    assert len(cells) == 4 and all(0 <= c["final_accuracy"] <= 1 for c in cells.values())
+    assert cells["sign flip (x-1000) | BTARD"]["attackers_never_banned"] == []
+    assert all(g["passed"] for g in gates.values()), gates

@@ -121,7 +121,7 @@ class StagePeer:
                 lambda: load_training_model(cfg.run.model, random_init=cfg.run.random_init, seed=cfg.run.init_seed),
             )
             self._layout = StageLayout.even(model.config.num_hidden_layers, cfg.run.num_stages)
-            self._model = model
+            self._model, model = model, None  # only self._model keeps it (dropped once no other stage is needed)
             await peer.joined()
             self._handler = StageHandler(
                 experiment=cfg.run.experiment,
@@ -178,6 +178,8 @@ class StagePeer:
         worker = StageWorker(
             split_stage(self._model, stage, self._layout), lr=cfg.optimizer.lr, weight_decay=cfg.optimizer.weight_decay
         )
+        if not cfg.swarm.movable:  # it never builds another stage: the whole model's other blocks are dead weight
+            self._model = None
         await loop.run_in_executor(self._executor, self._measure_speed, worker)
         buffers = [torch.zeros_like(p) for p in worker.params]
         averager = StageAverager(
