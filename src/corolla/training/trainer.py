@@ -147,13 +147,20 @@ class Trainer:
             self._transport = P2PTransport(await dht.replicate_p2p())
             self._stages = _Stages(cfg.run.num_stages, cfg.seed)
             self._dht = dht
+            self._done = asyncio.Event()
             refresher = asyncio.create_task(self._refresh_periodically())
             try:
                 await self._wait_for_every_stage()
                 await self._train(batches)
             finally:
-                refresher.cancel()
-                await asyncio.gather(refresher, return_exceptions=True)
+                # the refresher finishes the DHT read it awaits (bounded by its timeout): a read cancelled half way
+                # makes hivemind's DHT process log InvalidStateError tracebacks
+                self._done.set()
+                try:
+                    await asyncio.wait_for(asyncio.shield(refresher), 15)
+                except Exception:  # TimeoutError included
+                    refresher.cancel()
+                    await asyncio.gather(refresher, return_exceptions=True)
         finally:
             await asyncio.to_thread(dht.shutdown)
         return self.reports
@@ -167,12 +174,15 @@ class Trainer:
         self._stages.update(records, time.monotonic(), cfg.data.micro_batch_size)
 
     async def _refresh_periodically(self) -> None:
-        while True:
+        while not self._done.is_set():
             try:
                 await self._refresh()
             except Exception as e:
                 logger.warning("Could not read the stage peers' records: %s", e)
-            await asyncio.sleep(self.config.refresh_period_s)
+            try:
+                await asyncio.wait_for(self._done.wait(), self.config.refresh_period_s)
+            except TimeoutError:
+                pass
 
     async def _wait_for_every_stage(self) -> None:
         deadline = time.monotonic() + self.config.wait_for_peers_s
