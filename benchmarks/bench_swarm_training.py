@@ -144,6 +144,9 @@ def peer_args(p: Preset, experiment: str, stage: int) -> list[str]:
     args = ["--experiment", experiment, "--num-stages", str(p.stages), "--stage", str(stage)]
     args += ["--target-batch-size", str(p.samples_per_step), "--lr", str(p.lr), "--num-threads", "1"]
     args += ["--matchmaking-time-s", str(p.matchmaking_time_s), "--averaging-timeout-s", str(p.averaging_timeout_s)]
+    # no backups: each peer would hold a second stage's state (parameters and AdamW moments, 12 bytes/parameter),
+    # and six SmolLM2 stage peers plus their copies do not fit one 23 GiB machine; this measures the pipeline
+    args += ["--backup-period-s", "0"]
     return args + (["--random-init"] if p.random_init else [])
 
 
