@@ -78,6 +78,7 @@ def run_grid(preset: dict, progress) -> dict:
                 attackers_never_banned=result.byzantine_left,
                 all_attackers_banned_by=result.all_attackers_banned_by,
                 seconds=round(result.seconds, 2),
+                diverged_at=result.diverged_at,
             )
             progress(attack, aggregator, cells[f"{attack} | {aggregator}"])
     return cells
@@ -128,6 +129,8 @@ def table(cells: dict, preset: dict) -> str:
         for aggregator in preset["aggregators"]:
             c = cells[f"{attack} | {aggregator}"]
             text = f"{c['final_accuracy']:.3f}"
+            if c.get("diverged_at") is not None:
+                text += f" (diverged at step {c['diverged_at']})"
             if aggregator.startswith("BTARD") and attack != "none":
                 by = c["all_attackers_banned_by"]
                 text += f" (all banned by step {by})" if by is not None else " (not all banned)"

@@ -82,6 +82,7 @@ class SimulationResult:
     honest_banned: list[int]
     byzantine_left: list[int]  # attackers never banned
     seconds: float
+    diverged_at: int | None = None  # the step whose honest gradients were no longer finite (training stopped there)
 
     @property
     def all_attackers_banned_by(self) -> int | None:
@@ -191,11 +192,16 @@ def simulate(cfg: SimulationConfig, *, progress=None) -> SimulationResult:
     velocity = torch.zeros_like(model.flat)
     rng = np.random.default_rng([cfg.seed, 0xB7A2D])  # the peers' secret values for commit-reveal
     accuracy: list[tuple[int, float]] = []
+    diverged_at = None
     for step in range(cfg.steps):
         alive = sorted(int(p) for p in state.active)
         honest = [p for p in alive if p not in byzantine]
         attackers = [p for p in alive if p in byzantine]
         sent = {p: model.gradient(step, p) for p in honest}
+        if not all(bool(torch.isfinite(g).all()) for g in sent.values()):
+            diverged_at = step  # the parameters blew up: nothing left to train
+            accuracy.append((step, model.accuracy(x_test, y_test)))
+            break
         if attackers:
             own = torch.stack([model.gradient(step, p, wrong_labels=cfg.attack.flips_labels(step)) for p in attackers])
             stale = None
@@ -203,6 +209,10 @@ def simulate(cfg: SimulationConfig, *, progress=None) -> SimulationResult:
                 stale = torch.stack([history[p][-cfg.attack.delay_steps] for p in attackers])
             honest_grads = torch.stack([sent[p] for p in honest]) if honest else own[:0]
             bad = byzantine_gradients(cfg.attack, step, own=own, honest=honest_grads, stale=stale)
+            # a message carries finite float32 values: an attack that overflows (its scale times a diverged
+            # model's gradient norm) is sent at float32's largest magnitude
+            big = torch.finfo(bad.dtype).max
+            bad = torch.nan_to_num(bad, nan=0.0, posinf=big, neginf=-big)
             for i, p in enumerate(attackers):
                 history[p] = [*history[p][-cfg.attack.delay_steps :], own[i]]
                 sent[p] = bad[i]
@@ -234,4 +244,5 @@ def simulate(cfg: SimulationConfig, *, progress=None) -> SimulationResult:
         honest_banned=sorted(p for p in banned_at if p not in byzantine),
         byzantine_left=sorted(p for p in byzantine if p not in banned_at),
         seconds=time.perf_counter() - started,
+        diverged_at=diverged_at,
     )
