@@ -53,6 +53,7 @@ class LocalSwarm:
 
     _identity_dir: Path | None = None
     _retired: list[subprocess.Popen] = field(default_factory=list)
+    _pids: set[int] = field(default_factory=set)  # our processes and their helpers, seen alive (see _forget_shm)
 
     def __enter__(self) -> LocalSwarm:
         try:
@@ -244,7 +245,29 @@ class LocalSwarm:
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to one process this swarm started (only the process itself, not its group)."""
+        self._remember(self.processes[name].pid)
         self.processes[name].send_signal(sig)
+
+    def _remember(self, pid: int) -> None:
+        import psutil
+
+        self._pids.add(pid)
+        try:
+            self._pids.update(child.pid for child in psutil.Process(pid).children(recursive=True))
+        except psutil.Error:
+            pass
+
+    def _forget_shm(self) -> None:
+        """Remove the shared-memory files that our dead processes left in /dev/shm: torch names them after the
+        creating pid, and a SIGKILLed peer (or its averager) never unlinks them: they would hold RAM until reboot."""
+        import psutil
+
+        for pid in self._pids:
+            if psutil.pid_exists(pid):
+                continue  # alive again under a new owner, or never died: not ours to touch
+            for path in Path("/dev/shm").glob(f"torch_{pid}_*"):
+                path.unlink(missing_ok=True)
+        self._pids.clear()
 
     @staticmethod
     def process_groups(pid: int) -> set[int]:
@@ -277,9 +300,12 @@ class LocalSwarm:
     def stop(self, grace_s: float = 10.0) -> None:
         """Stop every process this swarm started: SIGTERM, then SIGKILL if one outlives ``grace_s``."""
         for process in self._retired:
+            self._remember(process.pid)
             self._signal_group(process, signal.SIGKILL)
         self._retired.clear()
         groups = {name: self.process_groups(process.pid) for name, process in self.processes.items()}
+        for process in self.processes.values():
+            self._remember(process.pid)
         for name, process in self.processes.items():
             self._signal_groups(groups[name], signal.SIGCONT)  # a frozen (SIGSTOPped) process cannot exit
             if process.poll() is None:
@@ -294,5 +320,6 @@ class LocalSwarm:
                 process.wait(timeout=5)
             self._signal_groups(groups[name], signal.SIGKILL)  # helpers left behind by a killed process
         self.processes.clear()
+        self._forget_shm()
         if self._identity_dir is not None:
             shutil.rmtree(self._identity_dir, ignore_errors=True)

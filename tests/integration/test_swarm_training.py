@@ -145,6 +145,7 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
             if report.step == 2:
                 calls = {n: report.answered_by.get(swarm.peer_ids[n], 0) for n in ("b", "c")}
                 victim["name"] = max(calls, key=calls.get)
+                victim["pid"] = swarm.processes[victim["name"]].pid
                 swarm.kill(victim["name"], sig)
 
         # averaging rounds (up to 4 s here) keep a peer's compute thread busy: the calls' timeouts must be longer
@@ -154,8 +155,11 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
         reports = Trainer(config, on_step=on_step).train()
         log = tmp_path / "logs" / f"{'c' if victim['name'] == 'b' else 'b'}.log"
         wait_for(lambda: "1 peer(s) averaged" in log.read_text(), timeout_s=30, what="the survivor to step alone")
+        victim["shm"] = sorted(Path("/dev/shm").glob(f"torch_{victim['pid']}_*"))
     assert [r.failed_microbatches for r in reports] == [0] * config.steps
     assert all(r.samples == 8 for r in reports)
+    # what the victim's shared tensors left in /dev/shm (a SIGKILLed process never unlinks them) is gone with the swarm
+    assert not any(path.exists() for path in victim["shm"]), victim["shm"]
     assert sum(r.retried_calls for r in reports[3:]) >= 1, "no call reached the dead peer: the test proved nothing"
     first, last = [r.loss for r in reports[:3]], [r.loss for r in reports[-3:]]
     assert sum(last) / 3 < sum(first) / 3 - 0.3
