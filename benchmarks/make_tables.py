@@ -431,6 +431,21 @@ def headline(results: dict[str, dict]) -> str:
         )
 
     add("swarm_sim", sim)
+
+    def btard(r: dict) -> str:
+        cells = [c for c in r["cells"].values() if c["aggregator"] == "BTARD" and c["attack"] != "none"]
+        mean = [
+            c["final_accuracy"] for c in r["cells"].values() if c["aggregator"] == "mean" and c["attack"] != "none"
+        ]
+        banned = [c["all_attackers_banned_by"] for c in cells]
+        return (
+            f"BTARD simulation (16 peers, 7 attacking): BTARD test accuracy {_range([c['final_accuracy'] for c in cells])}"
+            f" across {len(cells)} attacks (the mean: {_range(mean)}), every attacker banned by step "
+            f"{max(banned) if None not in banned else 'never'}, "
+            f"{sum(len(c['honest_banned']) for c in r['cells'].values())} honest peers banned"
+        )
+
+    add("btard_sim", btard)
     return "\n".join(lines) + "\n"
 
 
