@@ -438,8 +438,9 @@ def headline(results: dict[str, dict]) -> str:
             c["final_accuracy"] for c in r["cells"].values() if c["aggregator"] == "mean" and c["attack"] != "none"
         ]
         banned = [c["all_attackers_banned_by"] for c in cells]
+        accuracy = _range([c["final_accuracy"] for c in cells])
         return (
-            f"BTARD simulation (16 peers, 7 attacking): BTARD test accuracy {_range([c['final_accuracy'] for c in cells])}"
+            f"BTARD simulation (16 peers, 7 attacking): BTARD test accuracy {accuracy}"
             f" across {len(cells)} attacks (the mean: {_range(mean)}), every attacker banned by step "
             f"{max(banned) if None not in banned else 'never'}, "
             f"{sum(len(c['honest_banned']) for c in r['cells'].values())} honest peers banned"
