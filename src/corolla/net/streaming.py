@@ -10,7 +10,7 @@ and trainers alike.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 
 import torch
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
@@ -55,15 +55,8 @@ def tensor_response_chunks(tensors: Sequence[torch.Tensor], metadata: dict) -> I
     """``response_chunks(pack_response(tensors, metadata))`` (uncompressed), serialized one tensor at a time as the
     stream is consumed: a large state (a stage's parameters and optimizer moments) is never held serialized whole
     next to itself."""
-    first = MSGPackSerializer.dumps(metadata)
-    for tensor in tensors:
-        serialized = serialize_torch_tensor(tensor, runtime_pb2.CompressionType.NONE)
-        for chunk in split_for_streaming(serialized, STREAM_CHUNK_BYTES):
-            yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=first)
-            first = b""
-        del serialized
-    if first:
-        yield runtime_pb2.ExpertResponse(metadata=first)
+    serialized = (serialize_torch_tensor(t, runtime_pb2.CompressionType.NONE) for t in tensors)
+    return _chunked(serialized, MSGPackSerializer.dumps(metadata))
 
 
 async def streamed_tensors_call(
@@ -103,11 +96,15 @@ async def _one(request):
 
 def response_chunks(response: runtime_pb2.ExpertResponse) -> Iterator[runtime_pb2.ExpertResponse]:
     """A response split into messages under the transport's size limit (its metadata in the first)."""
-    metadata = response.metadata
-    for tensor in response.tensors:
+    return _chunked(response.tensors, response.metadata)
+
+
+def _chunked(tensors: Iterable[runtime_pb2.Tensor], metadata: bytes) -> Iterator[runtime_pb2.ExpertResponse]:
+    for tensor in tensors:
         for chunk in split_for_streaming(tensor, STREAM_CHUNK_BYTES):
             yield runtime_pb2.ExpertResponse(tensors=[chunk], metadata=metadata)
             metadata = b""
+        del tensor  # dropped before a lazy ``tensors`` serializes the next one
     if metadata:  # a response without tensors
         yield runtime_pb2.ExpertResponse(metadata=metadata)
 
