@@ -194,6 +194,9 @@ class TrainerConfig:
     """failed calls of one micro-batch at one stage before the micro-batch is reported as failed"""
     refresh_period_s: float = 2.0
     """seconds between reads of the stage peers' records"""
+    missing_peer_grace_s: float = 30.0
+    """seconds an ONLINE peer stays callable after a read of the records missed it (a DHT read can come back
+    without a record while a node near the key is frozen; a peer that left says so, a dead one fails its calls)"""
     wait_for_peers_s: float = 120.0
     """seconds to wait for every stage to have a peer before giving up"""
     loss_log: str | None = None
@@ -211,6 +214,7 @@ class TrainerConfig:
                 "forward_timeout_s",
                 "backward_timeout_s",
                 "refresh_period_s",
+                "missing_peer_grace_s",
                 "wait_for_peers_s",
             ),
         )

@@ -86,20 +86,31 @@ def training_batches(data: DataConfig, *, tokenizer_folder: str | None = None) -
 
 
 class _Stages:
-    """What the trainer knows of each stage: its wiring and the peers it banned."""
+    """What the trainer knows of each stage: its wiring, the peers it banned, and when each peer was last read ONLINE
+    (a peer that one read missed stays for ``missing_grace_s``; one read as not ONLINE goes at once)."""
 
-    def __init__(self, num_stages: int, seed: int):
+    def __init__(self, num_stages: int, seed: int, missing_grace_s: float = 30.0):
         self.wirings = [StageWiring(WiringConfig(), rng=random.Random(seed * 1000 + s)) for s in range(num_stages)]
         self.banned: dict[tuple[int, str], float] = {}  # (stage, peer id) -> banned until (monotonic)
+        self.missing_grace_s = missing_grace_s
+        # (stage, peer id) -> (last read ONLINE at (monotonic), announced throughput, queued samples)
+        self.seen: dict[tuple[int, str], tuple[float, float | None, int]] = {}
         self.refreshed = asyncio.Event()
 
     def update(self, records: list[dict], now: float, micro_batch_size: int) -> None:
         self.banned = {key: until for key, until in self.banned.items() if until > now}
-        for index, (wiring, stage) in enumerate(zip(self.wirings, records)):
+        for index, stage in enumerate(records):
+            for p, info in stage.items():
+                if info.state == PeerState.ONLINE:
+                    self.seen[(index, str(p))] = (now, info.throughput_sps or None, info.queue_length * micro_batch_size)
+                else:
+                    self.seen.pop((index, str(p)), None)
+        self.seen = {key: value for key, value in self.seen.items() if now - value[0] <= self.missing_grace_s}
+        for index, wiring in enumerate(self.wirings):
             online = {
-                str(p): (info.throughput_sps or None, info.queue_length * micro_batch_size)
-                for p, info in stage.items()
-                if info.state == PeerState.ONLINE and (index, str(p)) not in self.banned
+                peer: (throughput, queued)
+                for (stage, peer), (_, throughput, queued) in self.seen.items()
+                if stage == index and (index, peer) not in self.banned
             }
             if set(online) != set(wiring.peers):
                 logger.info(
@@ -145,7 +156,7 @@ class Trainer:
             ) from e
         try:
             self._transport = P2PTransport(await dht.replicate_p2p())
-            self._stages = _Stages(cfg.run.num_stages, cfg.seed)
+            self._stages = _Stages(cfg.run.num_stages, cfg.seed, cfg.missing_peer_grace_s)
             self._dht = dht
             self._done = asyncio.Event()
             refresher = asyncio.create_task(self._refresh_periodically())
