@@ -102,7 +102,8 @@ class _Stages:
         for index, stage in enumerate(records):
             for p, info in stage.items():
                 if info.state == PeerState.ONLINE:
-                    self.seen[(index, str(p))] = (now, info.throughput_sps or None, info.queue_length * micro_batch_size)
+                    queued = info.queue_length * micro_batch_size
+                    self.seen[(index, str(p))] = (now, info.throughput_sps or None, queued)
                 else:
                     self.seen.pop((index, str(p)), None)
         self.seen = {key: value for key, value in self.seen.items() if now - value[0] <= self.missing_grace_s}
