@@ -100,6 +100,26 @@ class StagePeerInfo(SignedRecord):
         return stage_key(self.experiment, self.stage)
 
 
+def btard_key(run: str) -> str:
+    """The DHT key where the peers of BTARD run ``run`` announce themselves and their message-signing keys."""
+    return f"{_check_name('a run name', run)}.btard"
+
+
+class BtardPeerInfo(SignedRecord):
+    """A BTARD peer: the run it trains in and the Ed25519 key that signs its protocol messages. The record is signed
+    by the peer's libp2p identity (its owner subkey), so the signing key is bound to the peer id that sends."""
+
+    kind: Literal["btard_peer"] = "btard_peer"
+    run: str = Field(min_length=1)
+    signing_key: str = Field(pattern=r"^[0-9a-f]{64}$", description="raw Ed25519 public key, hex")
+    state: PeerState
+    version: str = __version__
+    protocol_version: int = PROTOCOL_VERSION
+
+    def key(self) -> str:
+        return btard_key(self.run)
+
+
 def stage_progress_key(experiment: str, stage: int) -> str:
     """The DHT key where the peers of a stage publish their progress towards the stage's next averaging round."""
     return f"{stage_key(experiment, stage)}.progress"

@@ -148,3 +148,14 @@ STAGE_PEER = RpcContract(
     ),
 )
 """What a SWARM stage peer serves (messages in ``corolla.protocol.stage_messages``)."""
+
+
+BTARD_PEER = RpcContract(
+    role="btard",
+    version=PROTOCOL_VERSION,
+    rpcs=(
+        # one signed protocol message (corolla.secure.envelope, msgpack in serialized_info) -> an empty ack
+        Rpc("deliver", runtime_pb2.ExpertInfo, runtime_pb2.ExpertInfo),
+    ),
+)
+"""What a BTARD peer serves: the mailbox of its protocol messages (``corolla.secure``)."""

@@ -28,18 +28,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call, grad
 
 from corolla.algorithms.accusations import BanState, ProvenLie, apply
 from corolla.algorithms.centered_clip import CenteredClipConfig, centered_clip
 from corolla.algorithms.commit_reveal import combine, make_commitment, seed_to_generator
-from corolla.secure.attacks import AttackConfig, byzantine_gradients, flip_labels
+from corolla.secure.attacks import AttackConfig, byzantine_gradients
+from corolla.secure.digits import DigitsModel, digits_split
 
 __all__ = ["AGGREGATORS", "SimulationConfig", "SimulationResult", "digits_split", "simulate"]
 
 AGGREGATORS = ("mean", "median", "centered_clip", "butterfly_clip", "btard")
-NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -93,65 +91,6 @@ class SimulationResult:
         return max((self.banned_at[p] for p in byzantine), default=0)
 
 
-def digits_split(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits (8x8 images, 1,797 samples) scaled to [0, 1], split 80/20, stratified."""
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - a dev dependency
-        raise ImportError("the BTARD simulation needs scikit-learn: pip install scikit-learn") from e
-    digits = load_digits()
-    x = digits.data.astype(np.float32) / 16.0
-    x_train, x_test, y_train, y_test = train_test_split(
-        x, digits.target, test_size=0.2, stratify=digits.target, random_state=seed
-    )
-    return (torch.from_numpy(x_train), torch.from_numpy(y_train).long(), torch.from_numpy(x_test),
-            torch.from_numpy(y_test).long())  # fmt: skip
-
-
-class _Model:
-    """The MLP as a flat parameter vector, and a peer's gradient on its public batch of a step."""
-
-    def __init__(self, cfg: SimulationConfig, x_train: torch.Tensor, y_train: torch.Tensor):
-        torch.manual_seed(cfg.seed)
-        self.module = torch.nn.Sequential(
-            torch.nn.Linear(x_train.shape[1], cfg.hidden), torch.nn.ReLU(), torch.nn.Linear(cfg.hidden, NUM_CLASSES)
-        )
-        self.names = [n for n, _ in self.module.named_parameters()]
-        self.shapes = [p.shape for _, p in self.module.named_parameters()]
-        self.flat = torch.cat([p.detach().flatten() for p in self.module.parameters()])
-        self.x, self.y, self.batch_size = x_train, y_train, cfg.batch_size
-        self._grad = grad(self._loss)
-
-    def params(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
-            size = int(np.prod(shape))
-            out[name] = flat[offset : offset + size].view(shape)
-            offset += size
-        return out
-
-    def _loss(self, params: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(functional_call(self.module, params, (x,)), y)
-
-    def batch(self, step: int, peer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng(1_000_003 * step + peer)
-        index = torch.from_numpy(rng.choice(len(self.x), size=self.batch_size, replace=False))
-        return self.x[index], self.y[index]
-
-    def gradient(self, step: int, peer: int, *, wrong_labels: bool = False) -> torch.Tensor:
-        x, y = self.batch(step, peer)
-        if wrong_labels:
-            y = flip_labels(y, NUM_CLASSES)
-        grads = self._grad(self.params(self.flat), x, y)
-        return torch.cat([grads[name].flatten() for name in self.names])
-
-    def accuracy(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        with torch.no_grad():
-            logits = functional_call(self.module, self.params(self.flat), (x,))
-        return float((logits.argmax(dim=1) == y).float().mean())
-
-
 def _butterfly_clip(gradients: torch.Tensor, clip: CenteredClipConfig) -> torch.Tensor:
     parts = torch.tensor_split(gradients, gradients.shape[0], dim=1)
     return torch.cat([centered_clip(part, config=clip).value for part in parts])
@@ -183,7 +122,7 @@ def simulate(cfg: SimulationConfig, *, progress=None) -> SimulationResult:
     after every step (e.g. a progress bar's update)."""
     started = time.perf_counter()
     x_train, y_train, x_test, y_test = digits_split(cfg.seed)
-    model = _Model(cfg, x_train, y_train)
+    model = DigitsModel(x_train, y_train, hidden=cfg.hidden, batch_size=cfg.batch_size, seed=cfg.seed)
     clip = CenteredClipConfig(tau=cfg.tau, max_iters=cfg.clip_iters, tol=cfg.clip_tol)
     byzantine = set(range(cfg.peers - cfg.byzantine, cfg.peers))
     state = BanState.start([str(p) for p in range(cfg.peers)])

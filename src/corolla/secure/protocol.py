@@ -1,0 +1,636 @@
+"""One BTARD-SGD step between peers: verified butterfly CenteredClip with commitments, checks, validators and bans.
+
+``BtardProtocol.step(step)`` runs, for the active group G (sorted peer ids, n peers, peer i aggregates part i):
+
+1. **commit**: the peer computes its gradient on the public batch of (step, peer), cuts it into n parts and
+   broadcasts the parts' SHA-256 hashes, its commitment for this step's random seed and a digest of its ban state;
+2. **part**: it sends part j to peer j; aggregator j checks every part against its sender's commitment;
+3. **aggregate**: aggregator j runs CenteredClip (float64, tolerance ``clip_tol``) over the n parts of partition j
+   and broadcasts the result;
+4. **reveal**: once every aggregate is in, the peers reveal their seed values; the seed (commit–reveal) fixes the
+   random directions z[j] and the validators;
+5. **check**: every peer broadcasts its projections (s, ν) for each partition (``algorithms.clip_verification``);
+   aggregator j recomputes them from the parts it holds and accuses a peer that misreports; everyone checks that
+   each partition's projections sum to ~0 and accuses an aggregator whose sum does not; each validator recomputes
+   its target's gradient from the public data and accuses it if it differs from the commitment (or if its reports
+   differ from what its true parts give);
+6. **accuse**: every peer broadcasts its accusations (with the signed messages that prove them), the peers it got
+   nothing from, and the signed digests of every commitment, aggregate, reveal and check it received (an echo:
+   two different signed digests for one message prove equivocation).
+
+Every peer then judges every accusation itself (``judge``) and applies the verdicts in a canonical order
+(``algorithms.accusations``): a proven liar is banned, a false accuser is banned, a silent peer is eliminated with
+the peer that reported it. Bans take effect from the next step. The step's update is the concatenated aggregates,
+unless the step is void: a message was missing, a part, aggregate, reveal or report was proven false, or the seed
+could not be drawn. A lie caught only by a validator (a poisoned gradient) does not void the step: CenteredClip
+already bounded what the lie could do. Every wait has a deadline (``phase_timeout_s``).
+
+Transport and task are injected (``send``, ``task``): the same code runs in one process over an in-memory
+transport (unit tests) and between processes over hivemind's libp2p (``secure.btard_peer``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import msgpack
+import numpy as np
+import torch
+
+from corolla.algorithms.accusations import BanState, MissingMessage, ProvenLie, apply
+from corolla.algorithms.centered_clip import CenteredClipConfig, centered_clip
+from corolla.algorithms.clip_verification import (
+    Projection,
+    check_aggregate,
+    check_projection,
+    default_tolerance,
+    peer_projection,
+    random_direction,
+)
+from corolla.algorithms.commit_reveal import combine, make_commitment, seed_to_generator, seed_to_int, verify_reveal
+from corolla.secure.attacks import byzantine_gradients
+from corolla.secure.behaviour import Behaviour
+from corolla.secure.envelope import Envelope, ForgedMessage, SignedDigest, Signer, open_envelope
+from corolla.secure.mailbox import Mailbox
+
+__all__ = ["BtardProtocol", "ProtocolConfig", "StepOutcome", "Task", "Verdict", "state_digest"]
+
+logger = logging.getLogger(__name__)
+
+VOIDING_CLAIMS = frozenset({"part_mismatch", "wrong_aggregate", "reveal", "misreport", "equivocation"})
+ECHOED_KINDS = ("commit", "aggregate", "reveal", "check")
+
+
+class Task(Protocol):
+    """What is trained: a flat parameter vector and every peer's gradient on its public batch."""
+
+    params: torch.Tensor
+
+    def gradient(self, step: int, peer: str, *, wrong_labels: bool = False) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    run: str
+    tau: float = 1.0
+    clip_iters: int = 500
+    clip_tol: float = 1e-9
+    validators: int = 1
+    phase_timeout_s: float = 10.0
+    send_timeout_s: float = 5.0
+
+    def __post_init__(self):
+        if not (self.tau > 0 and self.clip_iters >= 1 and self.clip_tol >= 0 and self.validators >= 0):
+            raise ValueError("need tau > 0, clip_iters >= 1, clip_tol >= 0 and validators >= 0")
+        if not (self.phase_timeout_s > 0 and self.send_timeout_s > 0):
+            raise ValueError("phase_timeout_s and send_timeout_s must be positive")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accuser: str
+    accused: str
+    claim: str
+    result: str  # "valid" (the accused lied), "false" (the accuser lied) or "moot" (explained by another lie)
+    detail: str = ""
+
+
+@dataclass
+class StepOutcome:
+    step: int
+    group: tuple[str, ...]
+    update: torch.Tensor | None  # None: the step is void
+    state: BanState
+    verdicts: list[Verdict] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)  # (reporter, silent)
+    void_reason: str | None = None
+    diverged_from: list[str] = field(default_factory=list)  # peers whose ban state differed from ours
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase
+
+
+def state_digest(state: BanState) -> bytes:
+    return hashlib.sha256(msgpack.packb(sorted(state.active))).digest()
+
+
+def _hash(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def _f32(t: torch.Tensor) -> bytes:
+    return t.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def _from_bytes(data: bytes, dtype: np.dtype) -> torch.Tensor:
+    if len(data) % np.dtype(dtype).itemsize:
+        raise ValueError(f"{len(data)} bytes are not a whole number of {np.dtype(dtype).name} values")
+    return torch.from_numpy(np.frombuffer(data, dtype=dtype).copy())
+
+
+def _direction(seed: bytes, partition: int, dim: int) -> torch.Tensor:
+    return random_direction(dim, seed_to_int(_hash(seed + partition.to_bytes(4, "big")), 63))
+
+
+class _Step:
+    """Everything one peer saw and did in one step (bodies decoded once)."""
+
+    def __init__(self, step: int, group: tuple[str, ...]):
+        self.step, self.group = step, group
+        self.index = {p: i for i, p in enumerate(group)}
+        self.envelopes: dict[tuple[str, str], Envelope] = {}  # (kind, sender) -> what we act on
+        self.bodies: dict[tuple[str, str], dict] = {}
+        self.parts_in: dict[str, Envelope] = {}  # the parts sent to us, by sender
+        self.missing: dict[str, str] = {}  # silent peer -> the first kind we missed from it
+        self.accusations: list[dict] = []
+        self.seed: bytes | None = None
+        self.aggregates: dict[str, torch.Tensor] = {}
+        self.good_parts: dict[str, torch.Tensor] = {}  # the parts sent to us that match their commitments
+
+    def body(self, kind: str, sender: str) -> dict | None:
+        return self.bodies.get((kind, sender))
+
+
+class BtardProtocol:
+    def __init__(
+        self,
+        *,
+        me: str,
+        signer: Signer,
+        keys: Mapping[str, bytes],
+        config: ProtocolConfig,
+        task: Task,
+        send: Callable[[str, Envelope], Awaitable[None]],
+        mailbox: Mailbox,
+        behaviour: Behaviour | None = None,
+        rng: Callable[[int], bytes] = os.urandom,
+    ):
+        self.me, self.signer, self.keys, self.config = me, signer, dict(keys), config
+        self.task, self.send, self.mailbox = task, send, mailbox
+        self.behaviour = behaviour or Behaviour()
+        self.rng = rng
+        self.state = BanState.start(self.keys)
+        self.clip = CenteredClipConfig(tau=config.tau, max_iters=config.clip_iters, tol=config.clip_tol)
+        self._history: list[torch.Tensor] = []  # own honest gradients (the delayed attack)
+        self.refused = 0  # messages refused on receipt (forged, malformed, foreign)
+
+    # ---- messaging ---------------------------------------------------------------------------------------
+    def _seal(self, kind: str, step: int, body: dict, slot: int = 0, sender: str | None = None) -> Envelope:
+        return self.signer.seal(run=self.config.run, sender=sender or self.me, kind=kind, step=step, slot=slot,
+                                body=body)  # fmt: skip
+
+    async def _send(self, peer: str, envelope: Envelope) -> None:
+        try:
+            await asyncio.wait_for(self.send(peer, envelope), self.config.send_timeout_s)
+        except Exception as e:  # the receiver reports what it did not get; we only log
+            logger.debug("Could not send %s of step %d to %s: %s", envelope.header.kind, envelope.header.step,
+                         peer[-8:], e)  # fmt: skip
+
+    async def _broadcast(self, s: _Step, kind: str, body: dict, slot: int = 0) -> Envelope:
+        envelope = self._seal(kind, s.step, body, slot)
+        await self.mailbox.put(envelope)
+        if not self._silent(s.step, kind):
+            await asyncio.gather(*(self._send(p, envelope) for p in s.group if p != self.me))
+        return envelope
+
+    def _silent(self, step: int, kind: str) -> bool:
+        return self.behaviour.does("silent", step) and kind != "commit"
+
+    async def _collect(self, s: _Step, kind: str, slots: Mapping[str, int]) -> dict[str, Envelope]:
+        """The step's messages of ``kind`` (each sender at its slot), waiting up to the phase timeout; a sender
+        that sent none is recorded as missing (and not waited for again in this step)."""
+        waiting = {p: slot for p, slot in slots.items() if p not in s.missing}
+        deadline = time.monotonic() + self.config.phase_timeout_s
+        got = await self.mailbox.collect(s.step, kind, waiting, deadline=deadline)
+        for p in slots:
+            if p not in got:
+                s.missing.setdefault(p, kind)
+        for p, envelope in got.items():
+            s.bodies[(kind, p)] = envelope.decode()  # its signature was checked when it arrived
+            if kind == "part":
+                s.parts_in[p] = envelope
+            else:
+                s.envelopes[(kind, p)] = envelope
+        return got
+
+    async def receive(self, data: bytes) -> None:
+        """A message from the network: refused (ValueError saying why) unless it is well-formed, for this run, from
+        a peer of the run, signed by that peer and for a step near ours; else stored for the step that needs it."""
+        try:
+            envelope = Envelope.from_wire(data)
+            h = envelope.header
+            if h.run != self.config.run:
+                raise ValueError(f"the message is for run {h.run!r}, not {self.config.run!r}")
+            if h.sender not in self.keys:
+                raise ValueError(f"{h.sender} is not a peer of run {self.config.run!r}")
+            open_envelope(envelope, self.keys[h.sender])
+            self.mailbox.check_step(h.step)
+        except ValueError as e:
+            self.refused += 1
+            logger.warning("Refused a message: %s", e)
+            raise
+        await self.mailbox.put(envelope)
+
+    def _accuse(self, s: _Step, accused: str, claim: str, evidence: list[Envelope], **extra) -> None:
+        logger.info("Step %d: accusing %s (%s)", s.step, accused[-8:], claim)
+        s.accusations.append({"accused": accused, "claim": claim, "evidence": [e.to_list() for e in evidence],
+                              **extra})  # fmt: skip
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    async def step(self, step: int) -> StepOutcome:
+        group = tuple(sorted(self.state.active))
+        if self.me not in group:
+            raise RuntimeError(f"{self.me} is no longer active ({self.state.status(self.me)})")
+        self.mailbox.forget_before(step)
+        s = _Step(step, group)
+        n, me_index = len(group), group.index(self.me)
+        times: dict[str, float] = {}
+        started = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal started
+            now = time.perf_counter()
+            times[name] = now - started
+            started = now
+
+        # 1. commit
+        sent = self._gradient_to_send(step, group)
+        parts = [p.clone() for p in torch.tensor_split(sent.to(torch.float32), n)]
+        hashes = [_hash(_f32(p)) for p in parts]
+        round_id = f"{self.config.run}:{step}"
+        value = self.rng(32)
+        commit_body = {
+            "hashes": hashes,
+            "seed_commitment": make_commitment(round_id, self.me, value),
+            "state": state_digest(self.state),
+        }
+        await self._broadcast(s, "commit", commit_body)
+        if self.behaviour.starts("forge", step):
+            await self._forge(s, commit_body)
+        commits = await self._collect(s, "commit", {p: 0 for p in group})
+        diverged = [p for p in commits if s.body("commit", p)["state"] != commit_body["state"]]
+        lap("commit")
+
+        # 2. parts
+        if not self._silent(step, "part"):
+            sends = []
+            for j, peer in enumerate(group):
+                part = parts[j]
+                if self.behaviour.does("bad_part", step) and peer != self.me:
+                    part = part + 1.0
+                envelope = self._seal("part", step, {"data": _f32(part)}, slot=j)
+                if peer == self.me:
+                    await self.mailbox.put(envelope)
+                else:
+                    sends.append(self._send(peer, envelope))
+            await asyncio.gather(*sends)
+        received = await self._collect(s, "part", {p: me_index for p in group})
+        good: dict[str, torch.Tensor] = {}
+        for p, envelope in received.items():
+            commit = s.body("commit", p)
+            if commit is None:
+                continue
+            data = s.body("part", p)["data"]
+            if not isinstance(data, bytes) or _hash(data) != commit["hashes"][me_index]:
+                self._accuse(s, p, "part_mismatch", [s.envelopes[("commit", p)], envelope])
+                continue
+            good[p] = _from_bytes(data, np.float32)
+        s.good_parts = {p: t for p, t in good.items() if p != self.me}
+        lap("part")
+
+        # 3. aggregate
+        # always sent (a missing part voids the step anyway; not sending would get this peer eliminated)
+        good.setdefault(self.me, parts[me_index])
+        stacked = torch.stack([good[p] for p in group if p in good]).to(torch.float64)
+        own_aggregate = centered_clip(stacked, config=self.clip).value
+        if self.behaviour.does("wrong_aggregate", step):
+            own_aggregate = own_aggregate + 0.01 * own_aggregate.norm() / own_aggregate.numel() ** 0.5
+        await self._broadcast(s, "aggregate", {"data": own_aggregate.numpy().tobytes()}, slot=me_index)
+        aggregates = await self._collect(s, "aggregate", {p: i for i, p in enumerate(group)})
+        for p in aggregates:
+            data = s.body("aggregate", p)["data"]
+            try:
+                tensor = _from_bytes(data, np.float64)
+                if tensor.numel() != parts[s.index[p]].numel():
+                    raise ValueError(f"{tensor.numel()} values for a partition of {parts[s.index[p]].numel()}")
+            except (ValueError, TypeError) as e:
+                self._accuse(s, p, "malformed", [s.envelopes[("aggregate", p)]], detail=str(e))
+                continue
+            s.aggregates[p] = tensor
+        lap("aggregate")
+
+        # 4. reveal
+        reveal = self.rng(32) if self.behaviour.does("changed_reveal", step) else value
+        await self._broadcast(s, "reveal", {"value": reveal})
+        reveals = await self._collect(s, "reveal", {p: 0 for p in group})
+        commitments = {p: s.body("commit", p)["seed_commitment"] for p in commits}
+        values = {p: s.body("reveal", p)["value"] for p in reveals if p in commitments}
+        drawn = combine(round_id, values, commitments) if commitments else None
+        if drawn is not None:
+            for p in sorted(drawn.cheaters):
+                self._accuse(s, p, "reveal", [s.envelopes[("commit", p)], s.envelopes[("reveal", p)]])
+            s.seed = drawn.seed
+        lap("reveal")
+
+        # 5. check (an empty report when there is nothing to check: the step is void, but we are not silent)
+        directions = None
+        if s.seed is None or len(s.aggregates) < n:
+            await self._broadcast(s, "check", {"s": [], "nu": []})
+            await self._collect(s, "check", {p: 0 for p in group})
+        else:
+            directions = [_direction(s.seed, j, parts[j].numel()) for j in range(n)]
+            projections = [
+                peer_projection(parts[j], s.aggregates[group[j]], directions[j], self.config.tau) for j in range(n)
+            ]
+            body = {"s": [p.s for p in projections], "nu": [p.norm for p in projections]}
+            if self.behaviour.does("equivocate", step):
+                await self._equivocate(s, body)
+            else:
+                await self._broadcast(s, "check", body)
+            checks = await self._collect(s, "check", {p: 0 for p in group})
+            self._check_reports(s, checks, directions, me_index)
+            self._check_aggregates(s, checks)
+            self._validate(s, directions)
+        lap("check")
+
+        # 6. accuse
+        if self.behaviour.starts("false_accusation", step):
+            victim = next((p for p in group if p != self.me and ("commit", p) in s.envelopes), None)
+            if victim is not None:
+                self._accuse(s, victim, "gradient", [s.envelopes[("commit", victim)]])
+        echo = [e.proof.to_list() for (kind, _), e in sorted(s.envelopes.items()) if kind in ECHOED_KINDS]
+        echo += [b.proof.to_list() for a, b in self.mailbox.conflicts if a.header.step == step]
+        missing = sorted(s.missing)
+        await self._broadcast(s, "accuse", {"accusations": s.accusations, "missing": missing, "echo": echo})
+        accuse = await self._collect(s, "accuse", {p: 0 for p in group})
+        lap("accuse")
+
+        outcome = self._resolve(s, accuse, directions)
+        outcome.diverged_from = diverged
+        outcome.seconds = times
+        return outcome
+
+    # ---- what to send ------------------------------------------------------------------------------------
+    def _gradient_to_send(self, step: int, group: tuple[str, ...]) -> torch.Tensor:
+        attack = self.behaviour.gradient
+        own = self.task.gradient(step, self.me, wrong_labels=attack.flips_labels(step))
+        honest_own = own if not attack.flips_labels(step) else self.task.gradient(step, self.me)
+        self._history = [*self._history[-attack.delay_steps :], honest_own]
+        if not attack.active(step) or attack.kind == "label_flip":
+            return own
+        # the attackers know the public data: they compute the others' gradients of the step themselves
+        others = [p for p in group if p != self.me]
+        honest = torch.stack([self.task.gradient(step, p) for p in others]) if others else own[None, :0]
+        stale = self._history[0][None] if len(self._history) > attack.delay_steps else None
+        bad = byzantine_gradients(attack, step, own=own[None], honest=honest, stale=stale)[0]
+        big = torch.finfo(torch.float32).max
+        return torch.nan_to_num(bad.to(torch.float32), nan=0.0, posinf=big, neginf=-big)
+
+    async def _forge(self, s: _Step, body: dict) -> None:
+        victim = next(p for p in s.group if p != self.me)
+        forged = self._seal("commit", s.step, {**body, "state": b"\0" * 32}, sender=victim)
+        logger.info("Step %d: sending a commitment forged under %s's identity", s.step, victim[-8:])
+        await asyncio.gather(*(self._send(p, forged) for p in s.group if p not in (self.me, victim)))
+
+    async def _equivocate(self, s: _Step, body: dict) -> None:
+        honest = self._seal("check", s.step, body)
+        lie = self._seal("check", s.step, {**body, "s": [x + 1.0 for x in body["s"]]})
+        await self.mailbox.put(honest)
+        others = [p for p in s.group if p != self.me]
+        await asyncio.gather(*(self._send(p, honest if i % 2 else lie) for i, p in enumerate(others)))
+
+    # ---- checks ------------------------------------------------------------------------------------------
+    def _check_reports(self, s: _Step, checks, directions, me_index: int) -> None:
+        """As aggregator: every peer's report on our partition must match what its part gives."""
+        my_aggregate = s.aggregates.get(self.me)
+        for p in checks:
+            if p not in s.good_parts:
+                continue  # ourselves, or a part that did not match its commitment (accused already)
+            claimed = _report(s.body("check", p), me_index)
+            part = s.good_parts[p]
+            if claimed is None or not check_projection(part, my_aggregate, directions[me_index], self.config.tau,
+                                                       claimed):  # fmt: skip
+                self._accuse(
+                    s, p, "misreport",
+                    [s.envelopes[("check", p)], s.envelopes[("commit", p)], s.envelopes[("aggregate", self.me)],
+                     s.parts_in[p]],
+                    partition=me_index,
+                )  # fmt: skip
+
+    def _check_aggregates(self, s: _Step, checks) -> None:
+        reports = [s.body("check", p) for p in s.group]
+        if len(checks) != len(s.group) or any(not r or not r.get("s") for r in reports):
+            return  # someone is missing or had nothing to check: the step is void anyway
+        for j, aggregator in enumerate(s.group):
+            if aggregator == self.me:
+                continue
+            ok, _ = _partition_check(s, j, self.config)
+            if not ok:
+                evidence = [s.envelopes[("aggregate", aggregator)]] + [s.envelopes[("check", p)] for p in s.group]
+                self._accuse(s, aggregator, "wrong_aggregate", evidence, partition=j)
+
+    def _validate(self, s: _Step, directions) -> None:
+        """The seed's validators recompute their target's gradient; ours if we are one."""
+        generator = seed_to_generator(s.seed)
+        n = len(s.group)
+        for _ in range(self.config.validators):
+            v = int(generator.integers(n))
+            t = int(generator.integers(n - 1))
+            validator, target = s.group[v], s.group[t + (t >= v)]
+            if validator != self.me or ("commit", target) not in s.envelopes:
+                continue
+            parts = torch.tensor_split(self.task.gradient(s.step, target).to(torch.float32), n)
+            if [_hash(_f32(p)) for p in parts] != s.body("commit", target)["hashes"]:
+                self._accuse(s, target, "gradient", [s.envelopes[("commit", target)]])
+                continue
+            report = s.body("check", target)
+            for j, aggregator in enumerate(s.group):
+                claimed = _report(report, j) if report is not None else None
+                if report is not None and (claimed is None or not check_projection(
+                    parts[j], s.aggregates[aggregator], directions[j], self.config.tau, claimed)):  # fmt: skip
+                    self._accuse(
+                        s, target, "misreport",
+                        [s.envelopes[("check", target)], s.envelopes[("commit", target)],
+                         s.envelopes[("aggregate", aggregator)]],
+                        partition=j,
+                    )  # fmt: skip
+                    break
+
+    # ---- judging -----------------------------------------------------------------------------------------
+    def _resolve(self, s: _Step, accuse: dict[str, Envelope], directions) -> StepOutcome:
+        verdicts: list[Verdict] = []
+        for accuser in sorted(accuse):
+            for accusation in s.body("accuse", accuser).get("accusations", []) or []:
+                verdicts.append(self.judge(s, accuser, accusation, directions))
+        verdicts += self._equivocations(s, accuse)
+        # a failed partition check may come from a lying report rather than the aggregate: with a proven misreport
+        # in that partition, or a peer that sent different reports to different peers, the accusation is moot
+        missing = []
+        for reporter in sorted(accuse):
+            for silent in s.body("accuse", reporter).get("missing", []) or []:
+                if isinstance(silent, str) and silent in s.index and silent != reporter:
+                    missing.append((reporter, silent))
+        # a partition check can fail because of a lying report, a part left out or a silent peer rather than a
+        # wrong aggregate: in a step with such a proven lie or a missing message, accusing an aggregator is moot
+        other_lies = any(v.result == "valid" and v.claim in ("misreport", "equivocation", "part_mismatch")
+                         for v in verdicts)  # fmt: skip
+        verdicts = [
+            Verdict(v.accuser, v.accused, v.claim, "moot", v.detail)
+            if v.claim == "wrong_aggregate" and v.result == "valid" and (other_lies or missing)
+            else v
+            for v in verdicts
+        ]
+        state = self.state
+        for v in sorted(verdicts, key=lambda v: (v.accused, v.accuser, v.claim)):
+            if v.result == "moot":
+                continue
+            state = apply(state, ProvenLie(v.accuser, v.accused, v.result == "valid", f"{v.claim} at step {s.step}"))
+        for reporter, silent in sorted(missing, key=lambda m: (m[1], m[0])):
+            state = apply(state, MissingMessage(reporter, silent))
+        void = None
+        if missing or len(accuse) < len(s.group):
+            void = "a message was missing"
+        elif any(v.result == "valid" and v.claim in VOIDING_CLAIMS for v in verdicts):
+            void = "a part, aggregate, reveal or report was proven false"
+        elif s.seed is None or len(s.aggregates) < len(s.group):
+            void = "no seed or not every aggregate"
+        update = None if void else torch.cat([s.aggregates[p] for p in s.group]).to(torch.float32)
+        for name in sorted(set(state.banned) - set(self.state.banned)):
+            logger.info("Step %d: banned %s (%s)", s.step, name[-8:], state.banned[name])
+        for name in sorted(state.eliminated - self.state.eliminated):
+            logger.info("Step %d: eliminated %s", s.step, name[-8:])
+        if void:
+            logger.info("Step %d is void: %s", s.step, void)
+        self.state = state
+        return StepOutcome(step=s.step, group=s.group, update=update, state=state, verdicts=verdicts,
+                           missing=missing, void_reason=void)  # fmt: skip
+
+    def judge(self, s: _Step, accuser: str, accusation: object, directions) -> Verdict:
+        """Check one accusation's evidence; every peer reaches the same verdict from the same messages."""
+        if not isinstance(accusation, dict) or not isinstance(accusation.get("accused"), str):
+            return Verdict(accuser, "?", "malformed", "moot", "an accusation that names nobody")
+        accused, claim = accusation["accused"], str(accusation.get("claim"))
+        partition = accusation.get("partition")
+        detail = str(partition) if claim in ("misreport", "wrong_aggregate") else ""
+
+        def verdict(valid: bool | None) -> Verdict:
+            result = "moot" if valid is None else ("valid" if valid else "false")
+            return Verdict(accuser, accused, claim, result, detail)
+
+        if accused not in s.index or accused == accuser:
+            return verdict(None)
+        try:
+            evidence = [Envelope.from_list(e) for e in accusation.get("evidence", [])]
+            bodies = {}
+            for e in evidence:
+                h = e.header
+                if h.run != self.config.run or h.step != s.step or h.sender not in s.index:
+                    return verdict(False)
+                bodies[(h.kind, h.sender, h.slot)] = open_envelope(e, self.keys[h.sender])
+        except (ValueError, ForgedMessage, KeyError):
+            return verdict(False)  # evidence that does not check out is a false accusation
+        n = len(s.group)
+        try:
+            commit = bodies.get(("commit", accused, 0))
+            if claim == "gradient":
+                if commit is None:
+                    return verdict(False)
+                recomputed = torch.tensor_split(self.task.gradient(s.step, accused).to(torch.float32), n)
+                return verdict([_hash(_f32(p)) for p in recomputed] != list(commit["hashes"]))
+            if claim == "part_mismatch":
+                j = s.index[accuser]
+                part = bodies.get(("part", accused, j))
+                if commit is None or part is None:
+                    return verdict(False)
+                return verdict(_hash(part["data"]) != commit["hashes"][j])
+            if claim == "reveal":
+                reveal = bodies.get(("reveal", accused, 0))
+                if commit is None or reveal is None:
+                    return verdict(False)
+                round_id = f"{self.config.run}:{s.step}"
+                return verdict(not verify_reveal(commit["seed_commitment"], round_id, accused, reveal["value"]))
+            if directions is None:
+                return verdict(None)  # without the seed no one can judge the checks
+            j = int(partition)
+            aggregator = s.group[j]
+            aggregate = bodies.get(("aggregate", aggregator, j))
+            if aggregate is None:
+                return verdict(False)
+            value = _from_bytes(aggregate["data"], np.float64)
+            if claim == "misreport":
+                report = bodies.get(("check", accused, 0))
+                if commit is None or report is None:
+                    return verdict(False)
+                sent_part = bodies.get(("part", accused, j))
+                if sent_part is not None and _hash(sent_part["data"]) == commit["hashes"][j]:
+                    part = _from_bytes(sent_part["data"], np.float32)
+                else:
+                    part = torch.tensor_split(self.task.gradient(s.step, accused).to(torch.float32), n)[j]
+                    if _hash(_f32(part)) != commit["hashes"][j]:
+                        return verdict(None)  # a poisoned gradient: its validator accuses it for that
+                claimed = _report(report, j)
+                return verdict(claimed is None or not check_projection(part, value, directions[j], self.config.tau,
+                                                                       claimed))  # fmt: skip
+            if claim == "wrong_aggregate":
+                if aggregator != accused:
+                    return verdict(False)
+                reports = [bodies.get(("check", p, 0)) for p in s.group]
+                if any(r is None for r in reports):
+                    return verdict(False)
+                projections = [_report(r, j) for r in reports]
+                if any(p is None for p in projections):
+                    return verdict(None)  # a malformed report: its sender is at fault
+                tolerance = default_tolerance(value, projections, tau=self.config.tau, tol=self.config.clip_tol)
+                return verdict(not check_aggregate(projections, None, tolerance).passed)
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            logger.debug("Malformed evidence from %s against %s: %s", accuser[-8:], accused[-8:], e)
+            return verdict(False)
+        return verdict(False)  # a claim that does not exist
+
+    def _equivocations(self, s: _Step, accuse: dict[str, Envelope]) -> list[Verdict]:
+        """Two different signed digests from one sender for one message: it told peers different things."""
+        seen: dict[tuple[str, str, int], tuple[bytes, str]] = {}  # (sender, kind, slot) -> (digest, first echoer)
+        verdicts = []
+        for echoer in sorted(accuse):
+            for item in s.body("accuse", echoer).get("echo", []) or []:
+                try:
+                    proof = SignedDigest.from_list(item)
+                except ValueError:
+                    continue
+                h = proof.header
+                if (h.run, h.step) != (self.config.run, s.step) or h.kind not in ECHOED_KINDS:
+                    continue
+                if h.sender not in s.index:
+                    continue
+                key = (h.sender, h.kind, h.slot)
+                if key not in seen:
+                    if proof.verify(self.keys[h.sender]):
+                        seen[key] = (h.digest, echoer)
+                elif seen[key][0] != h.digest and proof.verify(self.keys[h.sender]):
+                    accuser = echoer if echoer != h.sender else seen[key][1]
+                    if accuser != h.sender and not any(v.accused == h.sender for v in verdicts):
+                        verdicts.append(Verdict(accuser, h.sender, "equivocation", "valid", h.kind))
+        return verdicts
+
+
+def _report(body: dict | None, j: int) -> Projection | None:
+    try:
+        s, nu = float(body["s"][j]), float(body["nu"][j])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return Projection(s=s, norm=nu)
+
+
+def _partition_check(s: _Step, j: int, config: ProtocolConfig) -> tuple[bool, float]:
+    aggregate = s.aggregates[s.group[j]]
+    projections = [_report(s.body("check", p), j) for p in s.group]
+    if any(p is None for p in projections):
+        return False, float("nan")
+    tolerance = default_tolerance(aggregate, projections, tau=config.tau, tol=config.clip_tol)
+    result = check_aggregate(projections, None, tolerance)
+    return result.passed, result.weighted_sum

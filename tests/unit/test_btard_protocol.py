@@ -1,0 +1,167 @@
+"""The BTARD step protocol (``secure.protocol``) between peers in one process, over an in-memory transport that
+goes through the same ``receive`` checks as the network: honest steps equal butterfly CenteredClip computed
+locally, and every protocol attack gets its peer banned (or, for silence, eliminated with one reporter) without
+any honest peer banned and with the honest peers' parameters identical."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+import torch
+
+from corolla.algorithms.centered_clip import CenteredClipConfig, centered_clip
+from corolla.secure.behaviour import Behaviour
+from corolla.secure.digits import DigitsModel, DigitsTask, digits_split
+from corolla.secure.envelope import Envelope, Signer
+from corolla.secure.mailbox import Mailbox
+from corolla.secure.protocol import BtardProtocol, ProtocolConfig
+
+LR = 0.1
+_DATA = digits_split(0)
+
+
+def make_peers(behaviours: list[str], *, validators: int = 1, seed: int = 0, timeout_s: float = 1.0):
+    names = [f"peer{i}" for i in range(len(behaviours))]
+    signers = {n: Signer() for n in names}
+    keys = {n: s.public_key for n, s in signers.items()}
+    peers: dict[str, BtardProtocol] = {}
+    for i, (name, spec) in enumerate(zip(names, behaviours)):
+
+        async def send(peer: str, envelope: Envelope) -> None:
+            await peers[peer].receive(envelope.to_wire())
+
+        task = DigitsTask(DigitsModel(_DATA[0], _DATA[1], hidden=16, batch_size=16, seed=0))
+        peers[name] = BtardProtocol(
+            me=name,
+            signer=signers[name],
+            keys=keys,
+            config=ProtocolConfig(run="test", validators=validators, phase_timeout_s=timeout_s),
+            task=task,
+            send=send,
+            mailbox=Mailbox(),
+            behaviour=Behaviour.parse(spec),
+            rng=random.Random(seed * 100 + i).randbytes,
+        )
+    return peers
+
+
+async def run_steps(peers: dict[str, BtardProtocol], steps: int) -> list[dict]:
+    """Each step: every active peer runs it; updates applied with plain SGD. Returns per step {peer: outcome}."""
+    history = []
+    for step in range(steps):
+        alive = [n for n, p in peers.items() if n in p.state.active]
+        outcomes = await asyncio.gather(*(peers[n].step(step) for n in alive))
+        for name, outcome in zip(alive, outcomes):
+            if outcome.update is not None:
+                peers[name].task.model.flat = peers[name].task.model.flat - LR * outcome.update
+        history.append(dict(zip(alive, outcomes)))
+    return history
+
+
+def test_honest_steps_equal_butterfly_centered_clip_computed_locally():
+    peers = make_peers(["none"] * 4)
+    local = DigitsModel(_DATA[0], _DATA[1], hidden=16, batch_size=16, seed=0)
+    clip = CenteredClipConfig(tau=1.0, max_iters=500, tol=1e-9)
+    history = asyncio.run(run_steps(peers, 3))
+    for step, outcomes in enumerate(history):
+        group = sorted(peers)
+        grads = torch.stack([DigitsTask(local).gradient(step, p) for p in group]).to(torch.float32)
+        parts = torch.tensor_split(grads, len(group), dim=1)
+        expected = torch.cat([centered_clip(part.to(torch.float64), config=clip).value for part in parts])
+        for outcome in outcomes.values():
+            assert outcome.void_reason is None and not outcome.verdicts and not outcome.missing
+            assert torch.equal(outcome.update, expected.to(torch.float32))
+        local.flat = local.flat - LR * expected.to(torch.float32)
+    for peer in peers.values():
+        assert torch.equal(peer.task.params, local.flat)
+
+
+@pytest.mark.parametrize(
+    "attack",
+    ["wrong_aggregate@1", "bad_part@1", "false_accusation@1", "changed_reveal@1", "equivocate@1"],
+)
+def test_a_protocol_lie_gets_its_peer_banned_and_no_one_else(attack):
+    peers = make_peers(["none"] * 4 + [attack])
+    history = asyncio.run(run_steps(peers, 3))
+    for name in list(peers)[:4]:
+        state = peers[name].state
+        assert set(state.banned) == {"peer4"}, (attack, dict(state.banned))
+        assert not state.eliminated
+        assert "peer4" not in history[2]  # banned from the next step on
+    honest = [peers[n].task.params for n in list(peers)[:4]]
+    assert all(torch.equal(honest[0], p) for p in honest)
+    lie_steps = [o["peer0"] for o in history[1:2]]
+    if attack != "false_accusation@1":  # a false accusation changes no value: its step counts
+        assert lie_steps[0].update is None, "a step with a proven false part, aggregate, reveal or report is void"
+
+
+def test_a_peer_that_goes_silent_mid_step_is_eliminated_with_one_reporter():
+    peers = make_peers(["none"] * 4 + ["silent@1"], timeout_s=0.5)
+    history = asyncio.run(run_steps(peers, 3))
+    states = [peers[n].state for n in list(peers)[:4] if n in peers[n].state.active]
+    assert len(states) == 3  # one honest reporter left with the silent peer
+    for state in states:
+        assert not state.banned and "peer4" in state.eliminated and len(state.eliminated) == 2
+    assert history[1]["peer1"].void_reason == "a message was missing"
+    assert history[2]["peer1"].void_reason is None and len(history[2]) == 3
+
+
+def test_a_forged_message_is_refused_and_changes_nothing():
+    peers = make_peers(["none"] * 4 + ["forge@1"])
+    history = asyncio.run(run_steps(peers, 2))
+    assert sum(p.refused for p in peers.values()) == 3  # everyone but the forger and the impersonated peer
+    for outcome in history[1].values():
+        assert outcome.void_reason is None and not outcome.state.banned
+
+
+def test_validators_ban_a_poisoned_gradient_and_clipping_bounds_it_meanwhile():
+    peers = make_peers(["none"] * 4 + ["sign_flip@0"], validators=4)
+    history = asyncio.run(run_steps(peers, 4))
+    banned_at = next(step for step, outcomes in enumerate(history) if outcomes["peer0"].state.banned)
+    assert banned_at <= 2 and set(peers["peer0"].state.banned) == {"peer4"}
+    assert all(o.update is not None for o in history[banned_at].values())  # a validator's catch voids nothing
+
+
+@pytest.mark.parametrize(
+    "mutate, reason",
+    [
+        (lambda wire, peers: b"\x93garbage", "not msgpack|an envelope|a header"),
+        (lambda wire, peers: Signer().seal(run="test", sender="peer1", kind="commit", step=0, body={}).to_wire(),
+         "not signed by peer1"),
+        (lambda wire, peers: Signer().seal(run="other", sender="peer1", kind="commit", step=0, body={}).to_wire(),
+         "for run 'other'"),
+        (lambda wire, peers: Signer().seal(run="test", sender="mallory", kind="commit", step=0, body={}).to_wire(),
+         "not a peer of run"),
+    ],
+    ids=["garbage", "forged", "other-run", "stranger"],
+)  # fmt: skip
+def test_receive_refuses_bad_messages_with_a_reason(mutate, reason):
+    peers = make_peers(["none"] * 3)
+    envelope = peers["peer1"].signer.seal(run="test", sender="peer1", kind="commit", step=0, body={"x": 1})
+    with pytest.raises(ValueError, match=reason):
+        asyncio.run(peers["peer0"].receive(mutate(envelope.to_wire(), peers)))
+    assert peers["peer0"].refused == 1
+    asyncio.run(peers["peer0"].receive(envelope.to_wire()))  # a good message still gets in
+    assert peers["peer0"].mailbox.get(0, "commit", "peer1") == envelope
+
+
+def test_receive_refuses_a_step_far_ahead():
+    peers = make_peers(["none"] * 3)
+    envelope = peers["peer1"].signer.seal(run="test", sender="peer1", kind="commit", step=50, body={})
+    with pytest.raises(ValueError, match="outside"):
+        asyncio.run(peers["peer0"].receive(envelope.to_wire()))
+
+
+def test_behaviour_flags_parse_and_refuse_mistakes():
+    behaviour = Behaviour.parse("sign_flip@20,wrong_aggregate@40,silent")
+    assert behaviour.gradient.kind == "sign_flip" and behaviour.gradient.start_step == 20
+    assert behaviour.does("wrong_aggregate", 40) and not behaviour.does("wrong_aggregate", 39)
+    assert behaviour.does("silent", 0) and Behaviour.parse("none").honest
+    with pytest.raises(ValueError, match="unknown attack"):
+        Behaviour.parse("teleport@3")
+    with pytest.raises(ValueError, match="at most one gradient attack"):
+        Behaviour.parse("sign_flip,ipm")
+    with pytest.raises(ValueError, match="must be an integer"):
+        Behaviour.parse("ipm@soon")
