@@ -22,9 +22,11 @@ from corolla.net.records import fetch_records, fetch_records_async, parse_record
 from corolla.protocol import server_info
 from corolla.protocol.records import (
     MODEL_REGISTRY_KEY,
+    BtardPeerInfo,
     ModelRegistryEntry,
     StagePeerInfo,
     StageProgress,
+    btard_key,
     stage_key,
     stage_progress_key,
 )
@@ -188,3 +190,18 @@ def fetch_models(
     """Every model announced in the registry, by name, with the peers that announce it (sorted by peer id)."""
     found = fetch_records(dht, [MODEL_REGISTRY_KEY], ModelRegistryEntry, latest=latest, timeout_s=timeout_s)
     return group_models(found[MODEL_REGISTRY_KEY])
+
+
+# --- BTARD peers ---
+
+
+def declare_btard_peer(dht: DHT, info: BtardPeerInfo, *, owner: bytes, expiration_s: float) -> MPFuture[bool]:
+    """Store a BTARD peer's ``info`` (its message-signing key) under its run's key, signed by the peer."""
+    return store_record(dht, [info.key()], info, owner=owner, expiration_s=expiration_s)
+
+
+async def fetch_btard_peers_async(dht: DHT, *, run: str, timeout_s: float = 10.0) -> dict[PeerID, BtardPeerInfo]:
+    """The BTARD peers announced under ``run``'s key, by peer id (records about another run are skipped)."""
+    key = btard_key(run)
+    found = await fetch_records_async(dht, [key], BtardPeerInfo, timeout_s=timeout_s)
+    return {p: info for p, info in found[key].items() if info.run == run}

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -55,6 +54,7 @@ from corolla.algorithms.clip_verification import (
     random_direction,
 )
 from corolla.algorithms.commit_reveal import combine, make_commitment, seed_to_generator, seed_to_int, verify_reveal
+from corolla.log import get_logger
 from corolla.secure.attacks import byzantine_gradients
 from corolla.secure.behaviour import Behaviour
 from corolla.secure.envelope import Envelope, ForgedMessage, SignedDigest, Signer, open_envelope
@@ -62,7 +62,7 @@ from corolla.secure.mailbox import Mailbox
 
 __all__ = ["BtardProtocol", "ProtocolConfig", "StepOutcome", "Task", "Verdict", "state_digest"]
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 VOIDING_CLAIMS = frozenset({"part_mismatch", "wrong_aggregate", "reveal", "misreport", "equivocation"})
 ECHOED_KINDS = ("commit", "aggregate", "reveal", "check")

@@ -1,0 +1,196 @@
+"""``corolla btard``: one peer of a BTARD-SGD run between processes, over hivemind's DHT and libp2p.
+
+The peer starts its DHT node, serves the BTARD mailbox RPC (``protocol.rpc.BTARD_PEER``), and announces a record
+with its Ed25519 message key under the run's DHT key (signed by its libp2p identity, so the key is bound to its
+peer id). Once ``--peers`` peers have announced themselves, the group is the sorted list of their peer ids, and
+every peer runs ``secure.protocol.BtardProtocol`` steps with SGD with momentum on the step's verified update. Messages
+that arrive before the protocol starts are kept and handed to it. A peer that is banned or eliminated stops.
+At the end an honest peer measures its test accuracy; the summary goes to the log and to ``--result``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from hivemind.proto import runtime_pb2
+
+from corolla.log import get_logger
+from corolla.net.announcer import Announcer
+from corolla.net.dht_records import declare_btard_peer, fetch_btard_peers_async
+from corolla.net.peer import Peer
+from corolla.net.transport import P2PTransport, serve, unserve
+from corolla.protocol.records import BtardPeerInfo, PeerState
+from corolla.protocol.rpc import BTARD_PEER, RpcStub
+from corolla.secure.behaviour import Behaviour
+from corolla.secure.config import BtardPeerConfig
+from corolla.secure.digits import DigitsModel, DigitsTask, digits_split
+from corolla.secure.envelope import Envelope, Signer
+from corolla.secure.mailbox import Mailbox
+from corolla.secure.protocol import BtardProtocol, ProtocolConfig
+
+logger = get_logger(__name__)
+
+EARLY_MESSAGES = 4096  # kept while the group is not known yet
+ANNOUNCE_PERIOD_S = 10.0
+
+
+class _Mailroom:
+    """The RPC servicer: hands each message to the protocol (which refuses bad ones with a reason)."""
+
+    def __init__(self):
+        self.protocol: BtardProtocol | None = None
+        self.early: list[bytes] = []
+
+    async def rpc_deliver(self, request: runtime_pb2.ExpertInfo, context) -> runtime_pb2.ExpertInfo:
+        if self.protocol is None:
+            if len(self.early) >= EARLY_MESSAGES:
+                raise ValueError("this peer has not started its run yet and holds too many early messages")
+            self.early.append(request.serialized_info)
+        else:
+            await self.protocol.receive(request.serialized_info)  # ValueError tells the sender what was wrong
+        return runtime_pb2.ExpertInfo(serialized_info=b"")
+
+    async def start(self, protocol: BtardProtocol) -> None:
+        self.protocol = protocol
+        early, self.early = self.early, []
+        for data in early:
+            try:
+                await protocol.receive(data)
+            except ValueError:
+                pass  # counted and logged by receive
+
+
+class BtardPeer:
+    def __init__(self, config: BtardPeerConfig):
+        self.config = config
+        self.behaviour = Behaviour.parse(config.attack)
+
+    def run(self) -> dict:
+        return asyncio.run(self._main())
+
+    async def _main(self) -> dict:
+        cfg = self.config
+        torch.set_num_threads(1)  # gradients must be recomputable bit for bit by any validator
+        logger.info("Starting with %s", cfg)
+        x_train, y_train, x_test, y_test = digits_split(cfg.init_seed)
+        model = DigitsModel(x_train, y_train, hidden=cfg.hidden, batch_size=cfg.batch_size, seed=cfg.init_seed)
+        signer = Signer()
+        async with Peer(cfg.network, role="BTARD peer") as peer:
+            await peer.joined()
+            p2p = await peer.p2p()
+            mailroom = _Mailroom()
+            await serve(p2p, BTARD_PEER, mailroom)
+            peer.on_shutdown("stop serving", lambda: unserve(p2p, BTARD_PEER))
+            me = str(peer.peer_id)
+            announcer = Announcer(
+                name="BTARD record",
+                store=lambda info, expiration_s: declare_btard_peer(
+                    peer.dht, info, owner=peer.owner, expiration_s=expiration_s
+                ),
+                make_record=lambda state: BtardPeerInfo(run=cfg.run, signing_key=signer.public_key.hex(), state=state),
+                period_s=ANNOUNCE_PERIOD_S,
+                state=PeerState.ONLINE,
+            )
+            await announcer.announce_now()
+            announcer.start()
+            peer.on_shutdown("stop announcing", announcer.stop)
+            keys = await self._wait_for_group(peer)
+            transport = P2PTransport(p2p)
+
+            async def send(to: str, envelope: Envelope) -> None:
+                request = runtime_pb2.ExpertInfo(serialized_info=envelope.to_wire())
+                await RpcStub(transport, to, BTARD_PEER).call("deliver", request, timeout_s=cfg.phase_timeout_s)
+
+            protocol = BtardProtocol(
+                me=me,
+                signer=signer,
+                keys=keys,
+                config=ProtocolConfig(
+                    run=cfg.run, tau=cfg.tau, validators=cfg.validators, phase_timeout_s=cfg.phase_timeout_s
+                ),
+                task=DigitsTask(model),
+                send=send,
+                mailbox=Mailbox(),
+                behaviour=self.behaviour,
+            )
+            await mailroom.start(protocol)
+            summary = await self._train(protocol, model, me)
+            summary["accuracy"] = model.accuracy(x_test, y_test)
+            summary["refused"] = protocol.refused
+            logger.info("Done: %s", json.dumps({k: v for k, v in summary.items() if k != "phase_seconds"}))
+            if cfg.result:
+                Path(cfg.result).write_text(json.dumps(summary, indent=1))
+            return summary
+
+    async def _wait_for_group(self, peer: Peer) -> dict[str, bytes]:
+        cfg = self.config
+        deadline = time.monotonic() + cfg.wait_for_peers_s
+        while True:
+            found = await fetch_btard_peers_async(peer.dht, run=cfg.run)
+            online = {
+                str(p): bytes.fromhex(info.signing_key) for p, info in found.items() if info.state == PeerState.ONLINE
+            }
+            if len(online) >= cfg.peers:
+                if len(online) > cfg.peers:
+                    raise RuntimeError(
+                        f"run {cfg.run!r} has {len(online)} peers announced, more than --peers {cfg.peers}: "
+                        f"give each run its own --run name"
+                    )
+                logger.info("The group of run %s: %s", cfg.run, ", ".join(p[-8:] for p in sorted(online)))
+                return online
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(online)} of --peers {cfg.peers} peers of run {cfg.run!r} announced themselves in "
+                    f"{cfg.wait_for_peers_s:.0f} s: start the others with the same --run and --initial-peers"
+                )
+            await asyncio.sleep(0.2)
+
+    async def _train(self, protocol: BtardProtocol, model: DigitsModel, me: str) -> dict:
+        cfg = self.config
+        velocity = torch.zeros_like(model.flat)
+        void, seconds, phases = 0, [], Counter()
+        diverged: set[str] = set()
+        removed_at = None
+        started = time.perf_counter()
+        for step in range(cfg.steps):
+            if me not in protocol.state.active:
+                removed_at = step
+                logger.info("This peer is %s: stopping at step %d", protocol.state.status(me), step)
+                break
+            t0 = time.perf_counter()
+            outcome = await protocol.step(step)
+            seconds.append(time.perf_counter() - t0)
+            phases.update(outcome.seconds)
+            diverged.update(outcome.diverged_from)
+            if outcome.update is None:
+                void += 1
+            else:
+                velocity = cfg.momentum * velocity + outcome.update
+                model.flat = model.flat - cfg.lr * velocity
+            if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
+                logger.info(
+                    "step %d: %.3f s/step (median), %d void, %d active, banned %s",
+                    step + 1, statistics.median(seconds), void, len(outcome.state.active),
+                    sorted(p[-8:] for p in outcome.state.banned),
+                )  # fmt: skip
+        state = protocol.state
+        return {
+            "peer": me,
+            "behaviour": cfg.attack,
+            "steps": len(seconds),
+            "removed_at": removed_at,
+            "void_steps": void,
+            "banned": dict(state.banned),
+            "eliminated": sorted(state.eliminated),
+            "active": sorted(state.active),
+            "diverged_from": sorted(diverged),
+            "seconds": time.perf_counter() - started,
+            "median_step_s": statistics.median(seconds) if seconds else None,
+            "phase_seconds": {k: v / max(1, len(seconds)) for k, v in phases.items()},
+        }
