@@ -31,7 +31,7 @@ from corolla.net.streaming import call_maybe_streamed
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
 from corolla.net.transport import P2PTransport
 from corolla.protocol.records import PeerState
-from corolla.protocol.rpc import STAGE_PEER, RpcStub
+from corolla.protocol.rpc import STAGE_PEER, RpcStub, Transport
 from corolla.protocol.stage_messages import StageBackward, StageForward, StageReply
 from corolla.training.config import DataConfig, TrainerConfig
 
@@ -129,9 +129,18 @@ class _Stages:
 class Trainer:
     """``train()`` runs ``config.steps`` steps and returns their reports (``on_step`` sees each as it ends)."""
 
-    def __init__(self, config: TrainerConfig, *, on_step: Callable[[StepReport], None] | None = None):
+    def __init__(
+        self,
+        config: TrainerConfig,
+        *,
+        on_step: Callable[[StepReport], None] | None = None,
+        wrap_transport: Callable[[Transport], Transport] | None = None,
+    ):
+        """``wrap_transport`` routes every call through ``wrap_transport(the transport)`` (tests pass
+        ``corolla.net.faults.FaultyTransport`` to see or break chosen calls)."""
         self.config = config
         self.on_step = on_step
+        self._wrap_transport = wrap_transport
         self.reports: list[StepReport] = []
         self._uid = uuid.uuid4().hex[:8]
         self._retried = 0
@@ -156,7 +165,9 @@ class Trainer:
                 f"log) and that those peers are running and reachable."
             ) from e
         try:
-            self._transport = P2PTransport(await dht.replicate_p2p())
+            self._transport: Transport = P2PTransport(await dht.replicate_p2p())
+            if self._wrap_transport is not None:
+                self._transport = self._wrap_transport(self._transport)
             self._stages = _Stages(cfg.run.num_stages, cfg.seed, cfg.missing_peer_grace_s)
             self._dht = dht
             self._done = asyncio.Event()
