@@ -345,6 +345,12 @@ def btard_sim(d: dict) -> str:
     return table(r["cells"], d["params"]["preset"]) + "\nGates: " + gates + ".\n"
 
 
+def btard_overhead(d: dict) -> str:
+    from benchmarks.bench_btard_overhead import table
+
+    return table(d["results"])
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -447,6 +453,19 @@ def headline(results: dict[str, dict]) -> str:
         )
 
     add("btard_sim", btard)
+
+    def overhead(r: dict) -> str:
+        cells = r["cells"]
+        parts = [
+            f"{int(k.split(':')[1]):,} values {c['ratio']:.2f}x "
+            f"({c['ratio_vs_allreduce_only']:.1f}x the all-reduce alone)"
+            for k, c in cells.items()
+        ]
+        link = next(iter(cells)).split(":")[0]
+        return f"BTARD step vs hivemind's averager step, 4 peers, {link}: " + "; ".join(parts)
+
+    add("btard_overhead", overhead)
+    add("btard_overhead_lab", overhead)
     return "\n".join(lines) + "\n"
 
 
@@ -467,6 +486,8 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "square_cube": square_cube,
     "swarm_compression": swarm_compression,
     "btard_sim": btard_sim,
+    "btard_overhead": btard_overhead,
+    "btard_overhead_lab": btard_overhead,
 }
 
 

@@ -136,11 +136,15 @@ class LocalSwarm:
         args = ["stage", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
         return self._spawn(name, [*args, *extra_args], entry, stdout=subprocess.DEVNULL)
 
-    def start_btard_peer(self, name: str, extra_args: Sequence[str] = ()) -> subprocess.Popen:
-        """Start a BTARD peer (``corolla btard``); its peer id is ``peer_ids[name]``."""
+    def start_btard_peer(
+        self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()
+    ) -> subprocess.Popen:
+        """Start a BTARD peer (``corolla btard``, or the script ``entry`` given the same flags); its peer id is
+        ``peer_ids[name]``."""
         identity = self._identity(name)
-        args = ["btard", "--initial-peers", *self.initial_peers, "--identity", str(identity)]
-        return self._spawn(name, [*args, *extra_args], stdout=subprocess.DEVNULL)
+        args = [] if entry else ["btard"]
+        args += ["--initial-peers", *self.initial_peers, "--identity", str(identity)]
+        return self._spawn(name, [*args, *extra_args], entry, stdout=subprocess.DEVNULL)
 
     def _identity(self, name: str) -> Path:
         import tempfile

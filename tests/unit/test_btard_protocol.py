@@ -22,15 +22,19 @@ LR = 0.1
 _DATA = digits_split(0)
 
 
-def make_peers(behaviours: list[str], *, validators: int = 1, seed: int = 0, timeout_s: float = 1.0):
+def make_peers(
+    behaviours: list[str], *, validators: int = 1, seed: int = 0, timeout_s: float = 1.0, drop=lambda *_: False
+):
+    """``drop(sender, receiver, header)``: True loses that message on the way (a link that failed)."""
     names = [f"peer{i}" for i in range(len(behaviours))]
     signers = {n: Signer() for n in names}
     keys = {n: s.public_key for n, s in signers.items()}
     peers: dict[str, BtardProtocol] = {}
     for i, (name, spec) in enumerate(zip(names, behaviours)):
 
-        async def send(peer: str, envelope: Envelope) -> None:
-            await peers[peer].receive(envelope.to_wire())
+        async def send(peer: str, envelope: Envelope, sender=name) -> None:
+            if not drop(sender, peer, envelope.header):
+                await peers[peer].receive(envelope.to_wire())
 
         task = DigitsTask(DigitsModel(_DATA[0], _DATA[1], hidden=16, batch_size=16, seed=0))
         peers[name] = BtardProtocol(
@@ -80,7 +84,16 @@ def test_honest_steps_equal_butterfly_centered_clip_computed_locally():
 
 @pytest.mark.parametrize(
     "attack",
-    ["wrong_aggregate@1", "bad_part@1", "false_accusation@1", "changed_reveal@1", "equivocate@1"],
+    [
+        "wrong_aggregate@1",
+        "bad_part@1",
+        "false_accusation@1",
+        "changed_reveal@1",
+        "equivocate@1",
+        "wrong_aggregate@1,empty_check@1",  # an empty report would leave its wrong aggregate unchecked
+        "empty_check@1",
+        "malformed_aggregate@1",
+    ],
 )
 def test_a_protocol_lie_gets_its_peer_banned_and_no_one_else(attack):
     peers = make_peers(["none"] * 4 + [attack])
@@ -106,6 +119,20 @@ def test_a_peer_that_goes_silent_mid_step_is_eliminated_with_one_reporter():
         assert not state.banned and "peer4" in state.eliminated and len(state.eliminated) == 2
     assert history[1]["peer1"].void_reason == "a message was missing"
     assert history[2]["peer1"].void_reason is None and len(history[2]) == 3
+
+
+def test_a_lost_aggregate_eliminates_its_link_and_bans_no_one():
+    """peer1 never gets peer0's aggregate at step 1 (a link that failed, as on a slow network): peer1 has nothing
+    to check and says so with an empty report, which is no misreport; it reports peer0 missing and both leave."""
+    lost = lambda sender, receiver, h: (sender, receiver, h.kind, h.step) == ("peer0", "peer1", "aggregate", 1)  # noqa: E731
+    peers = make_peers(["none"] * 5, timeout_s=0.5, drop=lost)
+    history = asyncio.run(run_steps(peers, 3))
+    for name in ("peer2", "peer3", "peer4"):
+        state = peers[name].state
+        assert not state.banned, dict(state.banned)
+        assert state.eliminated == {"peer0", "peer1"}
+        assert history[1][name].update is None and not [v for v in history[1][name].verdicts if v.result != "moot"]
+        assert history[2][name].void_reason is None and len(history[2]) == 3
 
 
 def test_a_forged_message_is_refused_and_changes_nothing():

@@ -10,7 +10,10 @@ attacks (any number):
 * ``silent``: from that step on, send nothing after the step's commitment (a peer that went silent mid-step);
 * ``changed_reveal``: reveal a value other than the one committed to in the commit–reveal round;
 * ``forge``: send a commitment under another peer's identity, signed with one's own key (receivers refuse it);
-* ``equivocate``: send different peers different projection reports in the same step.
+* ``equivocate``: send different peers different projection reports in the same step;
+* ``empty_check``: send an empty projection report (as if an aggregate were missing) while nothing was missing,
+  which would leave every partition unchecked;
+* ``malformed_aggregate``: as an aggregator, send a result of the wrong length.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ PROTOCOL_ATTACKS = (
     "changed_reveal",
     "forge",
     "equivocate",
+    "empty_check",
+    "malformed_aggregate",
 )
 
 

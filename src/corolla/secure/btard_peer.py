@@ -15,6 +15,7 @@ import json
 import statistics
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ EARLY_MESSAGES = 4096  # kept while the group is not known yet
 ANNOUNCE_PERIOD_S = 10.0
 
 
-class _Mailroom:
+class Mailroom:
     """The RPC servicer: hands each message to the protocol (which refuses bad ones with a reason)."""
 
     def __init__(self):
@@ -66,6 +67,62 @@ class _Mailroom:
                 pass  # counted and logged by receive
 
 
+async def join_run(
+    peer: Peer, signer: Signer, *, run: str, peers: int, wait_s: float, timeout_s: float
+) -> tuple[Mailroom, dict[str, bytes], Callable[[str, Envelope], Awaitable[None]]]:
+    """Serve the mailbox RPC, announce this peer's signing key under ``run`` and wait until ``peers`` peers have:
+    the mailroom (give it the protocol with ``start``), the group's keys by peer id, and a ``send`` function."""
+    p2p = await peer.p2p()
+    mailroom = Mailroom()
+    await serve(p2p, BTARD_PEER, mailroom)
+    peer.on_shutdown("stop serving", lambda: unserve(p2p, BTARD_PEER))
+    announcer = Announcer(
+        name="BTARD record",
+        store=lambda info, expiration_s: declare_btard_peer(
+            peer.dht, info, owner=peer.owner, expiration_s=expiration_s
+        ),
+        make_record=lambda state: BtardPeerInfo(run=run, signing_key=signer.public_key.hex(), state=state),
+        period_s=ANNOUNCE_PERIOD_S,
+        state=PeerState.ONLINE,
+    )
+    await announcer.announce_now()
+    announcer.start()
+    peer.on_shutdown("stop announcing", announcer.stop)
+    keys = await wait_for_group(peer, run=run, peers=peers, wait_s=wait_s)
+    transport = P2PTransport(p2p)
+
+    async def send(to: str, envelope: Envelope) -> None:
+        request = runtime_pb2.ExpertInfo(serialized_info=envelope.to_wire())
+        await RpcStub(transport, to, BTARD_PEER).call("deliver", request, timeout_s=timeout_s)
+
+    return mailroom, keys, send
+
+
+async def wait_for_group(peer: Peer, *, run: str, peers: int, wait_s: float) -> dict[str, bytes]:
+    """The signing keys of the ``peers`` peers announced ONLINE under ``run``, by peer id, once there are that many
+    (RuntimeError if there are more, TimeoutError after ``wait_s``)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = await fetch_btard_peers_async(peer.dht, run=run)
+        online = {
+            str(p): bytes.fromhex(info.signing_key) for p, info in found.items() if info.state == PeerState.ONLINE
+        }
+        if len(online) >= peers:
+            if len(online) > peers:
+                raise RuntimeError(
+                    f"run {run!r} has {len(online)} peers announced, more than --peers {peers}: give each run its "
+                    f"own --run name"
+                )
+            logger.info("The group of run %s: %s", run, ", ".join(p[-8:] for p in sorted(online)))
+            return online
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"only {len(online)} of --peers {peers} peers of run {run!r} announced themselves in {wait_s:.0f} s: "
+                f"start the others with the same --run and --initial-peers"
+            )
+        await asyncio.sleep(0.2)
+
+
 class BtardPeer:
     def __init__(self, config: BtardPeerConfig):
         self.config = config
@@ -83,30 +140,10 @@ class BtardPeer:
         signer = Signer()
         async with Peer(cfg.network, role="BTARD peer") as peer:
             await peer.joined()
-            p2p = await peer.p2p()
-            mailroom = _Mailroom()
-            await serve(p2p, BTARD_PEER, mailroom)
-            peer.on_shutdown("stop serving", lambda: unserve(p2p, BTARD_PEER))
-            me = str(peer.peer_id)
-            announcer = Announcer(
-                name="BTARD record",
-                store=lambda info, expiration_s: declare_btard_peer(
-                    peer.dht, info, owner=peer.owner, expiration_s=expiration_s
-                ),
-                make_record=lambda state: BtardPeerInfo(run=cfg.run, signing_key=signer.public_key.hex(), state=state),
-                period_s=ANNOUNCE_PERIOD_S,
-                state=PeerState.ONLINE,
+            mailroom, keys, send = await join_run(
+                peer, signer, run=cfg.run, peers=cfg.peers, wait_s=cfg.wait_for_peers_s, timeout_s=cfg.phase_timeout_s
             )
-            await announcer.announce_now()
-            announcer.start()
-            peer.on_shutdown("stop announcing", announcer.stop)
-            keys = await self._wait_for_group(peer)
-            transport = P2PTransport(p2p)
-
-            async def send(to: str, envelope: Envelope) -> None:
-                request = runtime_pb2.ExpertInfo(serialized_info=envelope.to_wire())
-                await RpcStub(transport, to, BTARD_PEER).call("deliver", request, timeout_s=cfg.phase_timeout_s)
-
+            me = str(peer.peer_id)
             protocol = BtardProtocol(
                 me=me,
                 signer=signer,
@@ -127,29 +164,6 @@ class BtardPeer:
             if cfg.result:
                 Path(cfg.result).write_text(json.dumps(summary, indent=1))
             return summary
-
-    async def _wait_for_group(self, peer: Peer) -> dict[str, bytes]:
-        cfg = self.config
-        deadline = time.monotonic() + cfg.wait_for_peers_s
-        while True:
-            found = await fetch_btard_peers_async(peer.dht, run=cfg.run)
-            online = {
-                str(p): bytes.fromhex(info.signing_key) for p, info in found.items() if info.state == PeerState.ONLINE
-            }
-            if len(online) >= cfg.peers:
-                if len(online) > cfg.peers:
-                    raise RuntimeError(
-                        f"run {cfg.run!r} has {len(online)} peers announced, more than --peers {cfg.peers}: "
-                        f"give each run its own --run name"
-                    )
-                logger.info("The group of run %s: %s", cfg.run, ", ".join(p[-8:] for p in sorted(online)))
-                return online
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"only {len(online)} of --peers {cfg.peers} peers of run {cfg.run!r} announced themselves in "
-                    f"{cfg.wait_for_peers_s:.0f} s: start the others with the same --run and --initial-peers"
-                )
-            await asyncio.sleep(0.2)
 
     async def _train(self, protocol: BtardProtocol, model: DigitsModel, me: str) -> dict:
         cfg = self.config

@@ -83,14 +83,15 @@ class ProtocolConfig:
     clip_iters: int = 500
     clip_tol: float = 1e-9
     validators: int = 1
+    # every wait for messages, and every send (a send runs beside the wait for the phase's messages: a message
+    # of megabytes on a slow link may take most of the phase)
     phase_timeout_s: float = 10.0
-    send_timeout_s: float = 5.0
 
     def __post_init__(self):
         if not (self.tau > 0 and self.clip_iters >= 1 and self.clip_tol >= 0 and self.validators >= 0):
             raise ValueError("need tau > 0, clip_iters >= 1, clip_tol >= 0 and validators >= 0")
-        if not (self.phase_timeout_s > 0 and self.send_timeout_s > 0):
-            raise ValueError("phase_timeout_s and send_timeout_s must be positive")
+        if not self.phase_timeout_s > 0:
+            raise ValueError("phase_timeout_s must be positive")
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class BtardProtocol:
         self.state = BanState.start(self.keys)
         self.clip = CenteredClipConfig(tau=config.tau, max_iters=config.clip_iters, tol=config.clip_tol)
         self._history: list[torch.Tensor] = []  # own honest gradients (the delayed attack)
+        self._outgoing: set[asyncio.Task] = set()  # sends in flight
         self.refused = 0  # messages refused on receipt (forged, malformed, foreign)
 
     # ---- messaging ---------------------------------------------------------------------------------------
@@ -186,16 +188,29 @@ class BtardProtocol:
 
     async def _send(self, peer: str, envelope: Envelope) -> None:
         try:
-            await asyncio.wait_for(self.send(peer, envelope), self.config.send_timeout_s)
+            await asyncio.wait_for(self.send(peer, envelope), self.config.phase_timeout_s)
         except Exception as e:  # the receiver reports what it did not get; we only log
-            logger.debug("Could not send %s of step %d to %s: %s", envelope.header.kind, envelope.header.step,
-                         peer[-8:], e)  # fmt: skip
+            logger.info("Could not send %s of step %d to %s: %s", envelope.header.kind, envelope.header.step,
+                        peer[-8:], f"{type(e).__name__}: {e}")  # fmt: skip
+
+    def _post(self, peer: str, envelope: Envelope) -> None:
+        """Send in the background: the phase's wait for the others' messages starts at once."""
+        task = asyncio.create_task(self._send(peer, envelope))
+        self._outgoing.add(task)
+        task.add_done_callback(self._outgoing.discard)
+
+    async def _flush(self) -> None:
+        """Wait for the sends in flight (each ends within the phase timeout)."""
+        while self._outgoing:
+            await asyncio.gather(*list(self._outgoing))
 
     async def _broadcast(self, s: _Step, kind: str, body: dict, slot: int = 0) -> Envelope:
         envelope = self._seal(kind, s.step, body, slot)
         await self.mailbox.put(envelope)
         if not self._silent(s.step, kind):
-            await asyncio.gather(*(self._send(p, envelope) for p in s.group if p != self.me))
+            for p in s.group:
+                if p != self.me:
+                    self._post(p, envelope)
         return envelope
 
     def _silent(self, step: int, kind: str) -> bool:
@@ -278,7 +293,6 @@ class BtardProtocol:
 
         # 2. parts
         if not self._silent(step, "part"):
-            sends = []
             for j, peer in enumerate(group):
                 part = parts[j]
                 if self.behaviour.does("bad_part", step) and peer != self.me:
@@ -287,8 +301,7 @@ class BtardProtocol:
                 if peer == self.me:
                     await self.mailbox.put(envelope)
                 else:
-                    sends.append(self._send(peer, envelope))
-            await asyncio.gather(*sends)
+                    self._post(peer, envelope)
         received = await self._collect(s, "part", {p: me_index for p in group})
         good: dict[str, torch.Tensor] = {}
         for p, envelope in received.items():
@@ -310,18 +323,17 @@ class BtardProtocol:
         own_aggregate = centered_clip(stacked, config=self.clip).value
         if self.behaviour.does("wrong_aggregate", step):
             own_aggregate = own_aggregate + 0.01 * own_aggregate.norm() / own_aggregate.numel() ** 0.5
+        if self.behaviour.does("malformed_aggregate", step):
+            own_aggregate = own_aggregate[:-1]
         await self._broadcast(s, "aggregate", {"data": own_aggregate.numpy().tobytes()}, slot=me_index)
         aggregates = await self._collect(s, "aggregate", {p: i for i, p in enumerate(group)})
         for p in aggregates:
             data = s.body("aggregate", p)["data"]
-            try:
-                tensor = _from_bytes(data, np.float64)
-                if tensor.numel() != parts[s.index[p]].numel():
-                    raise ValueError(f"{tensor.numel()} values for a partition of {parts[s.index[p]].numel()}")
-            except (ValueError, TypeError) as e:
-                self._accuse(s, p, "malformed", [s.envelopes[("aggregate", p)]], detail=str(e))
+            problem = _malformed(data, parts[s.index[p]].numel())
+            if problem:
+                self._accuse(s, p, "malformed", [s.envelopes[("aggregate", p)]], detail=problem)
                 continue
-            s.aggregates[p] = tensor
+            s.aggregates[p] = _from_bytes(data, np.float64)
         lap("aggregate")
 
         # 4. reveal
@@ -339,7 +351,7 @@ class BtardProtocol:
 
         # 5. check (an empty report when there is nothing to check: the step is void, but we are not silent)
         directions = None
-        if s.seed is None or len(s.aggregates) < n:
+        if s.seed is None or len(s.aggregates) < n or self.behaviour.does("empty_check", step):
             await self._broadcast(s, "check", {"s": [], "nu": []})
             await self._collect(s, "check", {p: 0 for p in group})
         else:
@@ -373,6 +385,7 @@ class BtardProtocol:
         outcome = self._resolve(s, accuse, directions)
         outcome.diverged_from = diverged
         outcome.seconds = times
+        await self._flush()  # our last messages reach the others before we move on (or stop)
         return outcome
 
     # ---- what to send ------------------------------------------------------------------------------------
@@ -395,22 +408,25 @@ class BtardProtocol:
         victim = next(p for p in s.group if p != self.me)
         forged = self._seal("commit", s.step, {**body, "state": b"\0" * 32}, sender=victim)
         logger.info("Step %d: sending a commitment forged under %s's identity", s.step, victim[-8:])
-        await asyncio.gather(*(self._send(p, forged) for p in s.group if p not in (self.me, victim)))
+        for p in s.group:
+            if p not in (self.me, victim):
+                self._post(p, forged)
 
     async def _equivocate(self, s: _Step, body: dict) -> None:
         honest = self._seal("check", s.step, body)
         lie = self._seal("check", s.step, {**body, "s": [x + 1.0 for x in body["s"]]})
         await self.mailbox.put(honest)
         others = [p for p in s.group if p != self.me]
-        await asyncio.gather(*(self._send(p, honest if i % 2 else lie) for i, p in enumerate(others)))
+        for i, p in enumerate(others):
+            self._post(p, honest if i % 2 else lie)
 
     # ---- checks ------------------------------------------------------------------------------------------
     def _check_reports(self, s: _Step, checks, directions, me_index: int) -> None:
         """As aggregator: every peer's report on our partition must match what its part gives."""
         my_aggregate = s.aggregates.get(self.me)
         for p in checks:
-            if p not in s.good_parts:
-                continue  # ourselves, or a part that did not match its commitment (accused already)
+            if p not in s.good_parts or _empty_report(s.body("check", p)):
+                continue  # ourselves, a part that did not match its commitment (accused already), or no report
             claimed = _report(s.body("check", p), me_index)
             part = s.good_parts[p]
             if claimed is None or not check_projection(part, my_aggregate, directions[me_index], self.config.tau,
@@ -438,6 +454,8 @@ class BtardProtocol:
         """The seed's validators recompute their target's gradient; ours if we are one."""
         generator = seed_to_generator(s.seed)
         n = len(s.group)
+        if n < 2:
+            return  # no one else to validate
         for _ in range(self.config.validators):
             v = int(generator.integers(n))
             t = int(generator.integers(n - 1))
@@ -449,6 +467,8 @@ class BtardProtocol:
                 self._accuse(s, target, "gradient", [s.envelopes[("commit", target)]])
                 continue
             report = s.body("check", target)
+            if _empty_report(report):
+                continue  # judged by what its accusations say (``_empty_reports``)
             for j, aggregator in enumerate(s.group):
                 claimed = _report(report, j) if report is not None else None
                 if report is not None and (claimed is None or not check_projection(
@@ -485,11 +505,17 @@ class BtardProtocol:
             else v
             for v in verdicts
         ]
+        empty, unjustified = self._empty_reports(s, accuse, verdicts)
         state = self.state
         for v in sorted(verdicts, key=lambda v: (v.accused, v.accuser, v.claim)):
             if v.result == "moot":
                 continue
             state = apply(state, ProvenLie(v.accuser, v.accused, v.result == "valid", f"{v.claim} at step {s.step}"))
+        for p in unjustified:  # seen by everyone alike: shown by the first peer still active
+            shown_by = next((q for q in s.group if q != p and q in state.active), None)
+            if shown_by is not None:
+                detail = f"an empty check with nothing missing at step {s.step}"
+                state = apply(state, ProvenLie(shown_by, p, True, detail))
         for reporter, silent in sorted(missing, key=lambda m: (m[1], m[0])):
             state = apply(state, MissingMessage(reporter, silent))
         void = None
@@ -497,8 +523,8 @@ class BtardProtocol:
             void = "a message was missing"
         elif any(v.result == "valid" and v.claim in VOIDING_CLAIMS for v in verdicts):
             void = "a part, aggregate, reveal or report was proven false"
-        elif s.seed is None or len(s.aggregates) < len(s.group):
-            void = "no seed or not every aggregate"
+        elif s.seed is None or len(s.aggregates) < len(s.group) or empty:
+            void = "no seed, not every aggregate, or a peer had nothing to check"
         update = None if void else torch.cat([s.aggregates[p] for p in s.group]).to(torch.float32)
         for name in sorted(set(state.banned) - set(self.state.banned)):
             logger.info("Step %d: banned %s (%s)", s.step, name[-8:], state.banned[name])
@@ -554,6 +580,11 @@ class BtardProtocol:
                     return verdict(False)
                 round_id = f"{self.config.run}:{s.step}"
                 return verdict(not verify_reveal(commit["seed_commitment"], round_id, accused, reveal["value"]))
+            if claim == "malformed":
+                aggregate = bodies.get(("aggregate", accused, s.index[accused]))
+                if aggregate is None:
+                    return verdict(False)
+                return verdict(_malformed(aggregate.get("data"), _partition_size(self.task, n, s.index[accused])))
             if directions is None:
                 return verdict(None)  # without the seed no one can judge the checks
             j = int(partition)
@@ -566,6 +597,8 @@ class BtardProtocol:
                 report = bodies.get(("check", accused, 0))
                 if commit is None or report is None:
                     return verdict(False)
+                if _empty_report(report):
+                    return verdict(None)  # no report is no misreport (``_empty_reports`` judges it)
                 sent_part = bodies.get(("part", accused, j))
                 if sent_part is not None and _hash(sent_part["data"]) == commit["hashes"][j]:
                     part = _from_bytes(sent_part["data"], np.float32)
@@ -592,6 +625,25 @@ class BtardProtocol:
             return verdict(False)
         return verdict(False)  # a claim that does not exist
 
+    def _empty_reports(self, s: _Step, accuse: dict[str, Envelope], verdicts: list[Verdict]) -> tuple[list, list]:
+        """The peers whose check report was empty (they had nothing to check), and those of them that had no
+        reason: a peer may send an empty report only if it missed a message (and says so: it is eliminated with the
+        silent peer), or in a step that a proven malformed aggregate or changed reveal made void (no seed, or not
+        every aggregate, for anyone). Without this rule an aggregator could send a wrong result and an empty report,
+        and no partition would be checked."""
+        empty = sorted(p for p in s.group if _empty_report(s.body("check", p)))
+        if any(v.result == "valid" and v.claim in ("malformed", "reveal") for v in verdicts):
+            return empty, []
+        unjustified = []
+        for p in empty:
+            body = s.body("accuse", p)
+            if p not in accuse or body is None:
+                continue  # silent in the accuse phase: eliminated for that
+            said_missing = [m for m in body.get("missing", []) or [] if isinstance(m, str) and m in s.index]
+            if not said_missing:
+                unjustified.append(p)
+        return empty, unjustified
+
     def _equivocations(self, s: _Step, accuse: dict[str, Envelope]) -> list[Verdict]:
         """Two different signed digests from one sender for one message: it told peers different things."""
         seen: dict[tuple[str, str, int], tuple[bytes, str]] = {}  # (sender, kind, slot) -> (digest, first echoer)
@@ -616,6 +668,25 @@ class BtardProtocol:
                     if accuser != h.sender and not any(v.accused == h.sender for v in verdicts):
                         verdicts.append(Verdict(accuser, h.sender, "equivocation", "valid", h.kind))
         return verdicts
+
+
+def _empty_report(body: dict | None) -> bool:
+    """A check report that says "nothing to check" (sent when an aggregate or the seed is missing)."""
+    return isinstance(body, dict) and body.get("s") == [] and body.get("nu") == []
+
+
+def _partition_size(task: Task, n: int, j: int) -> int:
+    dim = task.params.numel()
+    return dim // n + (j < dim % n)  # as torch.tensor_split cuts
+
+
+def _malformed(data: object, size: int) -> str:
+    """What is wrong with an aggregate's bytes for a partition of ``size`` values ("" if nothing)."""
+    if not isinstance(data, bytes):
+        return f"the aggregate is {type(data).__name__}, not bytes"
+    if len(data) != 8 * size:
+        return f"{len(data)} bytes for a partition of {size} float64 values"
+    return ""
 
 
 def _report(body: dict | None, j: int) -> Projection | None:
