@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
+from hivemind.p2p import P2PDaemonError
 from hivemind.proto import runtime_pb2
 
 from corolla.log import get_logger
@@ -92,8 +93,19 @@ async def join_run(
     transport = P2PTransport(p2p)
 
     async def send(to: str, envelope: Envelope) -> None:
+        """Deliver, dialling again while the daemon cannot reach ``to`` yet (right after the group forms, libp2p
+        may not have found its address: "failed to dial"); the protocol bounds the whole by its phase timeout. A
+        refusal (the receiver's reason comes back as a P2PHandlerError) is not retried."""
         request = runtime_pb2.ExpertInfo(serialized_info=envelope.to_wire())
-        await RpcStub(transport, to, BTARD_PEER).call("deliver", request, timeout_s=timeout_s)
+        pause = 0.2
+        while True:
+            try:
+                await RpcStub(transport, to, BTARD_PEER).call("deliver", request, timeout_s=timeout_s)
+                return
+            except P2PDaemonError as e:
+                logger.debug("Could not reach %s yet (%s); dialling again in %.1f s", to[-8:], e, pause)
+                await asyncio.sleep(pause)
+                pause = min(2.0, pause * 2)
 
     return mailroom, keys, send
 
