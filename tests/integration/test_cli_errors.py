@@ -44,15 +44,18 @@ def _corolla(*args: str) -> subprocess.CompletedProcess:
         "train-unreachable-peers",
     ],
 )
-def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, message):
+def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, message, request):
     args = [a.replace("{zoo}", str(zoo_checkpoint("llama"))) for a in args]
     quiet = _corolla(*args)
     assert quiet.returncode == 2, quiet.stderr
     assert "Traceback" not in quiet.stderr
     last = quiet.stderr.strip().splitlines()[-1]
     assert message in last, quiet.stderr
-    verbose = _corolla(*args, "--verbose")
-    assert verbose.returncode != 0 and "Traceback" in verbose.stderr
+    # --verbose goes through the same handler for every command: checked on the mistakes that fail fast and on one
+    # unreachable peer (each unreachable case waits ~5-10 s for the DHT to give up)
+    if "unreachable" not in request.node.callspec.id or request.node.callspec.id == "dht-unreachable-peers":
+        verbose = _corolla(*args, "--verbose")
+        assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
 @pytest.mark.parametrize(
