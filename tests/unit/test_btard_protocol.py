@@ -135,6 +135,22 @@ def test_a_lost_aggregate_eliminates_its_link_and_bans_no_one():
         assert history[2][name].void_reason is None and len(history[2]) == 3
 
 
+def test_a_peer_that_withholds_its_accusations_is_eliminated_at_the_next_step():
+    """Its step is void for the others (they cannot know what it accused); the next step names it missing, and it
+    leaves with one reporter, as a peer silent in any other phase does. (It applied the void step's update itself,
+    so if a validator checks it at the next step, its gradient differs from the recomputation: banned instead, and
+    the report of its silence then costs no one.)"""
+    peers = make_peers(["none"] * 4 + ["withhold_accusations@1"], timeout_s=0.5)
+    history = asyncio.run(run_steps(peers, 4))
+    assert history[1]["peer0"].void_reason == "a message was missing"
+    states = [peers[n].state for n in list(peers)[:4] if n in peers[n].state.active]
+    assert len(states) >= 3
+    for state in states:
+        assert "peer4" not in state.active and not set(state.banned) - {"peer4"}
+        assert len(state.eliminated - {"peer4"}) == 4 - len(states)
+    assert "peer4" not in history[3] and history[3]["peer1"].void_reason is None
+
+
 def test_a_forged_message_is_refused_and_changes_nothing():
     peers = make_peers(["none"] * 4 + ["forge@1"])
     history = asyncio.run(run_steps(peers, 2))
@@ -161,17 +177,33 @@ def test_validators_ban_a_poisoned_gradient_and_clipping_bounds_it_meanwhile():
          "for run 'other'"),
         (lambda wire, peers: Signer().seal(run="test", sender="mallory", kind="commit", step=0, body={}).to_wire(),
          "not a peer of run"),
+        (lambda wire, peers: _sealed(peers, "aggregate", {}), "needs 'data' as bytes, got NoneType"),
+        (lambda wire, peers: _sealed(peers, "accuse", {"accusations": [], "missing": 5, "missing_prev": [],
+                                                       "echo": []}), "needs 'missing' as list, got int"),
+        (lambda wire, peers: _sealed(peers, "accuse", {"accusations": [], "missing": [7], "missing_prev": [],
+                                                       "echo": []}), "ids"),
+        (lambda wire, peers: _sealed(peers, "commit", {**COMMIT, "hashes": [b"short"]}), "32-byte"),
+        (lambda wire, peers: _sealed(peers, "check", {"s": ["1"], "nu": []}), "numbers"),
     ],
-    ids=["garbage", "forged", "other-run", "stranger"],
+    ids=["garbage", "forged", "other-run", "stranger", "no-data", "missing-not-a-list", "missing-not-ids",
+         "short-hash", "text-projection"],
 )  # fmt: skip
 def test_receive_refuses_bad_messages_with_a_reason(mutate, reason):
+    """Refused on arrival with the reason (the sender's call fails with it); a good message still gets in."""
     peers = make_peers(["none"] * 3)
-    envelope = peers["peer1"].signer.seal(run="test", sender="peer1", kind="commit", step=0, body={"x": 1})
+    envelope = peers["peer1"].signer.seal(run="test", sender="peer1", kind="commit", step=0, body=COMMIT)
     with pytest.raises(ValueError, match=reason):
         asyncio.run(peers["peer0"].receive(mutate(envelope.to_wire(), peers)))
     assert peers["peer0"].refused == 1
     asyncio.run(peers["peer0"].receive(envelope.to_wire()))  # a good message still gets in
     assert peers["peer0"].mailbox.get(0, "commit", "peer1") == envelope
+
+
+COMMIT = {"hashes": [bytes(32)] * 3, "seed_commitment": bytes(32), "state": bytes(32)}
+
+
+def _sealed(peers, kind: str, body: dict) -> bytes:
+    return peers["peer1"].signer.seal(run="test", sender="peer1", kind=kind, step=0, body=body).to_wire()
 
 
 def test_receive_refuses_a_step_far_ahead():

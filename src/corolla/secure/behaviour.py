@@ -12,7 +12,8 @@ attacks (any number):
 * ``forge``: send a commitment under another peer's identity, signed with one's own key (receivers refuse it);
 * ``equivocate``: send different peers different projection reports in the same step;
 * ``empty_check``: send an empty projection report (as if an aggregate were missing) while nothing was missing,
-  which would leave every partition unchecked;
+  which would leave every partition unchecked, with itself named as the missing peer for an excuse;
+* ``withhold_accusations``: send everything but its accuse message (which would void the step);
 * ``malformed_aggregate``: as an aggregator, send a result of the wrong length.
 """
 
@@ -33,6 +34,7 @@ PROTOCOL_ATTACKS = (
     "forge",
     "equivocate",
     "empty_check",
+    "withhold_accusations",
     "malformed_aggregate",
 )
 

@@ -103,6 +103,8 @@ async def join_run(
                 await RpcStub(transport, to, BTARD_PEER).call("deliver", request, timeout_s=timeout_s)
                 return
             except P2PDaemonError as e:
+                if "dial" not in str(e):
+                    raise  # e.g. a message over the daemon's size limit: trying again would not help
                 logger.debug("Could not reach %s yet (%s); dialling again in %.1f s", to[-8:], e, pause)
                 await asyncio.sleep(pause)
                 pause = min(2.0, pause * 2)

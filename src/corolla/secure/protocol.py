@@ -64,8 +64,17 @@ __all__ = ["BtardProtocol", "ProtocolConfig", "StepOutcome", "Task", "Verdict", 
 
 logger = get_logger(__name__)
 
-VOIDING_CLAIMS = frozenset({"part_mismatch", "wrong_aggregate", "reveal", "misreport", "equivocation"})
+VOIDING_CLAIMS = frozenset({"part_mismatch", "wrong_aggregate", "reveal", "misreport", "equivocation", "malformed"})
 ECHOED_KINDS = ("commit", "aggregate", "reveal", "check")
+# the fields each kind of message must have, and their types: anything else is refused on arrival
+BODY_FIELDS: dict[str, dict[str, type]] = {
+    "commit": {"hashes": list, "seed_commitment": bytes, "state": bytes},
+    "part": {"data": bytes},
+    "aggregate": {"data": bytes},
+    "reveal": {"value": bytes},
+    "check": {"s": list, "nu": list},
+    "accuse": {"accusations": list, "missing": list, "missing_prev": list, "echo": list},
+}
 
 
 class Task(Protocol):
@@ -179,6 +188,7 @@ class BtardProtocol:
         self.clip = CenteredClipConfig(tau=config.tau, max_iters=config.clip_iters, tol=config.clip_tol)
         self._history: list[torch.Tensor] = []  # own honest gradients (the delayed attack)
         self._outgoing: set[asyncio.Task] = set()  # sends in flight
+        self._missed_accuse: list[str] = []  # peers whose accusations of our previous step never came
         self.refused = 0  # messages refused on receipt (forged, malformed, foreign)
 
     # ---- messaging ---------------------------------------------------------------------------------------
@@ -245,6 +255,7 @@ class BtardProtocol:
                 raise ValueError(f"{h.sender} is not a peer of run {self.config.run!r}")
             open_envelope(envelope, self.keys[h.sender])
             self.mailbox.check_step(h.step)
+            check_body(h.kind, envelope.decode())
         except ValueError as e:
             self.refused += 1
             logger.warning("Refused a message: %s", e)
@@ -258,6 +269,12 @@ class BtardProtocol:
 
     # ---- the step ----------------------------------------------------------------------------------------
     async def step(self, step: int) -> StepOutcome:
+        try:
+            return await self._step(step)
+        finally:
+            await self._flush()  # our last messages reach the others before we move on (or stop)
+
+    async def _step(self, step: int) -> StepOutcome:
         group = tuple(sorted(self.state.active))
         if self.me not in group:
             raise RuntimeError(f"{self.me} is no longer active ({self.state.status(self.me)})")
@@ -288,6 +305,13 @@ class BtardProtocol:
         if self.behaviour.starts("forge", step):
             await self._forge(s, commit_body)
         commits = await self._collect(s, "commit", {p: 0 for p in group})
+        for p in [p for p in commits if len(s.body("commit", p)["hashes"]) != n]:
+            # hashes for another group size (a peer whose view of the bans differs): as good as no commitment
+            logger.info(
+                "Step %d: %s committed to %d parts, not %d", step, p[-8:], len(s.body("commit", p)["hashes"]), n
+            )
+            del commits[p], s.envelopes[("commit", p)], s.bodies[("commit", p)]
+            s.missing.setdefault(p, "commit")
         diverged = [p for p in commits if s.body("commit", p)["state"] != commit_body["state"]]
         lap("commit")
 
@@ -351,7 +375,7 @@ class BtardProtocol:
 
         # 5. check (an empty report when there is nothing to check: the step is void, but we are not silent)
         directions = None
-        if s.seed is None or len(s.aggregates) < n or self.behaviour.does("empty_check", step):
+        if s.seed is None or len(s.aggregates) < n:
             await self._broadcast(s, "check", {"s": [], "nu": []})
             await self._collect(s, "check", {p: 0 for p in group})
         else:
@@ -360,6 +384,8 @@ class BtardProtocol:
                 peer_projection(parts[j], s.aggregates[group[j]], directions[j], self.config.tau) for j in range(n)
             ]
             body = {"s": [p.s for p in projections], "nu": [p.norm for p in projections]}
+            if self.behaviour.does("empty_check", step):
+                body = {"s": [], "nu": []}
             if self.behaviour.does("equivocate", step):
                 await self._equivocate(s, body)
             else:
@@ -378,14 +404,22 @@ class BtardProtocol:
         echo = [e.proof.to_list() for (kind, _), e in sorted(s.envelopes.items()) if kind in ECHOED_KINDS]
         echo += [b.proof.to_list() for a, b in self.mailbox.conflicts if a.header.step == step]
         missing = sorted(s.missing)
-        await self._broadcast(s, "accuse", {"accusations": s.accusations, "missing": missing, "echo": echo})
+        if self.behaviour.does("empty_check", step):
+            missing = sorted({*missing, self.me})  # an excuse for the empty report that names no one else
+        body = {"accusations": s.accusations, "missing": missing, "echo": echo,
+                "missing_prev": [p for p in self._missed_accuse if p in s.index]}  # fmt: skip
+        if not self.behaviour.does("withhold_accusations", step):
+            await self._broadcast(s, "accuse", body)
+        else:
+            await self.mailbox.put(self._seal("accuse", step, body))
         accuse = await self._collect(s, "accuse", {p: 0 for p in group})
         lap("accuse")
 
         outcome = self._resolve(s, accuse, directions)
         outcome.diverged_from = diverged
         outcome.seconds = times
-        await self._flush()  # our last messages reach the others before we move on (or stop)
+        # a peer whose accusations never came is reported in the next step (eliminated then, with the reporter)
+        self._missed_accuse = [p for p, kind in s.missing.items() if kind == "accuse" and p in self.state.active]
         return outcome
 
     # ---- what to send ------------------------------------------------------------------------------------
@@ -485,16 +519,19 @@ class BtardProtocol:
     def _resolve(self, s: _Step, accuse: dict[str, Envelope], directions) -> StepOutcome:
         verdicts: list[Verdict] = []
         for accuser in sorted(accuse):
-            for accusation in s.body("accuse", accuser).get("accusations", []) or []:
+            for accusation in s.body("accuse", accuser)["accusations"]:
                 verdicts.append(self.judge(s, accuser, accusation, directions))
         verdicts += self._equivocations(s, accuse)
         # a failed partition check may come from a lying report rather than the aggregate: with a proven misreport
         # in that partition, or a peer that sent different reports to different peers, the accusation is moot
-        missing = []
+        missing = []  # (reporter, silent) in this step, then in the previous step's accuse phase
+        missing_before = []
         for reporter in sorted(accuse):
-            for silent in s.body("accuse", reporter).get("missing", []) or []:
-                if isinstance(silent, str) and silent in s.index and silent != reporter:
-                    missing.append((reporter, silent))
+            body = s.body("accuse", reporter)
+            for key, pairs in (("missing", missing), ("missing_prev", missing_before)):
+                pairs += [
+                    (reporter, silent) for silent in sorted(set(body[key])) if silent in s.index and silent != reporter
+                ]
         # a partition check can fail because of a lying report, a part left out or a silent peer rather than a
         # wrong aggregate: in a step with such a proven lie or a missing message, accusing an aggregator is moot
         other_lies = any(v.result == "valid" and v.claim in ("misreport", "equivocation", "part_mismatch")
@@ -516,7 +553,7 @@ class BtardProtocol:
             if shown_by is not None:
                 detail = f"an empty check with nothing missing at step {s.step}"
                 state = apply(state, ProvenLie(shown_by, p, True, detail))
-        for reporter, silent in sorted(missing, key=lambda m: (m[1], m[0])):
+        for reporter, silent in sorted({*missing, *missing_before}, key=lambda m: (m[1], m[0])):
             state = apply(state, MissingMessage(reporter, silent))
         void = None
         if missing or len(accuse) < len(s.group):
@@ -534,7 +571,7 @@ class BtardProtocol:
             logger.info("Step %d is void: %s", s.step, void)
         self.state = state
         return StepOutcome(step=s.step, group=s.group, update=update, state=state, verdicts=verdicts,
-                           missing=missing, void_reason=void)  # fmt: skip
+                           missing=sorted({*missing, *missing_before}), void_reason=void)  # fmt: skip
 
     def judge(self, s: _Step, accuser: str, accusation: object, directions) -> Verdict:
         """Check one accusation's evidence; every peer reaches the same verdict from the same messages."""
@@ -638,9 +675,8 @@ class BtardProtocol:
         for p in empty:
             body = s.body("accuse", p)
             if p not in accuse or body is None:
-                continue  # silent in the accuse phase: eliminated for that
-            said_missing = [m for m in body.get("missing", []) or [] if isinstance(m, str) and m in s.index]
-            if not said_missing:
+                continue  # its accusations did not come: reported in the next step, and eliminated then
+            if not [m for m in body["missing"] if m in s.index and m != p]:
                 unjustified.append(p)
         return empty, unjustified
 
@@ -649,7 +685,7 @@ class BtardProtocol:
         seen: dict[tuple[str, str, int], tuple[bytes, str]] = {}  # (sender, kind, slot) -> (digest, first echoer)
         verdicts = []
         for echoer in sorted(accuse):
-            for item in s.body("accuse", echoer).get("echo", []) or []:
+            for item in s.body("accuse", echoer)["echo"]:
                 try:
                     proof = SignedDigest.from_list(item)
                 except ValueError:
@@ -668,6 +704,26 @@ class BtardProtocol:
                     if accuser != h.sender and not any(v.accused == h.sender for v in verdicts):
                         verdicts.append(Verdict(accuser, h.sender, "equivocation", "valid", h.kind))
         return verdicts
+
+
+def check_body(kind: str, body: dict) -> None:
+    """ValueError saying what is wrong unless ``body`` has the fields of a ``kind`` message, with their types."""
+    fields = BODY_FIELDS.get(kind)
+    if fields is None:
+        raise ValueError(f"unknown message kind {kind!r}: expected one of {', '.join(BODY_FIELDS)}")
+    for name, expected in fields.items():
+        if not isinstance(body.get(name), expected):
+            raise ValueError(
+                f"a {kind} message needs {name!r} as {expected.__name__}, got {type(body.get(name)).__name__}"
+            )
+    if kind == "commit" and not all(isinstance(h, bytes) and len(h) == 32 for h in body["hashes"]):
+        raise ValueError("a commit's hashes must be 32-byte SHA-256 digests")
+    if kind == "check" and not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in body["s"] + body["nu"]
+    ):
+        raise ValueError("a check's projections must be numbers")
+    if kind == "accuse" and not all(isinstance(p, str) for p in body["missing"] + body["missing_prev"]):
+        raise ValueError("an accuse message names missing peers by their ids (strings)")
 
 
 def _empty_report(body: dict | None) -> bool:
