@@ -1060,15 +1060,21 @@ async def _answers_then_error(server: Server, messages) -> tuple[list, str | Non
     """The answers a session got before the server failed it (and the error), or all its answers."""
     answers = []
     finished = asyncio.Event()
+    answered: asyncio.Queue = asyncio.Queue()
 
     async def requests():
-        for item in messages:
+        # in lockstep, as a client steps: a step written after the server refused the previous one and closed the
+        # stream fails the write with BrokenPipeError, and the server's error is never read (a fresh-clone run saw it)
+        for index, item in enumerate(messages):
+            if index:
+                await answered.get()
             yield item
         await finished.wait()
 
     try:
         async for response in await (await server.stub()).iterate("inference", requests()):
             answers.append(response)
+            answered.put_nowait(None)
             if len(answers) == len(messages):
                 finished.set()
     except P2PHandlerError as e:
