@@ -128,6 +128,22 @@ class LocalSwarm:
         args = ["serve", self.model, "--initial-peers", *self.initial_peers, "--identity", str(identity)]
         return self._spawn(name, [*args, *self.server_args, *extra_args], entry, stdout=subprocess.DEVNULL)
 
+    def start_api(self, name: str = "api", extra_args: Sequence[str] = ()) -> str:
+        """Start ``corolla api`` on a free loopback port; returns its base URL (``http://127.0.0.1:PORT/v1``) once
+        it listens (it has connected to the swarm and loaded its models by then)."""
+        args = ["api", "--initial-peers", *self.initial_peers, "--port", "0", *extra_args]
+        process = self._spawn(name, args, stdout=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"`corolla api` exited with code {process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("`corolla api` did not print its address in time")
+            line = process.stdout.readline()
+            if "http://" in line:
+                process.stdout.close()
+                return "http://" + line.split("http://", 1)[1].split()[0]
+
     def start_stage_peer(
         self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()
     ) -> subprocess.Popen:

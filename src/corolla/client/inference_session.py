@@ -18,7 +18,7 @@ from corolla.client.failover import describe
 from corolla.client.swarm import SwarmView
 from corolla.errors import MissingBlocksError, RemoteCallError
 from corolla.log import get_logger
-from corolla.net.loop import run_sync
+from corolla.net.loop import background_loop, run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
 from corolla.protocol.messages import InferenceOpen, InferenceStep, PushTarget
 from corolla.protocol.rpc import BLOCK_SERVER, MessageStream, RpcStub
@@ -183,6 +183,31 @@ class InferenceSession:
 
         ``prompts``: deep prompts [blocks, batch or 1, prefix, hidden] for the session's first step only.
         """
+        self._check_step(hidden_states, prompts)
+        step = self._step(hidden_states, attention_mask, position_ids, with_prompts=prompts is not None)
+        output = run_sync(step, timeout_s=self._step_timeout_s())
+        self.position += hidden_states.shape[1]
+        return output
+
+    async def astep(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``step`` for asyncio code (e.g. a web server running many sessions on one event loop): awaits the step
+        without blocking a thread. Cancelling it cancels the step; the session must then be closed."""
+        self._check_step(hidden_states, prompts)
+        step = self._step(hidden_states, attention_mask, position_ids, with_prompts=prompts is not None)
+        output = await asyncio.wait_for(_on_background_loop(step), timeout=self._step_timeout_s())
+        self.position += hidden_states.shape[1]
+        return output
+
+    def _step_timeout_s(self) -> float:
+        return self.swarm.config.step_timeout_s * (self.end - self.start + 2)
+
+    def _check_step(self, hidden_states: torch.Tensor, prompts: torch.Tensor | None) -> None:
         if self._closed:
             raise RuntimeError("this inference session is closed")
         if prompts is not None:
@@ -197,11 +222,6 @@ class InferenceSession:
                 f"the session was opened for max_length={self.max_length} tokens; this step would reach "
                 f"{self.position + new_tokens}. Open a longer session."
             )
-        timeout = self.swarm.config.step_timeout_s * (self.end - self.start + 2)
-        step = self._step(hidden_states, attention_mask, position_ids, with_prompts=prompts is not None)
-        output = run_sync(step, timeout_s=timeout)
-        self.position += new_tokens
-        return output
 
     async def _step(self, hidden, mask, positions, *, with_prompts: bool):
         batch_size = hidden.shape[0]
@@ -334,9 +354,37 @@ class InferenceSession:
         if self._closed:
             return
         self._closed = True
+        try:
+            run_sync(self._close_streams(), timeout_s=10)
+        except Exception as e:
+            logger.debug("Closing the session's streams failed: %s", e)
+
+    async def aclose(self) -> None:
+        """``close`` for asyncio code; safe to call from a task being cancelled (e.g. a client disconnected):
+        the streams are closed on the client's background loop even if this call is interrupted."""
+        if self._closed:
+            return
+        self._closed = True
+        closing = asyncio.run_coroutine_threadsafe(self._close_streams(), background_loop())
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(closing)), timeout=10)
+        except (asyncio.CancelledError, Exception) as e:  # the streams still close on the background loop
+            logger.debug("Closing the session's streams did not finish here: %r", e)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+
+    async def _close_streams(self) -> None:
         for span in self._spans or []:
             if span.stream is not None:
                 try:
-                    run_sync(span.stream.close(), timeout_s=5)
+                    await asyncio.wait_for(span.stream.close(), timeout=5)
                 except Exception as e:
                     logger.debug("Closing a stream failed: %s", e)
+
+
+async def _on_background_loop(coro):
+    """Await ``coro`` on the client's background loop (where the session's streams live) from any event loop."""
+    loop = background_loop()
+    if asyncio.get_running_loop() is loop:
+        return await coro
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, loop))

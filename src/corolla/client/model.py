@@ -94,8 +94,7 @@ class DistributedBaseMixin:
         if with_prefix:
             hidden = torch.cat([tuning.prefix(hidden.shape[0], hidden.dtype), hidden], dim=1)
             deep_prompts = tuning.deep_prompts
-        if family.input_norm_attr is not None:
-            hidden = getattr(self, family.input_norm_attr)(hidden)
+        hidden = self.prepare_for_blocks(hidden)
         blocks: RemoteSequential = getattr(self, family.layers_attr)
         if session is not None:
             hidden = session.step(hidden, attention_mask, position_ids, prompts=deep_prompts)
@@ -103,9 +102,22 @@ class DistributedBaseMixin:
             hidden = blocks(hidden, attention_mask, position_ids, prompts=deep_prompts)
         if with_prefix:
             hidden = hidden[:, tuning.pre_seq_len :]
-        hidden = getattr(self, family.final_norm_attr)(hidden)
+        hidden = self.finish_blocks(hidden)
         # the MoE output type is a superset of the dense one (router_logits stay None: routing is server-side)
         return MoeModelOutputWithPast(last_hidden_state=hidden, cache=cache if use_cache else None)
+
+    def embed_for_blocks(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """What the first remote block receives for ``input_ids`` (without prompt tuning)."""
+        return self.prepare_for_blocks(getattr(self, self._family.embed_attr)(input_ids))
+
+    def prepare_for_blocks(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Token embeddings -> the first block's input (the family's input norm, if it has one)."""
+        norm = self._family.input_norm_attr
+        return embeddings if norm is None else getattr(self, norm)(embeddings)
+
+    def finish_blocks(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last block's outputs -> the base model's output (the final norm)."""
+        return getattr(self, self._family.final_norm_attr)(hidden)
 
 
 class DistributedModelMixin:

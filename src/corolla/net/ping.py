@@ -9,8 +9,10 @@ from collections.abc import Iterable
 
 from hivemind.p2p import PeerID
 from hivemind.proto import runtime_pb2
+from hivemind.utils.serializer import MSGPackSerializer
 
 from corolla.log import get_logger
+from corolla.protocol.messages import ServerStatus
 from corolla.protocol.rpc import BLOCK_SERVER, RpcStub, Transport
 
 logger = get_logger(__name__)
@@ -26,6 +28,14 @@ async def ping(transport: Transport, peer_id: PeerID | str, *, timeout_s: float)
         logger.debug("Ping to %s failed: %s", peer_id, e)
         return math.inf
     return time.perf_counter() - started
+
+
+async def server_status(transport: Transport, peer_id: PeerID | str, *, timeout_s: float) -> ServerStatus:
+    """What a block server says about itself now (its info RPC): span, cache left, sessions, ... Raises on a
+    failed call or an answer that is not a valid status."""
+    stub = RpcStub(transport, _base58(peer_id), BLOCK_SERVER)
+    response = await stub.call("info", runtime_pb2.ExpertUID(), timeout_s=timeout_s)
+    return ServerStatus.model_validate(MSGPackSerializer.loads(response.serialized_info))
 
 
 async def ping_many(transport: Transport, peer_ids: Iterable[PeerID | str], *, timeout_s: float) -> dict[str, float]:

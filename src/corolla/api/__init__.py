@@ -1,0 +1,1 @@
+"""``corolla api``: an OpenAI-compatible HTTP gateway to the models a swarm serves."""

@@ -1,0 +1,43 @@
+"""Settings of the OpenAI-compatible gateway (``corolla api``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiConfig:
+    """Serve the swarm's models over an OpenAI-compatible HTTP API (/v1/models, /v1/chat/completions,
+    /v1/completions)."""
+
+    initial_peers: tuple[str, ...]
+    """multiaddrs of peers in the swarm"""
+    host: str = "127.0.0.1"
+    """address to listen on (0.0.0.0: every interface)"""
+    port: int = 8000
+    """TCP port to listen on (0: any free port)"""
+    models: tuple[str, ...] = ()
+    """models to serve (bundled short names, local checkpoint folders or Hub repo ids); empty: every model the
+    swarm's registry announces whose client weights can be found here"""
+    api_key: str | None = None
+    """require `Authorization: Bearer KEY` on every /v1 request"""
+    cors_origins: tuple[str, ...] = ()
+    """origins browsers may call the API from (empty: CORS off)"""
+    default_max_tokens: int = 256
+    """tokens to generate when a request sets no limit (capped by the model's context)"""
+    max_choices: int = 8
+    """the largest `n` (choices per request) accepted"""
+    registry_timeout_s: float = 20.0
+    """how long to wait for the swarm's model registry at startup"""
+
+    def __post_init__(self):
+        if not self.initial_peers:
+            raise ValueError("initial_peers is empty: pass the multiaddrs printed by `corolla dht` or a server's log")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be between 0 and 65535, got {self.port}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty (leave it out to serve without a key)")
+        if self.default_max_tokens <= 0:
+            raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
+        if self.max_choices <= 0:
+            raise ValueError(f"max_choices must be positive, got {self.max_choices}")
