@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.corolla-installed
 PIP := $(PY) -m pip --disable-pip-version-check --quiet
 
-.PHONY: demo test test-unit test-integration lint format bench-smoke clean netlab-deps
+.PHONY: demo test test-unit test-integration lint format bench-smoke clean netlab-deps browser-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,13 +27,23 @@ netlab-deps:
 	  echo "could not install them; the network lab tests will be skipped"; \
 	fi
 
-test: $(STAMP) netlab-deps
+# Debian's chromium and its driver, for the health page's browser test; only when missing, only as root; never fails
+browser-deps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; }; then \
+	  echo "installing chromium and chromium-driver (the health page's browser test)"; \
+	  { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } || \
+	  echo "could not install them; the browser test will be skipped"; \
+	fi
+
+test: $(STAMP) netlab-deps browser-deps
 	$(PY) -m pytest
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -m "not integration"
 
-test-integration: $(STAMP) netlab-deps
+test-integration: $(STAMP) netlab-deps browser-deps
 	$(PY) -m pytest -m integration
 
 lint: $(STAMP)

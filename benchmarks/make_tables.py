@@ -351,6 +351,12 @@ def btard_overhead(d: dict) -> str:
     return table(d["results"])
 
 
+def api(d: dict) -> str:
+    from benchmarks.bench_api import table
+
+    return table(d["results"])
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -466,6 +472,17 @@ def headline(results: dict[str, dict]) -> str:
 
     add("btard_overhead", overhead)
     add("btard_overhead_lab", overhead)
+
+    def gateway(r: dict) -> str:
+        levels = {level["clients"]: level for level in r["concurrency"]}
+        most = max(levels)
+        return (
+            f"OpenAI-compatible API vs the Python client on the same swarm: time to first token {r['ttft_ratio']:.2f}x, "
+            f"ms per token {r['ms_per_token_ratio']:.2f}x; {most} concurrent streams "
+            f"{levels[most]['aggregate_tokens_per_s'] / levels[1]['aggregate_tokens_per_s']:.1f}x the tokens/s of one"
+        )
+
+    add("api", gateway)
     return "\n".join(lines) + "\n"
 
 
@@ -488,6 +505,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "btard_sim": btard_sim,
     "btard_overhead": btard_overhead,
     "btard_overhead_lab": btard_overhead,
+    "api": api,
 }
 
 

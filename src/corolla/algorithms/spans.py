@@ -13,7 +13,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["ServerSpan", "compute_coverage", "find_missing_ranges", "uncovered_ranges"]
+__all__ = ["ServerSpan", "compute_coverage", "count_hosts", "find_missing_ranges", "uncovered_ranges"]
 
 
 def _is_non_negative_number(value: object) -> bool:
@@ -124,6 +124,12 @@ def _host_counts(spans: Iterable[ServerSpan], num_blocks: int) -> np.ndarray:
             diff[span.start] += 1
             diff[min(span.end, num_blocks)] -= 1
     return np.cumsum(diff[:-1])
+
+
+def count_hosts(spans: Iterable[ServerSpan], num_blocks: int) -> list[int]:
+    """How many of ``spans`` host each block of ``[0, num_blocks)`` (spans past the end are clipped)."""
+    _check_num_blocks(num_blocks)
+    return _host_counts(spans, num_blocks).tolist()
 
 
 def uncovered_ranges(hosted: Sequence[bool] | np.ndarray, offset: int = 0) -> list[tuple[int, int]]:

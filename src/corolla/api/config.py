@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from corolla.monitor.config import MonitorConfig
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -27,6 +29,9 @@ class ApiConfig:
     """tokens to generate when a request sets no limit (capped by the model's context)"""
     max_choices: int = 8
     """the largest `n` (choices per request) accepted"""
+    monitor: bool = False
+    """also serve the swarm health page at / (with /api/v1/state and /metrics), as `corolla monitor` does"""
+    monitor_settings: MonitorConfig = field(default_factory=MonitorConfig)
     registry_timeout_s: float = 20.0
     """how long to wait for the swarm's model registry at startup"""
 

@@ -15,6 +15,7 @@ COMMANDS = {
     "stage": ("stage_cmd", "serve a pipeline stage of a model trained by a SWARM"),
     "train": ("train_cmd", "train a model through a SWARM's stage peers"),
     "api": ("api_cmd", "an OpenAI-compatible HTTP API for the swarm's models"),
+    "monitor": ("monitor_cmd", "a web page showing whether the swarm can serve its models"),
     "btard": ("btard_cmd", "one peer of a Byzantine-tolerant (BTARD-SGD) data-parallel run"),
 }
 VERBOSE_HELP = "show the full traceback of an error"

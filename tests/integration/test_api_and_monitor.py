@@ -1,7 +1,14 @@
-"""``corolla api`` on a live loopback swarm of the real SmolLM2, driven by the real ``openai`` package: the models
-the registry announces, chat and plain completions (greedy text equal to local transformers' ``generate``),
-streaming with usage, stop sequences, OpenAI-shaped errors, concurrent streams, a client that hangs up mid-stream
-(the servers free its cache), and a server killed mid-stream (the stream goes on unchanged)."""
+"""``corolla api --monitor`` on a live loopback swarm of the real SmolLM2 (one swarm for both, to keep the suite
+lean).
+
+The API, driven by the real ``openai`` package: the models the registry announces, chat and plain completions
+(greedy text equal to local transformers' ``generate``), streaming with usage, stop sequences, OpenAI-shaped errors,
+concurrent streams, a client that hangs up mid-stream (the servers free its cache), and a server killed mid-stream
+(the stream goes on unchanged).
+
+The health page, in a real headless Chromium: healthy; a killed server's blocks shown missing and the model broken;
+healthy again once it is back. ``/metrics`` parsed by prometheus-client's parser; ``/api/v1/state`` against its
+schema."""
 
 from __future__ import annotations
 
@@ -25,10 +32,13 @@ KEY = "test-key-123"
 
 @pytest.fixture(scope="module")
 def swarm(tmp_path_factory):
-    """Blocks 0:15 on one server and 15:30 on two (one of them may be killed), then `corolla api` with a key."""
+    """Blocks 0:15 on one server and 15:30 on two (one of them may be killed), then `corolla api` with a key and
+    the health page."""
     logs = tmp_path_factory.mktemp("logs-api")
     with LocalSwarm(model=MODEL, spans=["0:15", "15:30", "15:30"], log_dir=logs) as swarm:
-        swarm.api_url = swarm.start_api(extra_args=["--api-key", KEY])
+        monitor = ["--monitor", "--refresh-period-s", "1", "--call-timeout-s", "2"]
+        swarm.api_url = swarm.start_api(extra_args=["--api-key", KEY, *monitor])
+        swarm.page_url = swarm.api_url.removesuffix("/v1") + "/"
         yield swarm
 
 
@@ -244,3 +254,88 @@ def test_a_server_killed_mid_stream_does_not_break_the_stream(swarm, client, loc
             swarm.kill(busy[0])
     assert text == expected
     expect_caches_free(statuses)
+
+
+# ---- the health page ---------------------------------------------------------------------------------------------
+
+
+def test_state_and_metrics(swarm):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from corolla.monitor.state import SwarmState
+
+    def state() -> SwarmState:
+        return SwarmState.model_validate(httpx2.get(swarm.page_url + "api/v1/state", timeout=30).json())
+
+    wait_for(lambda: state().models and state().models[0].healthy, timeout_s=30, what="a healthy reading")
+    reading = state()
+    (model,) = reading.models
+    assert (model.name, model.num_blocks, model.model_type) == (MODEL, 30, "llama")
+    live = {swarm.peer_ids[n] for n, p in swarm.processes.items() if n in swarm.peer_ids and p.poll() is None}
+    assert {s.peer_id for s in model.servers if s.reachable} == live
+    assert all(s.state == "ONLINE" and s.ping_ms is not None and s.dtype == "float32" for s in model.servers
+               if s.reachable)  # fmt: skip
+    assert model.coverage == [1] * 15 + [len(live) - 1] * 15 and model.missing == []
+    assert [b.answers for b in reading.bootstrap_peers] == [True]
+    assert httpx2.get(swarm.page_url + "api/v1/state/schema", timeout=30).json() == SwarmState.model_json_schema()
+
+    text = httpx2.get(swarm.page_url + "metrics", timeout=30).text
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}  # fmt: skip
+    assert samples[("corolla_model_healthy", (("model", MODEL),))] == 1
+    assert samples[("corolla_model_blocks_covered", (("model", MODEL),))] == 30
+    assert samples[("corolla_model_min_coverage", (("model", MODEL),))] == 1
+    assert samples[("corolla_model_servers", (("model", MODEL), ("state", "ONLINE")))] == len(live)
+    assert samples[("corolla_monitor_up", ())] == 1
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Debian's headless chromium through its chromedriver (nothing is downloaded)."""
+    import shutil
+
+    webdriver = pytest.importorskip("selenium.webdriver")
+    binary, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if binary is None or driver_path is None:
+        pytest.skip("chromium and chromedriver are not installed (`make browser-deps` installs them as root)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=driver_path, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        yield driver
+    finally:
+        driver.quit()  # stops the browser it started; then the driver process, by its PID, if it is still there
+        if service.process is not None and service.process.poll() is None:
+            service.process.kill()
+
+
+def test_page_shows_a_killed_server_s_blocks_missing_and_recovers(swarm, browser, tmp_path):
+    import os
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def health(driver) -> str:
+        badges = driver.find_elements(By.CSS_SELECTOR, f'section[data-model="{MODEL}"] [data-health]')
+        return badges[0].get_attribute("data-health") if badges else ""
+
+    browser.get(swarm.page_url)
+    WebDriverWait(browser, 30).until(lambda d: health(d) == "healthy")
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-bootstrap="answers"]')
+    rows = browser.find_elements(By.CSS_SELECTOR, f'section[data-model="{MODEL}"] tr[data-peer]')
+    assert {r.get_attribute("data-peer") for r in rows} >= {swarm.peer_ids["server0"]}
+    shot = os.environ.get("COROLLA_MONITOR_SCREENSHOT") or str(tmp_path / "healthy.png")
+    browser.save_screenshot(shot)  # COROLLA_MONITOR_SCREENSHOT=docs/monitor.png refreshes the docs' picture
+
+    swarm.kill("server0")  # the only server of blocks 0:15
+    WebDriverWait(browser, 30).until(lambda d: health(d) == "broken")  # 1 s refreshes, 2 s call timeout
+    section = browser.find_element(By.CSS_SELECTOR, f'section[data-model="{MODEL}"]')
+    assert "Blocks 0:15 have no serving server" in section.text
+    row = section.find_element(By.CSS_SELECTOR, f'tr[data-peer="{swarm.peer_ids["server0"]}"]')
+    assert "unreachable" in row.text
+
+    swarm.start_server("server0", ["--blocks", "0:15"])  # the same identity: the same peer comes back
+    WebDriverWait(browser, 90).until(lambda d: health(d) == "healthy")

@@ -1,0 +1,1 @@
+"""``corolla monitor``: a swarm's health page, its state as JSON and Prometheus metrics."""
