@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m compileall -q src >/dev/null  # bytecode once: a server's cold start then skips compiling corolla
 	touch $(STAMP)
 
+# `make demo DEMO_ARGS=--keep-serving` leaves the swarm running with the OpenAI-compatible API and the health page
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(VENV)/bin/corolla demo
+	$(VENV)/bin/corolla demo $(DEMO_ARGS)
 
 # the network lab's tools (benchmarks/netlab): installed only when missing, only as root with apt-get; never fails
 netlab-deps:

@@ -27,6 +27,11 @@ class DemoConfig:
     """the user's chat message"""
     max_new_tokens: int = 64
     """tokens to generate"""
+    keep_serving: bool = False
+    """after the answer, keep the swarm running with the OpenAI-compatible API and the health page (prints their
+    URLs; Ctrl-C stops everything)"""
+    api_port: int = 8000
+    """the API's and page's port with --keep-serving (0: any free port)"""
 
     def __post_init__(self):
         for name in ("servers", "max_new_tokens"):
@@ -88,9 +93,26 @@ def run(argv: Sequence[str], *, command: str = "demo") -> int:
             f"(first token after {streamer.first_token_s(t0):.2f} s)"
         )
         model.shutdown()
+        if args.keep_serving:
+            _keep_serving(swarm, args.api_port)
         print("[demo] Shutting the swarm down...")
     print("[demo] Done: all processes stopped.")
     return 0
+
+
+def _keep_serving(swarm, port: int) -> None:
+    """Run `corolla api --monitor` on the swarm and wait for Ctrl-C (or for a process of the swarm to exit)."""
+    base = swarm.start_api(extra_args=["--port", str(port), "--monitor"]).removesuffix("/v1")
+    print(f"\n[demo] OpenAI-compatible API: {base}/v1   (e.g. curl {base}/v1/models)")
+    print(f"[demo] Swarm health page:      {base}/")
+    print(f"[demo] Python or `corolla chat`: --initial-peers {' '.join(swarm.initial_peers)}")
+    print("[demo] Serving until Ctrl-C...", flush=True)
+    try:
+        while all(process.poll() is None for process in swarm.processes.values()):
+            time.sleep(1)
+        print("[demo] A process of the swarm exited; stopping.")
+    except KeyboardInterrupt:
+        print()
 
 
 class _TimingStreamer:
