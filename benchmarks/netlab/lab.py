@@ -1,10 +1,14 @@
 """A network lab: N hosts as Linux network namespaces on one bridge, each host's link shaped like the Internet.
 
-Topology (nothing is routed outside the lab: no uplink, no default route, no NAT)::
+Topology (nothing is routed outside the lab: no uplink, no default route)::
 
     <name>-sw  (namespace)   bridge br0 --- p1 --- p2 --- ... pN
                                             |      |          |   veth pairs
     <name>-<host> (one namespace per host)  eth0   eth0       eth0   10.77.0.1/24, 10.77.0.2/24, ...
+
+A host listed in ``nat_hosts`` sits behind a home router instead, like most volunteers' machines: the router
+(``<name>-<host>gw``) holds the host's public address on the bridge and masquerades the host's private network
+(192.168.<i>.0/24, the host at .2) with no inbound port: the host can connect out, nobody can connect in.
 
 Every lab lives in its own namespaces (names start with the lab's unique name), so several labs, and everything
 else on the machine, don't collide; the addresses repeat from lab to lab but never meet.
@@ -159,6 +163,7 @@ class Lab:
     name: str = field(default_factory=lambda: "cl" + secrets.token_hex(3))
     shapes: dict[str, LinkShape] = field(default_factory=dict)
     mode: str = "auto"  # auto (netem if the kernel has it, else nfqueue), netem, nfqueue
+    nat_hosts: Sequence[str] = ()  # hosts behind a masquerading router (reachable by nobody)
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
     _pids: dict[str, int] = field(default_factory=dict, repr=False)
     _home_netns: int | None = field(default=None, repr=False)
@@ -175,6 +180,9 @@ class Lab:
             if not _HOST_RE.match(host) or host == "sw":
                 raise ValueError(f"host name {host!r}: 1-12 lowercase letters/digits, starting with a letter, not sw")
         self.shapes = {host: self.shapes.get(host, LinkShape()) for host in self.hosts}
+        self.nat_hosts = list(self.nat_hosts)
+        if not set(self.nat_hosts) <= set(self.hosts):
+            raise ValueError(f"nat_hosts {sorted(set(self.nat_hosts) - set(self.hosts))} are not hosts of the lab")
 
     # ------------------------------------------------------------------ names and addresses
 
@@ -193,7 +201,18 @@ class Lab:
         return {host: f"{SUBNET}.{i + 1}" for i, host in enumerate(self.hosts)}
 
     def address(self, host: str) -> str:
+        """The host's public address (for a host behind NAT: its router's, which others see it connect from)."""
         return self.addresses[host]
+
+    def gateway_ns(self, host: str) -> str:
+        """The namespace of the router in front of a host behind NAT."""
+        return f"{self.ns(host)}gw"
+
+    def private_address(self, host: str) -> str:
+        """The address a host behind NAT has on its own network (listen there or on 0.0.0.0)."""
+        if host not in self.nat_hosts:
+            raise KeyError(f"{host} is not behind NAT")
+        return f"192.168.{self.hosts.index(host) + 1}.2"
 
     @property
     def state_dir(self) -> Path:
@@ -233,12 +252,15 @@ class Lab:
         _run(["ip", "-n", sw, "link", "set", "br0", "up"])
         for i, host in enumerate(self.hosts):
             ns, port = self.ns(host), f"p{i + 1}"
-            _run(["ip", "netns", "add", ns])
-            _run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", port, "netns", sw])
+            on_bridge = self.gateway_ns(host) if host in self.nat_hosts else ns
+            _run(["ip", "netns", "add", on_bridge])
+            _run(["ip", "link", "add", "eth0", "netns", on_bridge, "type", "veth", "peer", "name", port, "netns", sw])
             _run(["ip", "-n", sw, "link", "set", port, "master", "br0", "up"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "addr", "add", f"{self.address(host)}/24", "dev", "eth0"])
-            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+            _run(["ip", "-n", on_bridge, "link", "set", "lo", "up"])
+            _run(["ip", "-n", on_bridge, "addr", "add", f"{self.address(host)}/24", "dev", "eth0"])
+            _run(["ip", "-n", on_bridge, "link", "set", "eth0", "up"])
+            if host in self.nat_hosts:
+                self._add_home_network(host)
             for key, value in (
                 ("net.ipv6.conf.all.disable_ipv6", "1"),
                 ("net.ipv4.tcp_rmem", "4096 131072 33554432"),
@@ -251,7 +273,8 @@ class Lab:
             for host in self.hosts:
                 self._start_delayer(host, binary)
         for host in self.hosts:
-            self._start_probe(host)
+            if host not in self.nat_hosts:  # nobody could connect to a probe behind NAT
+                self._start_probe(host)
         self._apply_shapes()
         self._save_state()
         hosts = ", ".join(f"{h}={self.address(h)}" for h in self.hosts)
@@ -259,6 +282,25 @@ class Lab:
         if verify:
             self.verify()
         return self
+
+    def _add_home_network(self, host: str) -> None:
+        """The host's namespace behind its router: a private /24, default route via the router, which masquerades
+        outgoing connections and drops every connection that starts outside."""
+        ns, gw, i = self.ns(host), self.gateway_ns(host), self.hosts.index(host) + 1
+        _run(["ip", "netns", "add", ns])
+        _run(["ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", "lan0", "netns", gw])
+        _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        _run(["ip", "-n", ns, "addr", "add", f"192.168.{i}.2/24", "dev", "eth0"])
+        _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        _run(["ip", "-n", ns, "route", "add", "default", "via", f"192.168.{i}.1"])
+        _run(["ip", "-n", gw, "addr", "add", f"192.168.{i}.1/24", "dev", "lan0"])
+        _run(["ip", "-n", gw, "link", "set", "lan0", "up"])
+        router = ["ip", "netns", "exec", gw]
+        _run([*router, "sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        _run([*router, "iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"])
+        _run([*router, "iptables", "-w", "-A", "FORWARD", "-i", "eth0", "-o", "lan0", "-m", "conntrack",
+              "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"])  # fmt: skip
+        _run([*router, "iptables", "-w", "-A", "FORWARD", "-i", "eth0", "-o", "lan0", "-j", "DROP"])
 
     def _resolve_mode(self) -> str:
         if self.mode in ("netem", "nfqueue"):
@@ -432,12 +474,11 @@ class Lab:
         for attempt in range(attempts):
             errors = []
             if rtt:
-                for i, ref in enumerate(self.hosts[:-1]):
-                    errors += self._verify_rtt(ref, self.hosts[i + 1 :], report, count, rtt_tolerance_ms,
-                                               rtt_tolerance_rel)  # fmt: skip
+                for ref, others in self._probe_plan():
+                    errors += self._verify_rtt(ref, others, report, count, rtt_tolerance_ms, rtt_tolerance_rel)
             if bandwidth:
-                for i, ref in enumerate(self.hosts[:-1]):
-                    for src in self.hosts[i + 1 :]:
+                for ref, others in self._probe_plan():
+                    for src in others:
                         errors += self._verify_bandwidth(ref, src, report, bw_low, bw_high)
             if not errors:
                 break
@@ -447,6 +488,19 @@ class Lab:
             raise LabError(f"lab {self.name} is off ({self.mode}): " + "; ".join(errors))
         logger.info("lab %s verified: %s", self.name, json.dumps(report))
         return report
+
+    def _probe_plan(self) -> list[tuple[str, list[str]]]:
+        """(client, the hosts it probes) covering every pair once, each host probing the hosts after it; a host
+        behind NAT is always the client (nobody can connect to it) and two such hosts are not measured (they meet
+        only through a relay)."""
+        plan: dict[str, list[str]] = {host: [] for host in self.hosts}
+        for i, a in enumerate(self.hosts):
+            for b in self.hosts[i + 1 :]:
+                if a in self.nat_hosts and b in self.nat_hosts:
+                    continue
+                client, server = (b, a) if b in self.nat_hosts else (a, b)
+                plan[client].append(server)
+        return [(client, servers) for client, servers in plan.items() if servers]
 
     @staticmethod
     def pair(a: str, b: str) -> str:
@@ -498,6 +552,7 @@ class Lab:
             "name": self.name,
             "hosts": self.hosts,
             "mode": self.mode,
+            "nat_hosts": self.nat_hosts,
             "addresses": self.addresses,
             "shapes": {h: str(s) for h, s in self.shapes.items()},
             "pids": self._pids,
@@ -515,6 +570,7 @@ class Lab:
             hosts=state["hosts"],
             name=state["name"],
             mode=state["mode"],
+            nat_hosts=state.get("nat_hosts", []),
             shapes={h: LinkShape.parse(s) for h, s in state["shapes"].items()},
         )
         lab._pids = {k: int(v) for k, v in state["pids"].items()}
@@ -548,7 +604,7 @@ def teardown(name: str, hosts: Sequence[str] | None = None) -> list[str]:
     if hosts is None:
         mine = [ns for ns in existing if ns.startswith(f"{name}-")]
     else:
-        wanted = {f"{name}-{h}" for h in hosts} | {f"{name}-sw"}
+        wanted = {f"{name}-{h}" for h in hosts} | {f"{name}-{h}gw" for h in hosts} | {f"{name}-sw"}
         mine = [ns for ns in existing if ns in wanted]
     pids: set[int] = set()
     for ns in mine:

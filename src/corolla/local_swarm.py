@@ -106,17 +106,25 @@ class LocalSwarm:
             raise RuntimeError(
                 "this swarm already has a bootstrap peer (`with LocalSwarm(...)` starts one): start servers only"
             )
-        bootstrap = self._spawn("bootstrap", ["dht"], stdout=subprocess.PIPE, text=True)
+        self.initial_peers = self._start_dht_peer("bootstrap", [])
+
+    def start_dht_peer(self, name: str) -> list[str]:
+        """Another ``corolla dht`` peer joined through the bootstrap (e.g. one more relay for peers behind NAT);
+        returns its multiaddrs (``initial_peers`` is left as it is)."""
+        return self._start_dht_peer(name, ["--initial-peers", *self.initial_peers])
+
+    def _start_dht_peer(self, name: str, args: list[str]) -> list[str]:
+        process = self._spawn(name, ["dht", *args], stdout=subprocess.PIPE, text=True)
         deadline = time.monotonic() + self.start_timeout_s
-        while not self.initial_peers:
-            if bootstrap.poll() is not None:
-                raise RuntimeError(f"the bootstrap peer exited with code {bootstrap.returncode}")
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the DHT peer {name} exited with code {process.returncode}")
             if time.monotonic() > deadline:
-                raise TimeoutError("the bootstrap peer did not print its address in time")
-            line = bootstrap.stdout.readline()
+                raise TimeoutError(f"the DHT peer {name} did not print its address in time")
+            line = process.stdout.readline()
             if "--initial-peers" in line:
-                self.initial_peers = line.split("--initial-peers", 1)[1].split()
-        bootstrap.stdout.close()
+                process.stdout.close()
+                return line.split("--initial-peers", 1)[1].split()
 
     def start_server(self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()) -> subprocess.Popen:
         """Start a server; it gets a persistent identity file, so its peer id is known (``peer_ids[name]``).

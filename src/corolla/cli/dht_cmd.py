@@ -1,8 +1,11 @@
-"""``corolla dht``: a lightweight bootstrap peer that prints the multiaddrs others pass as --initial-peers."""
+"""``corolla dht``: a lightweight bootstrap peer that prints the multiaddrs others pass as --initial-peers. It also
+dials joining peers back (so they learn whether they are reachable) and, like every libp2p peer here, relays
+connections to peers behind NAT that reserved a slot at it."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 
 from corolla.cli.flags import parse_flags
@@ -16,6 +19,8 @@ def run(argv: Sequence[str], *, command: str = "dht") -> int:
         prog="corolla dht",
         description="Start a DHT peer (no blocks) that new servers and clients can join through.",
     )
+    if config.reachability == "auto":  # a bootstrap peer is meant to be public: it relays for peers behind NAT
+        config = dataclasses.replace(config, reachability="direct")
     asyncio.run(_serve(config))
     return 0
 
@@ -26,8 +31,11 @@ async def _serve(config: PeerConfig) -> None:
     from corolla.net.peer import Peer
 
     logger = get_logger("corolla.cli.dht")
+    from corolla.net.reachability import DialBackService
+
     async with Peer(config, role="bootstrap peer") as peer:
         await peer.joined()
+        await DialBackService(await peer.p2p()).start()  # tells joining peers whether they need relays
         maddrs = [str(m) for m in await asyncio.to_thread(peer.dht.get_visible_maddrs)]
         print("Bootstrap peer is running. Pass these to servers and clients:", flush=True)
         print("  --initial-peers " + " ".join(maddrs), flush=True)

@@ -93,9 +93,15 @@ class SwarmView:
     async def transport(self) -> Transport:
         """How this client calls servers: libp2p, wrapped by ``transport_wrapper`` if one is set."""
         if self._transport is None:
-            transport = self._given_transport or P2PTransport(await self.p2p())
+            transport = self._given_transport or P2PTransport(await self.p2p(), relay_addrs=self._relay_addrs)
             self._transport = transport if self.transport_wrapper is None else self.transport_wrapper(transport)
         return self._transport
+
+    def _relay_addrs(self, peer_id: str) -> tuple[str, ...]:
+        """Where a server behind NAT announced relay slots (the transport dials it there)."""
+        with self._lock:
+            info = next((i for p, i in self.servers.items() if p.to_base58() == peer_id), None)
+        return info.relay_addrs if info is not None and info.relayed else ()
 
     def wrap_transport(self, wrapper: Callable[[Transport], Transport]) -> None:
         """Route every later call through ``wrapper(the transport)`` (``corolla.net.faults.FaultyTransport``

@@ -32,6 +32,7 @@ class SwarmCollector:
     def __init__(self, dht: DHT, *, initial_peers: tuple[str, ...], config: MonitorConfig):
         self.dht, self.initial_peers, self.config = dht, tuple(initial_peers), config
         self._transport: P2PTransport | None = None
+        self._relay_addrs: dict[str, tuple[str, ...]] = {}  # relayed servers' relay addresses, from their records
 
     @classmethod
     def connect(cls, initial_peers: tuple[str, ...], config: MonitorConfig) -> SwarmCollector:
@@ -52,6 +53,10 @@ class SwarmCollector:
         }
         servers = {name: _servers_of(per_block) for name, per_block in records.items()}
         peers = {peer for found in servers.values() for peer in found}
+        self._relay_addrs = {
+            peer.to_base58(): info.relay_addrs for found in servers.values() for peer, info in found.items()
+            if info.relayed
+        }  # fmt: skip
         answers = run_sync(self._statuses(peers), timeout_s=self.config.call_timeout_s + 10)
         reports = [_model_report(entries[0][1], servers[name], answers) for name, entries in sorted(models.items())]
         return SwarmState(
@@ -64,7 +69,9 @@ class SwarmCollector:
     async def _statuses(self, peers) -> dict[PeerID, tuple[object, float] | None]:
         """(status, seconds) of each server's info call, or None if it failed or timed out."""
         if self._transport is None:
-            self._transport = P2PTransport(await self.dht.replicate_p2p())
+            self._transport = P2PTransport(
+                await self.dht.replicate_p2p(), relay_addrs=lambda peer: self._relay_addrs.get(peer, ())
+            )
 
         async def one(peer: PeerID):
             started = time.perf_counter()
@@ -133,6 +140,7 @@ def _model_report(entry: ModelRegistryEntry, servers: dict[PeerID, ServerInfo], 
                 end_block=info.end_block,
                 state=ServerState(info.state).name if status is not None else "unreachable",
                 reachable=status is not None,
+                relayed=info.relayed,
                 ping_ms=None if seconds is None else seconds * 1e3,
                 throughput=info.throughput,
                 inference_rps=info.inference_rps,

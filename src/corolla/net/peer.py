@@ -59,6 +59,7 @@ class Peer:
         self._stopping: asyncio.Event | None = None
         self._shutdown_steps: list[tuple[str, ShutdownStep]] = []
         self._p2p: P2P | None = None
+        self.relayed = config.reachability == "relay"  # reached through relays (decided in ``joined`` for "auto")
 
     # ---- start ----------------------------------------------------------------------------------------------
     async def __aenter__(self) -> Peer:
@@ -76,7 +77,7 @@ class Peer:
             raise
         return self
 
-    def _start_dht(self) -> DHT:
+    def _start_dht(self, *, check_identity: bool = True) -> DHT:
         cfg = self.config
         kwargs = dict(
             initial_peers=list(cfg.initial_peers),
@@ -85,10 +86,16 @@ class Peer:
             record_validators=swarm_validators(self.key),
             identity_path=str(self._identity_path),
             # a fresh random identity cannot be taken by anyone: skip the network check for it
-            check_if_identity_free=cfg.identity is not None,
+            check_if_identity_free=check_identity and cfg.identity is not None,
+            use_relay=True,  # reach peers behind NAT through their relays
         )
         if cfg.announce_maddrs:
             kwargs["announce_maddrs"] = list(cfg.announce_maddrs)
+        if cfg.reachability == "direct":  # serve as a relay for peers behind NAT (libp2p does only when public)
+            kwargs["force_reachability"] = "public"
+        if self.relayed:  # reserve slots at relays; nobody can dial in, so serve no DHT requests either
+            relays = list(cfg.relays or cfg.initial_peers)
+            kwargs.update(use_auto_relay=True, trusted_relays=relays, force_reachability="private", client_mode=True)
         dht = ParentBoundDHT(**kwargs)
         dht.run_in_background(await_ready=False)  # joins while the role loads what it needs
         return dht
@@ -103,7 +110,73 @@ class Peer:
                 f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a server's log) "
                 f"and that those peers are running and reachable."
             ) from e
+        if self.config.reachability == "auto" and self._may_be_behind_nat():
+            await self._settle_reachability()
         self._forget_throwaway_identity()  # the daemon has read it
+
+    def _may_be_behind_nat(self) -> bool:
+        """A peer that joins others and listens beyond loopback (a loopback swarm is always reachable)."""
+        loopback = ("/ip4/127.", "/ip6/::1/")
+        return bool(self.config.initial_peers) and not all(m.startswith(loopback) for m in self.config.host_maddrs)
+
+    async def _settle_reachability(self) -> None:
+        """Ask the initial peers to dial this peer back; if they cannot, restart the DHT peer reached through
+        relays (before the role uses it)."""
+        from hivemind.p2p import PeerID
+
+        from corolla.net.reachability import check_reachable, listen_addrs
+
+        helpers = [PeerID.from_base58(a.rsplit("/p2p/", 1)[1]) for a in self.config.initial_peers if "/p2p/" in a]
+        addrs = listen_addrs(await self._loop.run_in_executor(None, self.dht.get_visible_maddrs))
+        reachable = await check_reachable(await self.p2p(), helpers[:2], addrs, timeout_s=30)
+        if reachable is None:
+            logger.warning("No initial peer could check whether this %s is reachable; assuming it is", self.role)
+            return
+        if reachable:
+            logger.info("This %s is directly reachable at %s", self.role, ", ".join(addrs))
+            return
+        logger.warning(
+            "This %s cannot be reached directly (NAT or firewall): it will be reached through relays", self.role
+        )
+        old, old_p2p, self._p2p, self.relayed = self.dht, self._p2p, None, True
+        if old_p2p is not None:
+            await old_p2p.shutdown()
+        await self._loop.run_in_executor(None, old.shutdown)
+        self.dht = self._start_dht(check_identity=False)  # the identity is ours: its old daemon just stopped
+        try:
+            await self._loop.run_in_executor(None, self.dht.wait_until_ready, self.config.join_timeout_s)
+        except Exception as e:
+            raise SwarmConnectionError(f"Could not rejoin the swarm through relays ({type(e).__name__}: {e})") from e
+        await self._wait_for_relay_slot()
+
+    async def relay_addrs(self) -> tuple[str, ...]:
+        """Where others dial this peer through relays (``.../p2p/RELAY/p2p-circuit`` for each relay it may hold a
+        slot at); empty when it is not relayed."""
+        from corolla.net.reachability import circuit_addrs
+
+        return tuple(circuit_addrs(self.config.relays or self.config.initial_peers)[:8]) if self.relayed else ()
+
+    async def _wait_for_relay_slot(self) -> None:
+        """Until a helper can dial this peer through a relay (libp2p reserves a slot at once with 4 or more relay
+        candidates, else after about 3 minutes)."""
+        from hivemind.p2p import PeerID
+
+        from corolla.net.reachability import check_reachable
+
+        helpers = [PeerID.from_base58(a.rsplit("/p2p/", 1)[1]) for a in self.config.initial_peers if "/p2p/" in a]
+        addrs = list(await self.relay_addrs())
+        deadline = self._loop.time() + self.config.relay_wait_s
+        logger.info("Waiting until relays let others dial this %s (up to %.0f s)", self.role, self.config.relay_wait_s)
+        while addrs and self._loop.time() < deadline:
+            if await check_reachable(await self.p2p(), helpers[:1], addrs, timeout_s=30):
+                logger.info("Reachable through relays: %s", ", ".join(addrs))
+                return
+            await asyncio.sleep(2.0)
+        logger.warning(
+            "Not reachable through relays after %.0f s; going on (more --initial-peers or --relays help: libp2p "
+            "reserves a relay slot at once given 4 relay candidates)",
+            self.config.relay_wait_s,
+        )
 
     def _forget_throwaway_identity(self) -> None:
         if self.config.identity is None and self._identity_path is not None:

@@ -48,21 +48,57 @@ class P2PMessageStream:
 
 
 class P2PTransport:
-    """``corolla.protocol.rpc.Transport`` over a hivemind ``P2P`` instance (peer ids as base58 strings)."""
+    """``corolla.protocol.rpc.Transport`` over a hivemind ``P2P`` instance (peer ids as base58 strings).
 
-    def __init__(self, p2p: P2P):
-        self.p2p = p2p
+    ``relay_addrs(peer_id)``: the relay addresses a peer behind NAT announced (its DHT record); the transport
+    connects through them before its first call to that peer, so reaching it does not depend on libp2p finding
+    them by itself.
+    """
+
+    def __init__(self, p2p: P2P, *, relay_addrs: Callable[[str], tuple[str, ...]] | None = None):
+        self.p2p, self._relay_addrs = p2p, relay_addrs
+        self._good_relay: dict[str, str] = {}  # peer id -> the relay address that worked last
+
+    async def _reach(self, peer_id: str, timeout_s: float) -> PeerID:
+        """The peer's id, connected through one of its relays first if it announced any. (Connecting is a no-op
+        while a connection is open; one relay at a time, the last good one first, so that parallel circuits
+        do not replace each other under open streams.)"""
+        peer = PeerID.from_base58(peer_id)
+        addrs = list(self._relay_addrs(peer_id)) if self._relay_addrs is not None else []
+        if not addrs:
+            return peer
+        from corolla.net.reachability import connect_through_relays
+
+        good = self._good_relay.get(peer_id)
+        addrs.sort(key=lambda addr: addr != good)
+        error: Exception | None = None
+        for addr in addrs:
+            try:
+                await asyncio.wait_for(connect_through_relays(self.p2p, peer, [addr]), timeout_s)
+            except Exception as e:
+                error = e
+                continue
+            self._good_relay[peer_id] = addr
+            return peer
+        raise ConnectionError(f"could not reach {peer_id} through any of its {len(addrs)} relays: {error}")
 
     async def call(self, peer_id: str, handle: str, request, response_type: type, *, timeout_s: float):
-        call = self.p2p.call_protobuf_handler(PeerID.from_base58(peer_id), handle, request, response_type)
-        return await asyncio.wait_for(call, timeout_s)
+        async def call():
+            peer = await self._reach(peer_id, timeout_s)
+            return await self.p2p.call_protobuf_handler(peer, handle, request, response_type)
+
+        return await asyncio.wait_for(call(), timeout_s)
 
     async def iterate(self, peer_id: str, handle: str, requests: AsyncIterator, response_type: type) -> AsyncIterator:
-        return await self.p2p.iterate_protobuf_handler(PeerID.from_base58(peer_id), handle, requests, response_type)
+        peer = await self._reach(peer_id, 30.0)
+        return await self.p2p.iterate_protobuf_handler(peer, handle, requests, response_type)
 
     async def open_stream(self, peer_id: str, handle: str, *, timeout_s: float) -> MessageStream:
-        opening = self.p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), handle)
-        _, reader, writer = await asyncio.wait_for(opening, timeout_s)
+        async def opening():
+            peer = await self._reach(peer_id, timeout_s)
+            return await self.p2p.call_binary_stream_handler(peer, handle)
+
+        _, reader, writer = await asyncio.wait_for(opening(), timeout_s)
         return P2PMessageStream(peer_id, reader, writer)
 
 

@@ -38,6 +38,9 @@ class ServerInfo(SignedRecord):
     quant: str | None = None
     adapters: tuple[str, ...] = ()
     public_name: str | None = None
+    relayed: bool | None = Field(default=None, description="reached only through relays (behind NAT)")
+    relay_addrs: tuple[str, ...] = Field(default=(), max_length=8, description="where a relayed server holds slots")
+    schema_version: int = Field(default=2, ge=1, description="2: relayed, relay_addrs")
     version: str = __version__
     protocol_version: int = PROTOCOL_VERSION
     next_pings: dict[str, float] = Field(default_factory=dict, description="RTT seconds to likely next servers")

@@ -29,6 +29,8 @@ class ServingState:
     speed: SpeedReport | None = None
     moving_to: tuple[int, int] | None = None  # blocks being loaded while the old span still serves
     next_rtts: RttTracker = field(default_factory=RttTracker)
+    relayed: bool = False  # this server is reached through relays
+    relay_addrs: tuple[str, ...] = ()  # ... at these addresses
 
     def record(self, state: ServerState = ServerState.ONLINE, *, span=None) -> ServerInfo:
         """The announcement for ``state``: about ``span`` if given (e.g. OFFLINE on the blocks being left), else
@@ -51,5 +53,7 @@ class ServingState:
             quant=cfg.span.quant,
             adapters=cfg.span.adapter_names(),
             public_name=cfg.announce.public_name,
+            relayed=self.relayed,
+            relay_addrs=self.relay_addrs,
             next_pings=self.next_rtts.snapshot(limit=MAX_PUBLISHED_PINGS),
         )

@@ -1,0 +1,248 @@
+"""A server behind NAT serves a client through a relay, in the network lab; the relayed hop's cost vs a direct one.
+
+Hosts (each its own namespace, every link the same one-way delay): ``boot`` (the bootstrap peer and three more
+`corolla dht` peers: libp2p reserves relay slots at once when it has four candidates, else after ~3 minutes),
+``pub`` (a server of the whole model, directly reachable), ``home`` (a server of the same blocks behind a
+masquerading router with no inbound port: it finds out it cannot be dialed and is reached through relays) and
+``client`` (this process). The client generates greedy tokens of SmolLM2 through one server at a time
+(``allowed_servers``), alternating round by round, checks both against local transformers, and times them; it also
+times the info RPC (a round trip) to each server.
+
+    sudo .venv/bin/python benchmarks/exp_nat_relay.py --preset smoke --out /tmp/exp
+    sudo .venv/bin/python benchmarks/exp_nat_relay.py --preset full            # -> docs/results/nat_relay.*
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
+from benchmarks.netlab import Lab, LabError, LinkShape, unavailable_reason  # noqa: E402
+from benchmarks.results import Run  # noqa: E402
+
+PRESETS = {
+    "smoke": dict(delay_ms=2.5, rate_mbit=100, new_tokens=4, rounds=1, pings=5),
+    "full": dict(delay_ms=10, rate_mbit=100, new_tokens=32, rounds=5, pings=30),
+}
+HOSTS = ["boot", "pub", "home", "client"]
+MODEL = "smollm2-135m"
+PROMPT = "List three things people do at the beach."
+RELAYS = 3  # extra `corolla dht` peers besides the bootstrap
+
+
+def start_swarm(lab: Lab, log_dir: Path):
+    from corolla.local_swarm import LocalSwarm
+
+    host_of = {"bootstrap": "boot", "server_pub": "pub", "server_home": "home"}
+    host_of |= {f"relay{i}": "boot" for i in range(RELAYS)}
+
+    def process_args(name: str) -> list[str]:
+        address = "0.0.0.0" if name == "server_home" else lab.address(host_of[name])
+        return ["--host-maddrs", f"/ip4/{address}/tcp/0"]
+
+    swarm = LocalSwarm(
+        model=MODEL, command_prefix=lambda name: lab.prefix(host_of[name]), process_args=process_args,
+        log_dir=log_dir, start_timeout_s=300,
+    )  # fmt: skip
+    try:
+        swarm.start_bootstrap()
+        relays = [swarm.start_dht_peer(f"relay{i}") for i in range(RELAYS)]
+        swarm.initial_peers = [*swarm.initial_peers, *(r[0] for r in relays)]  # servers join (and relay) via all
+        swarm.start_server("server_pub", ["--blocks", "0:30"])
+        swarm.start_server("server_home", ["--blocks", "0:30"])
+        swarm.wait_until_served(30, min_servers=2)
+    except BaseException:
+        swarm.stop()
+        raise
+    return swarm
+
+
+def server_records(swarm) -> dict:
+    from corolla.models.checkpoint import default_dht_prefix
+    from corolla.net.dht_process import client_dht
+    from corolla.net.dht_records import collect_servers, fetch_block_records
+
+    dht = client_dht(swarm.initial_peers)
+    try:
+        records = collect_servers(fetch_block_records(dht, dht_prefix=default_dht_prefix(MODEL), num_blocks=30))
+    finally:
+        dht.shutdown()
+    return {peer.to_base58(): info for peer, info in records.items()}
+
+
+def client_through(swarm, peer_id: str):
+    from corolla import AutoDistributedModelForCausalLM
+
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        MODEL, initial_peers=swarm.initial_peers, allowed_servers=(peer_id,), step_timeout_s=60, max_retries=6
+    )
+
+
+class _FirstToken:
+    """A streamer noting when the first generated token arrives (``generate`` puts the prompt first)."""
+
+    def __init__(self):
+        self.calls, self.first_at = 0, None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2:
+            self.first_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def generate(model, ids, new_tokens: int) -> tuple[list[int], float]:
+    """(tokens, seconds per token after the first) of greedy generation."""
+    import torch
+
+    clock = _FirstToken()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    elapsed = time.perf_counter() - clock.first_at
+    tokens = out[0, ids.shape[1] :].tolist()
+    return tokens, elapsed / max(1, len(tokens) - 1)
+
+
+def info_rtts(model, peer_id: str, count: int) -> list[float]:
+    from corolla.net.loop import run_sync
+    from corolla.net.ping import ping
+
+    swarm = model.remote_blocks.swarm
+    transport = run_sync(swarm.transport(), timeout_s=30)
+    return [run_sync(ping(transport, peer_id, timeout_s=10), timeout_s=20) * 1e3 for _ in range(count)]
+
+
+def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corolla.models.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(MODEL).folder
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    local = AutoModelForCausalLM.from_pretrained(folder).eval()
+    expected = local.generate(ids, max_new_tokens=preset["new_tokens"], do_sample=False)[0, ids.shape[1] :].tolist()
+
+    started = time.monotonic()
+    swarm = start_swarm(lab, log_dir)
+    try:
+        served_s = time.monotonic() - started
+        records = server_records(swarm)
+        home, pub = swarm.peer_ids["server_home"], swarm.peer_ids["server_pub"]
+        relayed = {name: records[peer].relayed for name, peer in (("home", home), ("pub", pub))}
+        models = {"relayed": client_through(swarm, home), "direct": client_through(swarm, pub)}
+        try:
+            first_call = time.monotonic()
+            tokens_relayed, _ = generate(models["relayed"], ids, preset["new_tokens"])  # waits for the relay
+            reachable_after_s = time.monotonic() - first_call
+            rows = {"relayed": [], "direct": []}
+            tokens = {"relayed": tokens_relayed}
+            for i in range(preset["rounds"]):
+                for path in ("relayed", "direct") if i % 2 == 0 else ("direct", "relayed"):
+                    got, per_token = generate(models[path], ids, preset["new_tokens"])
+                    tokens[path] = got
+                    rows[path].append(per_token * 1e3)
+            pings = {path: info_rtts(models[path], peer, preset["pings"]) for path, peer in
+                     (("relayed", home), ("direct", pub))}  # fmt: skip
+        finally:
+            for model in models.values():
+                model.shutdown()
+    finally:
+        swarm.stop()
+    return {
+        "served_after_s": served_s,
+        "announced_relayed": relayed,
+        "reachable_through_relay_after_s": reachable_after_s,
+        "tokens_equal_local": {path: got == expected for path, got in tokens.items()},
+        "ms_per_token": {path: statistics.median(v) for path, v in rows.items()},
+        "ms_per_token_rounds": rows,
+        "info_rtt_ms": {path: statistics.median(v) for path, v in pings.items()},
+        "info_rtt_ms_all": pings,
+        "link": {"one_way_delay_ms": preset["delay_ms"], "rate_mbit": preset["rate_mbit"]},
+    }
+
+
+def table(r: dict) -> str:
+    delay = r["link"]["one_way_delay_ms"]
+    lines = [
+        f"Every host's link: {delay:g} ms one way, {r['link']['rate_mbit']:g} Mbit/s (so {4 * delay:g} ms RTT "
+        "between two hosts; client -> relay -> home server is two such hops).",
+        "",
+        "| path to the server | announced relayed | tokens equal local | ms per token | info RPC round trip |",
+        "|---|---|---|---|---|",
+    ]
+    for path, host in (("direct", "pub"), ("relayed", "home")):
+        lines.append(
+            f"| {path} ({host}) | {r['announced_relayed'][host]} | {r['tokens_equal_local'][path]} | "
+            f"{r['ms_per_token'][path]:.1f} | {r['info_rtt_ms'][path]:.1f} ms |"
+        )
+    extra = r["ms_per_token"]["relayed"] - r["ms_per_token"]["direct"]
+    lines += [
+        "",
+        f"The relayed hop costs {extra:.1f} ms per token and "
+        f"{r['info_rtt_ms']['relayed'] - r['info_rtt_ms']['direct']:.1f} ms per round trip; the server behind NAT "
+        f"was ONLINE {r['served_after_s']:.0f} s after the swarm's start and answered through the relay "
+        f"{r['reachable_through_relay_after_s']:.1f} s after the client's first call.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = experiment_parser(__doc__, PRESETS, log_dir="where the peers' logs go (default: a temp folder)")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    reason = unavailable_reason()
+    if reason:
+        print(f"error: cannot run the network lab here: {reason}", file=sys.stderr)
+        return 2
+    run = Run("nat_relay", args)
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="corolla-exp-nat-relay-"))
+    shape = LinkShape(delay_ms=preset["delay_ms"], rate_mbit=preset["rate_mbit"])
+    try:
+        with Lab(hosts=HOSTS, nat_hosts=["home"], shapes={h: shape for h in HOSTS}) as lab:
+            lab.enter("client")  # this process is the client: its sockets and helpers live in the lab
+            results = run_experiment(lab, preset, log_dir)
+    except LabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=1))
+    text = f"## A server behind NAT through a relay ({args.preset})\n\n- machine: {machine_line(args.machine)}\n\n"
+    text += table(results)
+    print(text)
+    run.path(".md").write_text(text)
+    run.save(params=dict(preset, model=MODEL, hosts=HOSTS), results=results)
+    plot(results, run.path(".png"))
+    return 0
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
+    paths = ["direct", "relayed"]
+    left.bar(paths, [r["ms_per_token"][p] for p in paths], color=["C0", "C1"])
+    left.set_ylabel("ms per token")
+    right.bar(paths, [r["info_rtt_ms"][p] for p in paths], color=["C0", "C1"])
+    right.set_ylabel("info RPC round trip (ms)")
+    fig.suptitle(f"server behind NAT via a relay, links {r['link']['one_way_delay_ms']:g} ms one way", fontsize=9)
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
