@@ -30,8 +30,8 @@ from benchmarks.netlab import Lab, LabError, LinkShape, unavailable_reason  # no
 from benchmarks.results import Run  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(delay_ms=2.5, rate_mbit=100, new_tokens=4, rounds=1, pings=5),
-    "full": dict(delay_ms=10, rate_mbit=100, new_tokens=32, rounds=5, pings=30),
+    "smoke": dict(delay_ms=5, rate_mbit=100, new_tokens=8, rounds=1, pings=5),
+    "full": dict(delay_ms=5, rate_mbit=100, new_tokens=32, rounds=5, pings=30),
 }
 HOSTS = ["boot", "pub", "home", "client"]
 MODEL = "smollm2-135m"

@@ -357,6 +357,12 @@ def api(d: dict) -> str:
     return table(d["results"])
 
 
+def nat_relay(d: dict) -> str:
+    from benchmarks.exp_nat_relay import table
+
+    return table(d["results"])
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -484,6 +490,17 @@ def headline(results: dict[str, dict]) -> str:
         )
 
     add("api", gateway)
+
+    def relayed(r: dict) -> str:
+        extra = r["info_rtt_ms"]["relayed"] - r["info_rtt_ms"]["direct"]
+        same = all(r["tokens_equal_local"].values())
+        ratio = r["ms_per_token"]["relayed"] / r["ms_per_token"]["direct"]
+        return (
+            f"Server behind NAT in the network lab, reached through a relay: tokens equal local: {same}; the relayed "
+            f"hop adds {extra:.1f} ms per round trip ({ratio:.2f}x the direct server's ms per token)"
+        )
+
+    add("nat_relay", relayed)
     return "\n".join(lines) + "\n"
 
 
@@ -507,6 +524,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "btard_overhead": btard_overhead,
     "btard_overhead_lab": btard_overhead,
     "api": api,
+    "nat_relay": nat_relay,
 }
 
 

@@ -33,6 +33,8 @@ def _corolla(*args: str) -> subprocess.CompletedProcess:
         (["stage", "no-such-model", "--new-swarm"], "corolla stage: error: Model 'no-such-model' is not a local"),
         (["stage", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla stage: error: Could not start this stage peer's"),
         (["train", "{zoo}", "--initial-peers", BOGUS_PEER], "corolla train: error: Could not join the swarm"),
+        (["api", "--initial-peers", BOGUS_PEER, "--port", "0"], "corolla api: error: Could not join the swarm"),
+        (["monitor", "--initial-peers", BOGUS_PEER, "--port", "0"], "corolla monitor: error: Could not join the"),
     ],
     ids=[
         "serve-unknown-model",
@@ -42,6 +44,8 @@ def _corolla(*args: str) -> subprocess.CompletedProcess:
         "stage-unknown-model",
         "stage-unreachable-peers",
         "train-unreachable-peers",
+        "api-unreachable-peers",
+        "monitor-unreachable-peers",
     ],
 )
 def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, message, request):
@@ -69,8 +73,9 @@ def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, 
         (["serve", "m"], "pass either --initial-peers"),
         (["serve", "m", "--new-swarm", "--cache-tokens", "lots"], "--cache-tokens"),
         (["serve", "m", "--new-swarm", "--config", "/no/such/file.yaml"], "cannot read the config file"),
+        (["api", "--initial-peers", BOGUS_PEER, "--port", "70000"], "port must be between 0 and 65535"),
     ],
-    ids=["generate", "dht", "serve-neither-peers-nor-new-swarm", "serve-not-a-number", "serve-missing-config"],
+    ids=["generate", "dht", "serve-neither-peers-nor-new-swarm", "serve-not-a-number", "serve-missing-config", "api"],
 )
 def test_bad_flag_values_are_refused_before_anything_starts(args, message):
     """The flags of every command come from its config dataclass, which checks them before anything starts: the

@@ -187,3 +187,21 @@ def test_inference_network_smoke(tmp_path):
     table = (tmp_path / "inference_network_smoke.md").read_text()
     assert "| smollm2 | 100 Mbit/s | 40 ms |" in table
     assert (tmp_path / "inference_network_smoke.png").stat().st_size > 1000
+
+
+def test_server_behind_nat_serves_through_a_relay(tmp_path):
+    """A server behind a masquerading router (no inbound port) finds out it cannot be dialed, is reached through a
+    relay, and serves SmolLM2 to a client in another host with the same greedy tokens as local transformers."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "exp_nat_relay.py"), "--preset", "smoke", "--out", str(tmp_path),
+         "--log-dir", str(tmp_path / "logs")],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    results = json.loads((tmp_path / "nat_relay_smoke.json").read_text())["results"]
+    assert results["announced_relayed"] == {"home": True, "pub": False}
+    assert results["tokens_equal_local"] == {"relayed": True, "direct": True}
+    assert "cannot be reached directly" in (tmp_path / "logs" / "server_home.log").read_text()

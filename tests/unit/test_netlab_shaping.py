@@ -84,3 +84,18 @@ def test_chain_bounds():
     far = {"client": LinkShape(delay_ms=50), **{s: LinkShape() for s in servers}}
     assert chain_delay_push_ms(far, "client", servers) == 100
     assert chain_delay_no_push_ms(far, "client", servers) == 300
+
+
+def test_probe_plan_measures_every_pair_with_hosts_behind_nat_as_clients():
+    """A host behind NAT cannot be connected to: it probes the others; two such hosts meet only through a relay."""
+    from benchmarks.netlab import Lab
+
+    lab = Lab(hosts=["a", "n1", "b", "n2"], nat_hosts=["n1", "n2"])
+    plan = lab._probe_plan()
+    pairs = [(client, server) for client, servers in plan for server in servers]
+    assert sorted(pairs) == sorted([("a", "b"), ("n1", "a"), ("n1", "b"), ("n2", "a"), ("n2", "b")])
+    assert lab.private_address("n1") == "192.168.2.2" and lab.address("n1") == "10.77.0.2"
+    with pytest.raises(KeyError):
+        lab.private_address("a")
+    with pytest.raises(ValueError, match="not hosts"):
+        Lab(hosts=["a"], nat_hosts=["z"])

@@ -18,8 +18,15 @@ from corolla.protocol.rpc import Handler, MessageStream, Rpc, RpcContract
 class P2PMessageStream:
     """A raw libp2p stream speaking hivemind's protobuf framing (the ``MessageStream`` of the real transport)."""
 
-    def __init__(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        self.peer_id, self._reader, self._writer = peer_id, reader, writer
+    def __init__(
+        self,
+        peer_id: str,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        on_broken: Callable[[], None] | None = None,
+    ):
+        """``on_broken``: called when the stream breaks (its connection may be dead)."""
+        self.peer_id, self._reader, self._writer, self._on_broken = peer_id, reader, writer, on_broken
 
     async def send(self, message) -> None:
         if self._writer is None:
@@ -30,6 +37,8 @@ class P2PMessageStream:
         try:
             response, error = await asyncio.wait_for(P2P.receive_protobuf(response_type, self._reader), timeout_s)
         except asyncio.IncompleteReadError:
+            if self._on_broken is not None:
+                self._on_broken()
             raise ConnectionError(f"server {self.peer_id} closed the stream") from None
         if error is not None:
             raise RemoteCallError(f"server {self.peer_id} refused the step: {error.message}")
@@ -58,14 +67,23 @@ class P2PTransport:
     def __init__(self, p2p: P2P, *, relay_addrs: Callable[[str], tuple[str, ...]] | None = None):
         self.p2p, self._relay_addrs = p2p, relay_addrs
         self._good_relay: dict[str, str] = {}  # peer id -> the relay address that worked last
+        self._broken: set[str] = set()  # peers whose last call or stream broke: reconnect them (if relayed)
 
     async def _reach(self, peer_id: str, timeout_s: float) -> PeerID:
-        """The peer's id, connected through one of its relays first if it announced any. (Connecting is a no-op
-        while a connection is open; one relay at a time, the last good one first, so that parallel circuits
-        do not replace each other under open streams.)"""
+        """The peer's id, connected through one of its relays first if it announced any and no connection is open
+        (p2pd would open another circuit for each connect, and a new circuit closes the streams of the old one);
+        one relay at a time, the last good one first."""
         peer = PeerID.from_base58(peer_id)
         addrs = list(self._relay_addrs(peer_id)) if self._relay_addrs is not None else []
         if not addrs:
+            return peer
+        if peer_id in self._broken:  # a relayed connection that broke may still be listed: drop it, dial again
+            self._broken.discard(peer_id)
+            try:
+                await asyncio.wait_for(self.p2p._client.disconnect(peer), timeout_s)
+            except Exception:
+                pass
+        elif any(info.peer_id == peer for info in await self.p2p.list_peers()):
             return peer
         from corolla.net.reachability import connect_through_relays
 
@@ -87,7 +105,11 @@ class P2PTransport:
             peer = await self._reach(peer_id, timeout_s)
             return await self.p2p.call_protobuf_handler(peer, handle, request, response_type)
 
-        return await asyncio.wait_for(call(), timeout_s)
+        try:
+            return await asyncio.wait_for(call(), timeout_s)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            self._broken.add(peer_id)
+            raise
 
     async def iterate(self, peer_id: str, handle: str, requests: AsyncIterator, response_type: type) -> AsyncIterator:
         peer = await self._reach(peer_id, 30.0)
@@ -99,7 +121,7 @@ class P2PTransport:
             return await self.p2p.call_binary_stream_handler(peer, handle)
 
         _, reader, writer = await asyncio.wait_for(opening(), timeout_s)
-        return P2PMessageStream(peer_id, reader, writer)
+        return P2PMessageStream(peer_id, reader, writer, on_broken=lambda: self._broken.add(peer_id))
 
 
 HandlerWrapper = Callable[[Rpc, Handler], Handler]
