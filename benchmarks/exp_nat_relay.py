@@ -15,6 +15,8 @@ times the info RPC (a round trip) to each server.
 from __future__ import annotations
 
 import json
+import math
+import os
 import statistics
 import sys
 import tempfile
@@ -120,7 +122,8 @@ def info_rtts(model, peer_id: str, count: int) -> list[float]:
 
     swarm = model.remote_blocks.swarm
     transport = run_sync(swarm.transport(), timeout_s=30)
-    return [run_sync(ping(transport, peer_id, timeout_s=10), timeout_s=20) * 1e3 for _ in range(count)]
+    rtts = [run_sync(ping(transport, peer_id, timeout_s=10), timeout_s=20) * 1e3 for _ in range(count)]
+    return [rtt for rtt in rtts if math.isfinite(rtt)]  # a failed call counts as missing
 
 
 def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
@@ -145,18 +148,20 @@ def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
         relayed = {name: records[peer].relayed for name, peer in (("home", home), ("pub", pub))}
         models = {"relayed": client_through(swarm, home), "direct": client_through(swarm, pub)}
         try:
-            first_call = time.monotonic()
-            tokens_relayed, _ = generate(models["relayed"], ids, preset["new_tokens"])  # waits for the relay
-            reachable_after_s = time.monotonic() - first_call
-            rows = {"relayed": [], "direct": []}
-            tokens = {"relayed": tokens_relayed}
-            for i in range(preset["rounds"]):
-                for path in ("relayed", "direct") if i % 2 == 0 else ("direct", "relayed"):
-                    got, per_token = generate(models[path], ids, preset["new_tokens"])
-                    tokens[path] = got
-                    rows[path].append(per_token * 1e3)
+            # round trips first (one unary call each), then generation, alternating paths round by round
             pings = {path: info_rtts(models[path], peer, preset["pings"]) for path, peer in
                      (("relayed", home), ("direct", pub))}  # fmt: skip
+            rows, tokens, errors = {"relayed": [], "direct": []}, {}, {}
+            for i in range(preset["rounds"]):
+                for path in ("relayed", "direct") if i % 2 == 0 else ("direct", "relayed"):
+                    if path in errors:
+                        continue
+                    try:
+                        tokens[path], per_token = generate(models[path], ids, preset["new_tokens"])
+                    except Exception as e:  # recorded: relayed inference streams are not reliable yet
+                        errors[path] = f"{type(e).__name__}: {e}"[:500]
+                        continue
+                    rows[path].append(per_token * 1e3)
         finally:
             for model in models.values():
                 model.shutdown()
@@ -165,11 +170,12 @@ def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
     return {
         "served_after_s": served_s,
         "announced_relayed": relayed,
-        "reachable_through_relay_after_s": reachable_after_s,
-        "tokens_equal_local": {path: got == expected for path, got in tokens.items()},
-        "ms_per_token": {path: statistics.median(v) for path, v in rows.items()},
+        "tokens_equal_local": {path: tokens[path] == expected if path in tokens else None for path in rows},
+        "generation_errors": errors,
+        "rounds_completed": {path: len(v) for path, v in rows.items()},
+        "ms_per_token": {path: statistics.median(v) if v else None for path, v in rows.items()},
         "ms_per_token_rounds": rows,
-        "info_rtt_ms": {path: statistics.median(v) for path, v in pings.items()},
+        "info_rtt_ms": {path: statistics.median(v) if v else None for path, v in pings.items()},
         "info_rtt_ms_all": pings,
         "link": {"one_way_delay_ms": preset["delay_ms"], "rate_mbit": preset["rate_mbit"]},
     }
@@ -185,18 +191,21 @@ def table(r: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for path, host in (("direct", "pub"), ("relayed", "home")):
+        ms = r["ms_per_token"][path]
         lines.append(
             f"| {path} ({host}) | {r['announced_relayed'][host]} | {r['tokens_equal_local'][path]} | "
-            f"{r['ms_per_token'][path]:.1f} | {r['info_rtt_ms'][path]:.1f} ms |"
+            f"{'failed' if ms is None else f'{ms:.1f}'} | {r['info_rtt_ms'][path]:.1f} ms |"
         )
-    extra = r["ms_per_token"]["relayed"] - r["ms_per_token"]["direct"]
     lines += [
         "",
-        f"The relayed hop costs {extra:.1f} ms per token and "
-        f"{r['info_rtt_ms']['relayed'] - r['info_rtt_ms']['direct']:.1f} ms per round trip; the server behind NAT "
-        f"was ONLINE {r['served_after_s']:.0f} s after the swarm's start and answered through the relay "
-        f"{r['reachable_through_relay_after_s']:.1f} s after the client's first call.",
+        f"The relayed hop adds {r['info_rtt_ms']['relayed'] - r['info_rtt_ms']['direct']:.1f} ms per round trip "
+        f"(median of {len(r['info_rtt_ms_all']['relayed'])} info calls); the server behind NAT was ONLINE "
+        f"{r['served_after_s']:.0f} s after the swarm's start. Generation rounds completed: "
+        + ", ".join(f"{path} {n}" for path, n in r["rounds_completed"].items())
+        + ".",
     ]
+    for path, error in r.get("generation_errors", {}).items():
+        lines.append(f"Generation through the {path} server failed: `{error[:200]}`.")
     return "\n".join(lines) + "\n"
 
 
@@ -245,4 +254,9 @@ def plot(r: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # everything it started is stopped by now; skip the interpreter's teardown, where a native library's thread
+    # aborted once on a closed pipe (SIGABRT after the results were written)
+    os._exit(code)
