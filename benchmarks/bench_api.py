@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.results` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import Run, add_output_args, save_figure  # noqa: E402
+from benchmarks.streamers import FirstTokenClock  # noqa: E402
 
 PRESETS = {
     "smoke": dict(new_tokens=8, repeats=1, concurrency=[1, 2]),
@@ -42,25 +43,9 @@ PROMPTS = [
 API_KEY = "bench"
 
 
-class _Clock:
-    """A streamer that records when the first generated token arrives (``generate`` calls ``put`` with the prompt
-    first)."""
-
-    def __init__(self):
-        self.calls, self.first_at = 0, None
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2:
-            self.first_at = time.perf_counter()
-
-    def end(self):
-        pass
-
-
 def python_client_round(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, int]:
     """(seconds to the first token, seconds per token after it, tokens) of one greedy generate call."""
-    clock = _Clock()
+    clock = FirstTokenClock()
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
     end = time.perf_counter()

@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks.results` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.results import Run, add_output_args, save_figure  # noqa: E402
+from benchmarks.streamers import FirstTokenClock  # noqa: E402
 
 from corolla import AutoDistributedModelForCausalLM  # noqa: E402
 from corolla.local_swarm import LocalSwarm  # noqa: E402
@@ -33,24 +34,9 @@ PRESETS = {"smoke": dict(new_tokens=8, repeats=1), "full": dict(new_tokens=64, r
 PROMPT = "Tell me one interesting fact about the ocean."
 
 
-class _FirstToken:
-    """A streamer that records when the first generated token arrives."""
-
-    def __init__(self):
-        self.calls, self.first_at = 0, None
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2:
-            self.first_at = time.perf_counter()
-
-    def end(self):
-        pass
-
-
 def _time_generation(model, ids, new_tokens: int, session_factory=None) -> tuple[float, float]:
     """(seconds per new token after the first, seconds to the first token)."""
-    streamer = _FirstToken()
+    streamer = FirstTokenClock()
     start = time.perf_counter()
     if session_factory is None:
         out = model.generate(

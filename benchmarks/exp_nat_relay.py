@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
 from benchmarks.experiment import experiment_parser, machine_line, save_figure  # noqa: E402
 from benchmarks.netlab import Lab, LabError, LinkShape, unavailable_reason  # noqa: E402
 from benchmarks.results import Run  # noqa: E402
+from benchmarks.streamers import FirstTokenClock  # noqa: E402
 
 PRESETS = {
     "smoke": dict(delay_ms=5, rate_mbit=100, new_tokens=8, rounds=1, pings=5),
@@ -89,26 +90,11 @@ def client_through(swarm, peer_id: str):
     )
 
 
-class _FirstToken:
-    """A streamer noting when the first generated token arrives (``generate`` puts the prompt first)."""
-
-    def __init__(self):
-        self.calls, self.first_at = 0, None
-
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2:
-            self.first_at = time.perf_counter()
-
-    def end(self):
-        pass
-
-
 def generate(model, ids, new_tokens: int) -> tuple[list[int], float]:
     """(tokens, seconds per token after the first) of greedy generation."""
     import torch
 
-    clock = _FirstToken()
+    clock = FirstTokenClock()
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
     elapsed = time.perf_counter() - clock.first_at
