@@ -4,7 +4,9 @@ error), then print the URLs (tests and scripts read them from stdout), then serv
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 
 
 def bind(host: str, port: int, *, prog: str) -> socket.socket:
@@ -19,8 +21,12 @@ def serve(app, sock: socket.socket, lines: list[str]) -> None:
     import uvicorn
 
     host, port = sock.getsockname()[:2]
-    for line in lines:
-        print(line.format(base=f"http://{host}:{port}"), flush=True)
+    text = "".join(line.format(base=f"http://{host}:{port}") + "\n" for line in lines)
+    try:  # one write: a parent that reads the first line and closes the pipe cannot break a second one
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # whoever started us stopped reading after the address; serve on regardless
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, log_config=None, access_log=False)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
     uvicorn.Server(config).run(sockets=[sock])
