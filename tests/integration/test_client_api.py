@@ -123,7 +123,9 @@ def test_generate_command_streams_text(swarm):
     assert "Route:" not in result.stderr, "route logs interleave with the text unless --verbose"
 
 
-@pytest.mark.parametrize("command", ["serve", "dht", "generate", "chat", "demo", "stage", "train"])
+@pytest.mark.parametrize(
+    "command", ["serve", "dht", "generate", "chat", "demo", "stage", "train", "btard", "api", "monitor"]
+)
 def test_every_command_has_help(command):
     result = subprocess.run(
         [sys.executable, "-m", "corolla.cli.main", command, "--help"], capture_output=True, text=True, timeout=60

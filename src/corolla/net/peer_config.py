@@ -23,8 +23,8 @@ class PeerConfig:
     """auto: ask a bootstrap peer to dial this peer back and, if it cannot (NAT, firewall), be reached through
     relays; direct: others can connect to this peer; relay: only through relays"""
     relays: tuple[str, ...] = ()
-    """relay peers (multiaddrs) to reserve slots at when reached through relays (default: the initial peers;
-    libp2p reserves at once given 4 or more, else after about 3 minutes)"""
+    """relay peers (multiaddrs) to reserve slots at when reached through relays; empty: the initial peers.
+    libp2p reserves at once given 4 or more, else after about 3 minutes"""
     relay_wait_s: float = 240.0
     """how long a peer behind NAT waits for a relay slot before it goes on without one"""
     join_timeout_s: float = 60.0
