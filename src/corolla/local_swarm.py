@@ -115,16 +115,21 @@ class LocalSwarm:
 
     def _start_dht_peer(self, name: str, args: list[str]) -> list[str]:
         process = self._spawn(name, ["dht", *args], stdout=subprocess.PIPE, text=True)
+        line = self._read_until(process, "--initial-peers", f"the DHT peer {name}")
+        return line.split("--initial-peers", 1)[1].split()
+
+    def _read_until(self, process: subprocess.Popen, marker: str, what: str) -> str:
+        """The first line of ``process``'s stdout containing ``marker`` (then its stdout is closed)."""
         deadline = time.monotonic() + self.start_timeout_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"the DHT peer {name} exited with code {process.returncode}")
+                raise RuntimeError(f"{what} exited with code {process.returncode}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the DHT peer {name} did not print its address in time")
+                raise TimeoutError(f"{what} did not print its address in time")
             line = process.stdout.readline()
-            if "--initial-peers" in line:
+            if marker in line:
                 process.stdout.close()
-                return line.split("--initial-peers", 1)[1].split()
+                return line
 
     def start_server(self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()) -> subprocess.Popen:
         """Start a server; it gets a persistent identity file, so its peer id is known (``peer_ids[name]``).
@@ -140,17 +145,8 @@ class LocalSwarm:
         """Start ``corolla api`` on a free loopback port; returns its base URL (``http://127.0.0.1:PORT/v1``) once
         it listens (it has connected to the swarm and loaded its models by then)."""
         args = ["api", "--initial-peers", *self.initial_peers, "--port", "0", *extra_args]
-        process = self._spawn(name, args, stdout=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"`corolla api` exited with code {process.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("`corolla api` did not print its address in time")
-            line = process.stdout.readline()
-            if "http://" in line:
-                process.stdout.close()
-                return "http://" + line.split("http://", 1)[1].split()[0]
+        line = self._read_until(self._spawn(name, args, stdout=subprocess.PIPE, text=True), "http://", "`corolla api`")
+        return "http://" + line.split("http://", 1)[1].split()[0]
 
     def start_stage_peer(
         self, name: str, extra_args: Sequence[str] = (), entry: Sequence[str] = ()

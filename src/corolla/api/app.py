@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -134,6 +133,7 @@ async def _respond(
         served, prompt_ids, max_new_tokens=limit, params=params, n=body.n, stop=body.stop_sequences, seed=body.seed
     )
     kind = _ChatFormat() if chat else _TextFormat(echo)
+    completion.response_id = kind.id_prefix + secrets.token_hex(12)
     deltas = completion.deltas()
     try:
         first = await anext(deltas, [])  # the prompt's step: a swarm that cannot serve it gets a proper status
@@ -193,7 +193,7 @@ class _ChatFormat:
             }
             for i, text in enumerate(texts)
         ]
-        return _envelope(self.object, self.id_prefix, completion) | {"choices": choices, "usage": _usage(completion)}
+        return _envelope(self.object, completion) | {"choices": choices, "usage": _usage(completion)}
 
 
 class _TextFormat:
@@ -215,12 +215,10 @@ class _TextFormat:
         choices = [
             {"index": i, "text": text, "logprobs": None, "finish_reason": reasons[i]} for i, text in enumerate(texts)
         ]
-        return _envelope(self.object, self.id_prefix, completion) | {"choices": choices, "usage": _usage(completion)}
+        return _envelope(self.object, completion) | {"choices": choices, "usage": _usage(completion)}
 
 
-def _envelope(object_name: str, id_prefix: str, completion: Completion) -> dict:
-    if not hasattr(completion, "response_id"):
-        completion.response_id, completion.created = id_prefix + secrets.token_hex(12), int(time.time())
+def _envelope(object_name: str, completion: Completion) -> dict:
     return {
         "id": completion.response_id,
         "object": object_name,
@@ -245,7 +243,7 @@ async def _events(
     chunk if asked, then ``[DONE]``. A failure after the first step ends the stream with an error event."""
 
     def chunk(choices: list[dict]) -> str:
-        body = _envelope(kind.chunk_object, kind.id_prefix, completion) | {"choices": choices}
+        body = _envelope(kind.chunk_object, completion) | {"choices": choices}
         if include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
@@ -268,7 +266,7 @@ async def _events(
     finally:
         await rest.aclose()
     if include_usage:
-        body = _envelope(kind.chunk_object, kind.id_prefix, completion) | {"choices": [], "usage": _usage(completion)}
+        body = _envelope(kind.chunk_object, completion) | {"choices": [], "usage": _usage(completion)}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
 

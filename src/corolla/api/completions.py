@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ class Completion:
         self.params, self.n, self.stop = params, n, tuple(stop)
         self.generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         self.completion_tokens = 0
+        self.response_id = ""  # set by the API for its response's envelope
+        self.created = int(time.time())
 
     @property
     def prompt_tokens(self) -> int:

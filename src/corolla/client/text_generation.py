@@ -55,7 +55,8 @@ async def generate_tokens(
             output = await session.astep(hidden, mask, positions)
             logits = await asyncio.to_thread(_last_logits, model, output)
             tokens = next_tokens(logits, params, counts=counts, generator=generator)
-            counts = _count(counts, tokens, logits.shape[-1])
+            if params.frequency_penalty or params.presence_penalty:
+                counts = _count(counts, tokens, logits.shape[-1])
             finished = finished | torch.isin(tokens, eos) | (index + 1 == max_new_tokens)
             yield GenerationStep(tokens=tokens, finished=finished.clone())
             if bool(finished.all()):

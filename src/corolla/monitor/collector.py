@@ -15,7 +15,7 @@ from corolla.algorithms.spans import ServerSpan, count_hosts, uncovered_ranges
 from corolla.log import get_logger
 from corolla.monitor.config import MonitorConfig
 from corolla.monitor.state import BootstrapReport, ModelReport, ServerReport, SwarmState
-from corolla.net.dht_records import fetch_block_records, fetch_models
+from corolla.net.dht_records import collect_servers, fetch_block_records, fetch_models
 from corolla.net.loop import run_sync
 from corolla.net.ping import server_status
 from corolla.net.transport import P2PTransport
@@ -51,7 +51,7 @@ class SwarmCollector:
             )
             for name, entries in models.items()
         }
-        servers = {name: _servers_of(per_block) for name, per_block in records.items()}
+        servers = {name: collect_servers(per_block, any_state=True) for name, per_block in records.items()}
         peers = {peer for found in servers.values() for peer in found}
         self._relay_addrs = {
             peer.to_base58(): info.relay_addrs for found in servers.values() for peer, info in found.items()
@@ -115,16 +115,6 @@ async def _ping_in_dht(peer_id: str, timeout_s: float, dht, node) -> float | Non
     except Exception:
         return None
     return None if answer is None else time.perf_counter() - started
-
-
-def _servers_of(per_block: list[dict[PeerID, ServerInfo]]) -> dict[PeerID, ServerInfo]:
-    """Every server announced under the model's block keys, in any state, with its record for its own blocks."""
-    servers: dict[PeerID, ServerInfo] = {}
-    for block, records in enumerate(per_block):
-        for peer_id, info in records.items():
-            if info.start_block <= block < info.end_block:
-                servers.setdefault(peer_id, info)
-    return servers
 
 
 def _model_report(entry: ModelRegistryEntry, servers: dict[PeerID, ServerInfo], answers: dict) -> ModelReport:

@@ -69,7 +69,7 @@ def _parse_block_value(value: object) -> dict[PeerID, ServerInfo]:
 
 
 def collect_servers(
-    per_block: list[dict[PeerID, ServerInfo]], *, include_joining: bool = False
+    per_block: list[dict[PeerID, ServerInfo]], *, include_joining: bool = False, any_state: bool = False
 ) -> dict[PeerID, ServerInfo]:
     """Each ONLINE server once, with the record it published (the one announced for its own blocks).
 
@@ -77,6 +77,7 @@ def collect_servers(
     server on its way to a hole fills it), wrong for routing (it cannot answer yet).
     """
     states = (ServerState.ONLINE, ServerState.JOINING) if include_joining else (ServerState.ONLINE,)
+    states = tuple(ServerState) if any_state else states  # e.g. the monitor, which shows OFFLINE servers too
     servers: dict[PeerID, ServerInfo] = {}
     for block, records in enumerate(per_block):
         for peer_id, info in records.items():

@@ -122,11 +122,9 @@ class Peer:
     async def _settle_reachability(self) -> None:
         """Ask the initial peers to dial this peer back; if they cannot, restart the DHT peer reached through
         relays (before the role uses it)."""
-        from hivemind.p2p import PeerID
-
         from corolla.net.reachability import check_reachable, listen_addrs
 
-        helpers = [PeerID.from_base58(a.rsplit("/p2p/", 1)[1]) for a in self.config.initial_peers if "/p2p/" in a]
+        helpers = self._initial_peer_ids()
         addrs = listen_addrs(await self._loop.run_in_executor(None, self.dht.get_visible_maddrs))
         reachable = await check_reachable(await self.p2p(), helpers[:2], addrs, timeout_s=30)
         if reachable is None:
@@ -149,7 +147,13 @@ class Peer:
             raise SwarmConnectionError(f"Could not rejoin the swarm through relays ({type(e).__name__}: {e})") from e
         await self._wait_for_relay_slot()
 
-    async def relay_addrs(self) -> tuple[str, ...]:
+    def _initial_peer_ids(self) -> list:
+        """The peer ids of the initial peers (the helpers of reachability checks)."""
+        from hivemind.p2p import PeerID
+
+        return [PeerID.from_base58(a.rsplit("/p2p/", 1)[1]) for a in self.config.initial_peers if "/p2p/" in a]
+
+    def relay_addrs(self) -> tuple[str, ...]:
         """Where others dial this peer through relays (``.../p2p/RELAY/p2p-circuit`` for each relay it may hold a
         slot at); empty when it is not relayed."""
         from corolla.net.reachability import circuit_addrs
@@ -159,12 +163,10 @@ class Peer:
     async def _wait_for_relay_slot(self) -> None:
         """Until a helper can dial this peer through a relay (libp2p reserves a slot at once with 4 or more relay
         candidates, else after about 3 minutes)."""
-        from hivemind.p2p import PeerID
-
         from corolla.net.reachability import check_reachable
 
-        helpers = [PeerID.from_base58(a.rsplit("/p2p/", 1)[1]) for a in self.config.initial_peers if "/p2p/" in a]
-        addrs = list(await self.relay_addrs())
+        helpers = self._initial_peer_ids()
+        addrs = list(self.relay_addrs())
         deadline = self._loop.time() + self.config.relay_wait_s
         logger.info("Waiting until relays let others dial this %s (up to %.0f s)", self.role, self.config.relay_wait_s)
         while addrs and self._loop.time() < deadline:

@@ -169,7 +169,7 @@ class Server:
             adapters=cfg.span.adapter_names(),
             public_name=cfg.announce.public_name,
             relayed=peer.relayed,
-            relay_addrs=await peer.relay_addrs(),
+            relay_addrs=peer.relay_addrs(),
         )
         announcer = self._block_announcer(peer, dht_prefix, make_record=lambda state: info)
         try:
@@ -233,15 +233,12 @@ class Server:
         cfg = self.config
         serving = ServingState(
             config=cfg, span=span, budget=CacheBudget(cfg.limits.cache_tokens), relayed=peer.relayed,
-            relay_addrs=await peer.relay_addrs(),
+            relay_addrs=peer.relay_addrs(),
         )  # fmt: skip
         loop = asyncio.get_running_loop()
 
         async def ping_next_servers() -> None:
-            """RTTs to servers that start where this one ends: clients route through them after this one. (And,
-            behind NAT, the relay slots held now: they are announced with the rest.)"""
-            if peer.relayed:
-                serving.relay_addrs = await peer.relay_addrs()
+            """RTTs to servers that start where this one ends: clients route through them after this one."""
             records = await asyncio.to_thread(
                 fetch_block_records, peer.dht, dht_prefix=dht_prefix, num_blocks=self._model_config.num_hidden_layers
             )
