@@ -18,6 +18,9 @@ settings.register_profile("explore", database=None, deadline=None, print_blob=Tr
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "corolla"))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# every LocalSwarm process is forked from a helper that imported torch & co. once (corolla.warm_spawn): ~3 s of CPU
+# less per process, hundreds of processes per run; test_warm_spawn.py checks that a forked one behaves as a fresh one
+os.environ.setdefault("COROLLA_WARM_SPAWN", "1")
 torch.set_num_threads(1)
 
 

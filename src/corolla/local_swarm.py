@@ -50,6 +50,10 @@ class LocalSwarm:
     process_args: Callable[[str], Sequence[str]] | None = None
     peer_ids: dict[str, str] = field(default_factory=dict)  # server name -> base58 peer id
     launched_at: dict[str, float] = field(default_factory=dict)  # process name -> time.perf_counter() at its launch
+    # fork the processes from a helper that has imported torch & co. once (corolla.warm_spawn); None: when the
+    # environment says COROLLA_WARM_SPAWN=1 (the test suite). Never for a process with a command prefix (another
+    # namespace) or an entry other than a Python script.
+    warm_spawn: bool | None = None
 
     _identity_dir: Path | None = None
     _retired: list[subprocess.Popen] = field(default_factory=list)
@@ -81,13 +85,24 @@ class LocalSwarm:
         prefix = list(self.command_prefix(name)) if self.command_prefix else []
         extra = list(self.process_args(name)) if self.process_args else []
         self.launched_at[name] = time.perf_counter()
-        process = subprocess.Popen(
-            [*prefix, sys.executable, *(entry or ["-m", "corolla.cli.main"]), *args, *extra],
-            env=self._env(),
-            stderr=stderr,
-            start_new_session=True,
-            **kwargs,
-        )
+        env = self._env()
+        warm = self.warm_spawn if self.warm_spawn is not None else env.get("COROLLA_WARM_SPAWN") == "1"
+        script = entry[0] if entry and entry[0].endswith(".py") else None  # entry: a script and its arguments
+        if warm and not prefix and (not entry or script):
+            from corolla.warm_spawn import shared_spawner
+
+            argv = [*entry[1:], *args, *extra]
+            process = shared_spawner(env).spawn(argv, env=env, script=script, stderr=stderr, **kwargs)
+        else:
+            process = subprocess.Popen(
+                [*prefix, sys.executable, *(entry or ["-m", "corolla.cli.main"]), *args, *extra],
+                env=env,
+                stderr=stderr,
+                start_new_session=True,
+                **kwargs,
+            )
+        if stderr is not subprocess.STDOUT:
+            stderr.close()  # the process has its own copy
         if name in self.processes:  # a restarted process: the old one (and its group) is still ours to clean up
             self._retired.append(self.processes[name])
         self.processes[name] = process
