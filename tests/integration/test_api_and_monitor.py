@@ -315,27 +315,38 @@ def browser(tmp_path):
 def test_page_shows_a_killed_server_s_blocks_missing_and_recovers(swarm, browser, tmp_path):
     import os
 
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    # the page re-renders itself every second: each look at it is one script, so no element goes stale mid-read
+    look = """
+        const section = document.querySelector(`section[data-model="${arguments[0]}"]`);
+        if (!section) return null;
+        const badge = section.querySelector('[data-health]');
+        const row = section.querySelector(`tr[data-peer="${arguments[1]}"]`);
+        return {health: badge ? badge.getAttribute('data-health') : '', text: section.innerText,
+                peers: [...section.querySelectorAll('tr[data-peer]')].map(r => r.getAttribute('data-peer')),
+                row: row ? row.innerText : '',
+                bootstrap: document.querySelectorAll('[data-bootstrap="answers"]').length};
+    """
+
+    def page(driver) -> dict:
+        return driver.execute_script(look, MODEL, swarm.peer_ids["server0"]) or {"health": ""}
+
     def health(driver) -> str:
-        badges = driver.find_elements(By.CSS_SELECTOR, f'section[data-model="{MODEL}"] [data-health]')
-        return badges[0].get_attribute("data-health") if badges else ""
+        return page(driver)["health"]
 
     browser.get(swarm.page_url)
     WebDriverWait(browser, 30).until(lambda d: health(d) == "healthy")
-    assert browser.find_elements(By.CSS_SELECTOR, '[data-bootstrap="answers"]')
-    rows = browser.find_elements(By.CSS_SELECTOR, f'section[data-model="{MODEL}"] tr[data-peer]')
-    assert {r.get_attribute("data-peer") for r in rows} >= {swarm.peer_ids["server0"]}
+    seen = page(browser)
+    assert seen["bootstrap"] and swarm.peer_ids["server0"] in seen["peers"]
     shot = os.environ.get("COROLLA_MONITOR_SCREENSHOT") or str(tmp_path / "healthy.png")
     browser.save_screenshot(shot)  # COROLLA_MONITOR_SCREENSHOT=docs/monitor.png refreshes the docs' picture
 
     swarm.kill("server0")  # the only server of blocks 0:15
     WebDriverWait(browser, 30).until(lambda d: health(d) == "broken")  # 1 s refreshes, 2 s call timeout
-    section = browser.find_element(By.CSS_SELECTOR, f'section[data-model="{MODEL}"]')
-    assert "Blocks 0:15 have no serving server" in section.text
-    row = section.find_element(By.CSS_SELECTOR, f'tr[data-peer="{swarm.peer_ids["server0"]}"]')
-    assert "unreachable" in row.text
+    seen = page(browser)
+    assert "Blocks 0:15 have no serving server" in seen["text"]
+    assert "unreachable" in seen["row"]
 
     swarm.start_server("server0", ["--blocks", "0:15"])  # the same identity: the same peer comes back
     WebDriverWait(browser, 90).until(lambda d: health(d) == "healthy")

@@ -1088,17 +1088,19 @@ def test_fuzzed_inference_is_refused_clearly_or_computed_exactly(server, healthy
     messages, steps = case
     answers, error = run_sync(_answers_then_error(server, messages), timeout_s=30)
     assert len(answers) == len(steps) or error is not None, "the server ended a session without answering a step"
-    history = torch.cat([s["hidden"].float() for s in steps[: len(answers)]], dim=1) if answers else None
-    done = 0
+    history, done = None, 0  # the inputs the session's cache holds, and how many tokens
     for answer, asked in zip(answers, steps):
-        opened, hidden_states = asked["open"], asked["hidden"]
+        opened, hidden_states, at = asked["open"], asked["hidden"], asked["position"]
         assert hidden_states.is_floating_point() and hidden_states.shape[0] == opened["batch_size"], asked
-        assert asked["position"] == done and done + hidden_states.shape[1] <= opened["max_length"], asked
+        # a step may rewind (a position before the cache's end drops the later tokens), never skip positions
+        assert at <= done and at + hidden_states.shape[1] <= opened["max_length"], asked
+        kept = [] if history is None else [history[:, :at]]
+        history = torch.cat([*kept, hidden_states.float()], dim=1)
         expected = reference.span(history, opened["start_block"], opened["end_block"])
         tokens = hidden_states.shape[1]
         (output,) = unpack_tensors(answer)
-        torch.testing.assert_close(output.float(), expected[:, done : done + tokens], atol=1e-4, rtol=1e-4)
-        done += tokens
+        torch.testing.assert_close(output.float(), expected[:, at : at + tokens], atol=1e-4, rtol=1e-4)
+        done = at + tokens
     event(f"{len(answers)} of {len(steps)} steps computed" + (", then refused" if error else ""))
     if error is not None:
         assert error.strip(), "an empty error"
