@@ -29,6 +29,9 @@ class ApiConfig:
     """tokens to generate when a request sets no limit (capped by the model's context)"""
     max_choices: int = 8
     """the largest `n` (choices per request) accepted"""
+    verify: float = 0.0
+    """share of inference steps also computed by a second server and compared (0: off, 1: every step); a server
+    caught returning wrong values is never used again"""
     monitor: bool = False
     """also serve the swarm health page at / (with /api/v1/state and /metrics), as `corolla monitor` does"""
     monitor_settings: MonitorConfig = field(default_factory=MonitorConfig)
@@ -46,3 +49,5 @@ class ApiConfig:
             raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
         if self.max_choices <= 0:
             raise ValueError(f"max_choices must be positive, got {self.max_choices}")
+        if not 0 <= self.verify <= 1:
+            raise ValueError(f"verify is a share of steps in [0, 1] (0: off, 1: every step), got {self.verify}")

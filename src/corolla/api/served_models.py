@@ -74,7 +74,7 @@ def load_model(name: str, config: ApiConfig, *, dht_prefix: str | None = None) -
     folder = resolve_checkpoint(name).folder
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        name, initial_peers=config.initial_peers, dht_prefix=dht_prefix
+        name, initial_peers=config.initial_peers, dht_prefix=dht_prefix, verify=config.verify
     )
     eos = model.generation_config.eos_token_id
     eos_ids = {eos} if isinstance(eos, int) else set(eos or ())

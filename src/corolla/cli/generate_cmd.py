@@ -37,6 +37,9 @@ class TextConfig:
     """sample among the k most likely tokens"""
     repetition_penalty: float | None = None
     """> 1 discourages repeats"""
+    verify: float = 0.0
+    """share of steps also computed by a second server and compared (0: off, 1: every step); a server caught
+    returning wrong values is never used again"""
     verbose: bool = False
     """log the client's routes (they would interleave with the text) and show tracebacks"""
 
@@ -45,6 +48,8 @@ class TextConfig:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.verify <= 1:
+            raise ValueError(f"verify is a share of steps in [0, 1] (0: off, 1: every step), got {self.verify}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,7 +101,11 @@ def _load(args):
         logging.getLogger("corolla.client").setLevel(logging.WARNING)
     tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(args.model).folder)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, dht_prefix=args.dht_prefix, active_adapter=args.active_adapter
+        args.model,
+        initial_peers=args.initial_peers,
+        dht_prefix=args.dht_prefix,
+        active_adapter=args.active_adapter,
+        verify=args.verify,
     )
     return tokenizer, model
 

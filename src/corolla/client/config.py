@@ -26,6 +26,10 @@ class ClientConfig:
     blocked_servers: tuple[str, ...] = ()
     active_adapter: str | None = None  # a LoRA adapter (by the name servers announce); routes only via its holders
     seed: int | None = None  # seeds the client's random choices (training routes by throughput, retry jitter)
+    # share of inference steps, forward and backward calls also sent to a second server of the same blocks and
+    # compared (0: off, 1: every one); a disagreement is decided by a third server, and the liar is never used again
+    verify: float = 0.0
+    verify_tolerance: float | None = None  # per-token relative error allowed; None: from the servers' dtypes
 
     def __post_init__(self):
         if not self.initial_peers:
@@ -46,5 +50,9 @@ class ClientConfig:
             raise ValueError("active_adapter must be a non-empty adapter name or None")
         if self.retry_backoff_s < 0 or self.retry_backoff_max_s < 0:
             raise ValueError("retry_backoff_s and retry_backoff_max_s must be >= 0")
+        if not 0.0 <= self.verify <= 1.0:
+            raise ValueError(f"verify is a share of calls in [0, 1] (0: off, 1: always), got {self.verify}")
+        if self.verify_tolerance is not None and self.verify_tolerance <= 0:
+            raise ValueError(f"verify_tolerance must be positive, got {self.verify_tolerance}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")

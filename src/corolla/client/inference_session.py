@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 import torch
 from hivemind.proto import runtime_pb2
 
+from corolla.algorithms.output_check import token_error
 from corolla.algorithms.routing import RouteHop
 from corolla.client.failover import describe
+from corolla.client.span_calls import check_finite_reply
 from corolla.client.swarm import SwarmView
+from corolla.client.verification import WrongValuesError
 from corolla.errors import MissingBlocksError, RemoteCallError
 from corolla.log import get_logger
 from corolla.net.loop import background_loop, run_sync
@@ -32,6 +35,7 @@ class _Sent:
 
     hidden_states: torch.Tensor
     position_ids: torch.Tensor | None
+    output: torch.Tensor | None = None  # the server's answer, kept until a check covers it (verification on)
 
 
 class _ServerStream:
@@ -113,6 +117,7 @@ class _ServerStream:
         outputs = self._decode(unpack_tensors, response)
         if len(outputs) != 1 or outputs[0].shape != hidden.shape:
             raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
+        check_finite_reply(self.hop.peer_id, "step result", outputs[0], hidden)
         return outputs[0]
 
     def _decode(self, decode, response: runtime_pb2.ExpertResponse):
@@ -141,6 +146,17 @@ class _SpanState:
     hop: RouteHop
     stream: _ServerStream | None = None
     sent: list[_Sent] = field(default_factory=list)
+    shadow: _ServerStream | None = None  # a session on another server of these blocks that checks this one
+    checked: int = 0  # how many of ``sent`` the shadow has computed too (and agreed on)
+
+    def tokens(self, entries: list[_Sent]) -> int:
+        return sum(entry.hidden_states.shape[1] for entry in entries)
+
+    async def close(self) -> None:
+        for stream in (self.stream, self.shadow):
+            if stream is not None:
+                await stream.close()
+        self.shadow = None
 
 
 class InferenceSession:
@@ -238,8 +254,10 @@ class InferenceSession:
                     pusher=None if with_prompts else self._pusher(index),
                     prompts=self._prompts_for(span.hop) if with_prompts else None,
                 )  # fmt: skip
+                if self.swarm.verifier.enabled:
+                    output = await self._verify(span, hidden, mask, positions, output)
             except Exception as e:
-                await span.stream.close()
+                await span.close()
                 blocks = (span.hop.start, span.hop.end)
                 failover = failovers.setdefault(blocks, self.swarm.failover(*blocks))
                 await failover.failed(span.hop.peer_id, e)  # raises for a client bug, or when the budget is spent
@@ -253,7 +271,8 @@ class InferenceSession:
                 )
                 step_ids = step_ids[:index] + [uuid.uuid4().hex for _ in self._spans[index:]]
                 continue  # retry this step on the replacement chain
-            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions))
+            kept = output if self.swarm.verifier.enabled and span.checked <= len(span.sent) else None
+            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions, output=kept))
             self.swarm.forgive(span.hop.peer_id)
             hidden = output
             index += 1
@@ -265,6 +284,82 @@ class InferenceSession:
         except Exception as e:  # routing refreshes again by itself if it finds blocks missing
             logger.debug("Background refresh of the swarm view failed: %s", describe(e))
 
+    @property
+    def _pushing(self) -> bool:
+        return self.swarm.config.push and not self.swarm.verifier.enabled
+
+    async def _verify(self, span: _SpanState, hidden, mask, positions, output: torch.Tensor) -> torch.Tensor:
+        """Check ``span``'s answers since its last check (this step's included) on its shadow server; returns
+        ``output`` when it stands. A shadow caught lying is replaced by the server that settled it; a checked server
+        caught lying raises WrongValuesError (it is distrusted; the step is retried on a replacement)."""
+        verifier = self.swarm.verifier
+        if not verifier.sample():
+            return output
+        if span.shadow is None:
+            checker = verifier.checker(span.hop, exclude=set())
+            if checker is None:
+                verifier.stats.unverifiable += 1
+                return output
+            span.shadow, span.checked = self._new_stream(checker, hidden.shape[0]), 0
+        shadow = span.shadow
+        pending = [*span.sent[span.checked :], _Sent(hidden_states=hidden, position_ids=positions, output=output)]
+        window_start = span.tokens(span.sent[: span.checked])
+        window_hidden, window_positions = _joined(pending)
+        answered = torch.cat([entry.output for entry in pending], dim=1)
+        try:
+            if span.checked == 0:
+                await shadow.open(self.swarm)
+            prompts = self._prompts_for(span.hop) if window_start == 0 else None
+            checked = await shadow.step(window_hidden, mask, window_positions, window_start, prompts=prompts)
+        except Exception as e:  # the checking server failed: an ordinary failure of that server
+            verifier.checker_failed(shadow.hop, e)
+            await shadow.close()
+            span.shadow = None
+            return output
+        verifier.stats.checks += 1
+        verifier.stats.count(window_hidden)
+        if token_error(answered, checked) <= verifier.tolerance(span.hop, span.hop.peer_id, shadow.hop.peer_id):
+            self._checked(span)
+            return output
+        verifier.stats.mismatches += 1
+        what = f"inference of blocks {span.hop.start}:{span.hop.end}"
+        third_hop = verifier.checker(span.hop, exclude={shadow.hop.peer_id})
+        if third_hop is None:
+            verifier.stats.undecided += 1
+            raise WrongValuesError(
+                f"servers {span.hop.peer_id} and {shadow.hop.peer_id} disagree on {what}; no third server can decide"
+            )
+        third = self._new_stream(third_hop, hidden.shape[0])
+        everything = [*span.sent, pending[-1]]
+        try:
+            await third.open(self.swarm)
+            full_hidden, full_positions = _joined(everything)
+            verifier.stats.count(full_hidden)
+            prompts = self._prompts_for(span.hop)
+            settled = (await third.step(full_hidden, mask, full_positions, 0, prompts=prompts))[:, window_start:]
+        except Exception as e:
+            verifier.checker_failed(third_hop, e)
+            await third.close()
+            verifier.stats.undecided += 1
+            raise WrongValuesError(f"servers disagree on {what}; the third server failed") from e
+        hops = [span.hop.peer_id, shadow.hop.peer_id, third_hop.peer_id]
+        winner = verifier.settle(span.hop, hops, [answered, checked, settled], what)  # distrusts the liars
+        if span.hop.peer_id in self.swarm.distrusted():
+            await third.close()
+            raise WrongValuesError(f"server {span.hop.peer_id} returned wrong values for {what}")
+        await shadow.close()  # the shadow lied: the third server, which holds the whole session too, takes over
+        span.shadow = third
+        self._checked(span)
+        logger.debug("Kept server %s's answer (index %d) for %s", span.hop.peer_id, winner, what)
+        return output
+
+    @staticmethod
+    def _checked(span: _SpanState) -> None:
+        """Everything sent to ``span`` so far, and the step being added, is checked: the answers need not be kept."""
+        for entry in span.sent:
+            entry.output = None
+        span.checked = len(span.sent) + 1
+
     def _prompts_for(self, hop: RouteHop) -> torch.Tensor | None:
         """The session's deep prompts for the blocks of one hop (None without deep prompts)."""
         if self._prompts is None:
@@ -272,8 +367,9 @@ class InferenceSession:
         return self._prompts[hop.start - self.start : hop.end - self.start]
 
     def _push_chain(self, index: int, step_ids: list[str]) -> list[PushTarget]:
-        """The servers after ``index``: each server pushes its output to the next one (if push is on)."""
-        if not self.swarm.config.push:
+        """The servers after ``index``: each server pushes its output to the next one (if push is on and the
+        session is not verified: the client checks what it forwards itself)."""
+        if not self._pushing:
             return []
         return [
             PushTarget(peer_id=span.hop.peer_id, session_id=span.stream.session_id, step_id=step_id)
@@ -282,7 +378,7 @@ class InferenceSession:
 
     def _pusher(self, index: int) -> str | None:
         """The server before span ``index``, which pushes its outputs there (None for the first, or push off)."""
-        if not self.swarm.config.push or index == 0:
+        if not self._pushing or index == 0:
             return None
         return self._spans[index - 1].hop.peer_id
 
@@ -336,9 +432,7 @@ class InferenceSession:
         """
         if not failed.sent:
             return
-        hidden = torch.cat([s.hidden_states for s in failed.sent], dim=1)
-        has_positions = all(s.position_ids is not None for s in failed.sent)
-        positions = torch.cat([s.position_ids for s in failed.sent], dim=1) if has_positions else None
+        hidden, positions = _joined(failed.sent)
         for i, span in enumerate(replacement):
             try:
                 output = await span.stream.step(hidden, mask, positions, 0, prompts=self._prompts_for(span.hop))
@@ -347,7 +441,8 @@ class InferenceSession:
                     await later.stream.close()
                 del replacement[i + 1 :]
                 raise
-            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions))
+            kept = output if self.swarm.verifier.enabled else None
+            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions, output=kept))
             hidden = output
 
     def close(self) -> None:
@@ -375,11 +470,18 @@ class InferenceSession:
 
     async def _close_streams(self) -> None:
         for span in self._spans or []:
-            if span.stream is not None:
-                try:
-                    await asyncio.wait_for(span.stream.close(), timeout=5)
-                except Exception as e:
-                    logger.debug("Closing a stream failed: %s", e)
+            try:
+                await asyncio.wait_for(span.close(), timeout=5)
+            except Exception as e:
+                logger.debug("Closing a stream failed: %s", e)
+
+
+def _joined(entries: list[_Sent]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The hidden states (and position ids, if every entry has them) of consecutive steps as one step."""
+    hidden = torch.cat([entry.hidden_states for entry in entries], dim=1)
+    if any(entry.position_ids is None for entry in entries):
+        return hidden, None
+    return hidden, torch.cat([entry.position_ids for entry in entries], dim=1)
 
 
 async def _on_background_loop(coro):

@@ -115,7 +115,9 @@ class RemoteSequential(nn.Module):
                 route = await asyncio.to_thread(self.swarm.forward_route, block, end, self._rng)
             hop = route.pop(0)
             try:
-                output = await call_forward(self.swarm, hop, hidden, self._slice(extra, hop))
+                call_inputs = self._slice(extra, hop)
+                output = await call_forward(self.swarm, hop, hidden, call_inputs)
+                output = await self.swarm.verifier.forward(hop, hidden, call_inputs, output)
             except Exception as e:
                 # raises for a client bug, or when the budget is spent
                 await failover.failed(hop.peer_id, e, blocks=(hop.start, hop.end))
@@ -143,12 +145,15 @@ class RemoteSequential(nn.Module):
             try:
                 inputs = [hidden]
                 for current in route[:-1]:
-                    inputs.append(await call_forward(self.swarm, current, inputs[-1], self._slice(extra, current)))
+                    call_inputs = self._slice(extra, current)
+                    output = await call_forward(self.swarm, current, inputs[-1], call_inputs)
+                    inputs.append(await self.swarm.verifier.forward(current, inputs[-1], call_inputs, output))
                 result, prompt_grads = grad, []
                 for current, x in reversed(list(zip(route, inputs))):
-                    result, prompt_grad = await call_backward(
-                        self.swarm, current, x, result, self._slice(extra, current)
-                    )
+                    call_inputs = self._slice(extra, current)
+                    answer = await call_backward(self.swarm, current, x, result, call_inputs)
+                    answer = await self.swarm.verifier.backward(current, x, result, call_inputs, answer)
+                    result, prompt_grad = answer
                     prompt_grads.insert(0, prompt_grad)
                 for used in route:
                     self.swarm.forgive(used.peer_id)

@@ -52,6 +52,7 @@ async def call_forward(swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCa
     outputs = await _call(swarm, hop, request, "forward")
     if len(outputs) != 1 or outputs[0].shape != hidden.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned a malformed forward result")
+    check_finite_reply(hop.peer_id, "forward result", outputs[0], hidden)
     return outputs[0].to(hidden.dtype)
 
 
@@ -72,11 +73,23 @@ async def call_backward(
     expected = 1 + int(extra.prompts is not None)
     if len(outputs) != expected or outputs[0].shape != hidden.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned a malformed backward result")
+    check_finite_reply(hop.peer_id, "backward result", outputs[0], hidden, grad_outputs)
     if extra.prompts is None:
         return outputs[0].to(hidden.dtype), None
     if outputs[1].shape != extra.prompts.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned deep-prompt gradients of a wrong shape")
+    check_finite_reply(hop.peer_id, "deep-prompt gradient", outputs[1], hidden, grad_outputs, extra.prompts)
     return outputs[0].to(hidden.dtype), outputs[1].to(extra.prompts.dtype)
+
+
+def check_finite_reply(peer_id: str, what: str, output: torch.Tensor, *inputs: torch.Tensor) -> None:
+    """A reply with NaN or Inf computed from finite inputs is a failed call of the server that sent it.
+
+    The client checks every reply before it passes the values on: otherwise the next server would rightly refuse
+    them as its input and be blamed (and banned) for the previous server's fault.
+    """
+    if not torch.isfinite(output).all() and all(torch.isfinite(t).all() for t in inputs):
+        raise RemoteCallError(f"server {peer_id} returned a {what} with NaN or Inf values for finite inputs")
 
 
 async def _call(swarm, hop: RouteHop, request: runtime_pb2.ExpertRequest, rpc: str) -> list[torch.Tensor]:

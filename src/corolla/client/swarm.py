@@ -17,6 +17,7 @@ from hivemind.p2p import P2P, PeerID
 from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_route, split_by_throughput
 from corolla.client.config import ClientConfig
 from corolla.client.failover import Failover
+from corolla.client.verification import Verifier
 from corolla.errors import MissingAdapterError, MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_process import client_dht
@@ -25,7 +26,7 @@ from corolla.net.loop import run_sync
 from corolla.net.ping import RttTracker, ping_many
 from corolla.net.transport import P2PTransport
 from corolla.protocol.rpc import Transport
-from corolla.protocol.server_info import ServerInfo
+from corolla.protocol.server_info import ServerInfo, ServerState
 from corolla.protocol.versions import PROTOCOL_VERSION
 
 logger = get_logger(__name__)
@@ -58,6 +59,7 @@ class SwarmView:
         self._records = records or self._records_from_dht
         self.servers: dict[PeerID, ServerInfo] = {}
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures)
+        self._distrusted: dict[str, str] = {}  # peer id -> why: caught computing wrong values, never used again
         self._updated_at = -float("inf")
         self._lock = threading.Lock()
         self._p2p: P2P | None = None
@@ -65,6 +67,7 @@ class SwarmView:
         self._transport: Transport | None = None  # the one in use (wrapped), made on first use
         self.transport_wrapper: Callable[[Transport], Transport] | None = None  # e.g. a FaultyTransport in tests
         self.rtt = RttTracker()  # this client's round trips to servers, for latency-aware routing
+        self.verifier = Verifier(self)  # checks a share of the answers against other servers (config.verify)
 
     @classmethod
     def connect(cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str) -> SwarmView:
@@ -99,8 +102,7 @@ class SwarmView:
 
     def _relay_addrs(self, peer_id: str) -> tuple[str, ...]:
         """Where a server behind NAT announced relay slots (the transport dials it there)."""
-        with self._lock:
-            info = next((i for p, i in self.servers.items() if p.to_base58() == peer_id), None)
+        info = self.info(peer_id)
         return info.relay_addrs if info is not None and info.relayed else ()
 
     def wrap_transport(self, wrapper: Callable[[Transport], Transport]) -> None:
@@ -146,6 +148,20 @@ class SwarmView:
             self._bans[peer_id] = (self.clock() + duration, failures + 1)
         logger.info("Banning server %s for %.0f s", peer_id, duration)
 
+    def distrust(self, peer_id: str, reason: str) -> bool:
+        """Never route to ``peer_id`` again: it was caught returning wrong values (not a transient failure).
+        False if it was distrusted already."""
+        with self._lock:
+            if peer_id in self._distrusted:
+                return False
+            self._distrusted[peer_id] = reason
+        logger.warning("Server %s returned wrong values (%s): it is banned for good", peer_id, reason)
+        return True
+
+    def distrusted(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._distrusted)
+
     def forgive(self, peer_id: str) -> None:
         """``peer_id`` answered a call: forget its past failures (the next one gets the shortest ban again)."""
         if peer_id in self._bans:
@@ -166,9 +182,29 @@ class SwarmView:
             return self._bans.get(peer_id, (0.0, 0))[1]
 
     def banned(self) -> set[str]:
+        """Servers routes avoid now: failed recently, or caught computing wrong values (for good)."""
         now = self.clock()
         with self._lock:
-            return {peer for peer, (until, _) in self._bans.items() if until > now}
+            return {peer for peer, (until, _) in self._bans.items() if until > now} | set(self._distrusted)
+
+    def info(self, peer_id: str) -> ServerInfo | None:
+        """The record of a server of this view, by its base58 id."""
+        with self._lock:
+            return next((i for p, i in self.servers.items() if p.to_base58() == peer_id), None)
+
+    def servers_of(self, start: int, end: int, *, exclude: set[str] = frozenset()) -> list[RouteHop]:
+        """Usable servers that host every block of start..end-1 (not banned, not in ``exclude``), fastest first:
+        who can check a hop by computing it again."""
+        banned = self.banned() | set(exclude)
+        found = [
+            (info.throughput, peer.to_base58())
+            for peer, info in self.usable_servers().items()
+            if info.state == ServerState.ONLINE
+            and info.start_block <= start
+            and end <= info.end_block
+            and peer.to_base58() not in banned
+        ]
+        return [RouteHop(peer_id=peer, start=start, end=end) for _, peer in sorted(found, reverse=True)]
 
     def inference_route(self, start: int, end: int, *, cache_tokens: int = 0) -> list[RouteHop]:
         """The fastest chain over blocks start..end-1 (refreshing once if blocks seem missing)."""
@@ -225,15 +261,17 @@ class SwarmView:
             raise MissingAdapterError(e.missing, self.model_name, adapter, available) from None
 
     def usable_servers(self) -> dict[PeerID, ServerInfo]:
-        """The servers routes may use: those speaking this client's protocol version and, with an
+        """The servers routes may use: those speaking this client's protocol version, not caught lying and, with an
         ``active_adapter``, announcing that adapter."""
         adapter = self.config.active_adapter
         with self._lock:
-            servers = self.servers
+            servers, distrusted = self.servers, set(self._distrusted)
         usable = {
             peer: info
             for peer, info in servers.items()
-            if info.protocol_version == PROTOCOL_VERSION and (adapter is None or adapter in info.adapters)
+            if info.protocol_version == PROTOCOL_VERSION
+            and (adapter is None or adapter in info.adapters)
+            and peer.to_base58() not in distrusted
         }
         if len(usable) < len(servers) and adapter is None:
             logger.debug("%d servers speak another protocol version", len(servers) - len(usable))

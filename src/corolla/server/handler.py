@@ -189,7 +189,17 @@ class BlockServicer:
             return None
         if action is Action.REPEAT:
             return session.last_output  # a repeated step is answered, not recomputed
-        output = await self.backend.step(session, step, tensors)
+        try:
+            output = await self.backend.step(session, step, tensors)
+        except InvalidRequestError as e:
+            if source == CLIENT:
+                raise
+            # a pushed input this server refuses (e.g. NaN from a broken or lying previous server) is that server's
+            # fault, not the session's: drop it, the client's own copy of the step (checked by the client) decides
+            logger.warning(
+                "Refused a step pushed by %s into session %s: %s", session.pusher, session.opened.session_id, e
+            )
+            return None
         result = StepResult(step_id=step.step_id, position=session.length, cache_tokens_left=self.budget.tokens_left)
         response = pack_response([output], result.model_dump(), compression=session.opened.output_compression)
         self.sessions.record(session, step.step_id, source, response)
