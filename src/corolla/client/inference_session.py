@@ -247,6 +247,9 @@ class InferenceSession:
         step_ids = [uuid.uuid4().hex for _ in self._spans]
         while index < len(self._spans):
             span = self._spans[index]
+            check = None  # this step's check on the span's shadow server runs while the span computes the step
+            if self.swarm.verifier.enabled and self.swarm.verifier.sample():
+                check = asyncio.ensure_future(self._shadow_step(span, hidden, mask, positions))
             try:
                 output = await span.stream.step(
                     hidden, mask, positions, self.position, step_id=step_ids[index],
@@ -254,9 +257,11 @@ class InferenceSession:
                     pusher=None if with_prompts else self._pusher(index),
                     prompts=self._prompts_for(span.hop) if with_prompts else None,
                 )  # fmt: skip
-                if self.swarm.verifier.enabled:
-                    output = await self._verify(span, hidden, mask, positions, output)
+                if check is not None:
+                    output = await self._verify(span, hidden, mask, positions, output, check)
             except Exception as e:
+                if check is not None:
+                    check.cancel()
                 await span.close()
                 blocks = (span.hop.start, span.hop.end)
                 failover = failovers.setdefault(blocks, self.swarm.failover(*blocks))
@@ -288,24 +293,22 @@ class InferenceSession:
     def _pushing(self) -> bool:
         return self.swarm.config.push and not self.swarm.verifier.enabled
 
-    async def _verify(self, span: _SpanState, hidden, mask, positions, output: torch.Tensor) -> torch.Tensor:
-        """Check ``span``'s answers since its last check (this step's included) on its shadow server; returns
-        ``output`` when it stands. A shadow caught lying is replaced by the server that settled it; a checked server
-        caught lying raises WrongValuesError (it is distrusted; the step is retried on a replacement)."""
+    async def _shadow_step(self, span: _SpanState, hidden, mask, positions) -> tuple[torch.Tensor, int] | None:
+        """On ``span``'s shadow server (opened on first use), every input since the last check plus this step's:
+        (its outputs for those tokens, how many entries of ``span.sent`` they cover), or None when no other server
+        can check (counted) or the checking server failed (banned; the check is skipped). Needs nothing from the
+        checked server, so it runs while that server computes the step."""
         verifier = self.swarm.verifier
-        if not verifier.sample():
-            return output
         if span.shadow is None:
             checker = verifier.checker(span.hop, exclude=set())
             if checker is None:
                 verifier.stats.unverifiable += 1
-                return output
+                return None
             span.shadow, span.checked = self._new_stream(checker, hidden.shape[0]), 0
-        shadow = span.shadow
-        pending = [*span.sent[span.checked :], _Sent(hidden_states=hidden, position_ids=positions, output=output)]
+        shadow, covered = span.shadow, len(span.sent)
         window_start = span.tokens(span.sent[: span.checked])
-        window_hidden, window_positions = _joined(pending)
-        answered = torch.cat([entry.output for entry in pending], dim=1)
+        entries = [*span.sent[span.checked :], _Sent(hidden_states=hidden, position_ids=positions)]
+        window_hidden, window_positions = _joined(entries)
         try:
             if span.checked == 0:
                 await shadow.open(self.swarm)
@@ -314,10 +317,27 @@ class InferenceSession:
         except Exception as e:  # the checking server failed: an ordinary failure of that server
             verifier.checker_failed(shadow.hop, e)
             await shadow.close()
-            span.shadow = None
-            return output
+            if span.shadow is shadow:
+                span.shadow = None
+            return None
         verifier.stats.checks += 1
         verifier.stats.count(window_hidden)
+        return checked, covered
+
+    async def _verify(self, span: _SpanState, hidden, mask, positions, output: torch.Tensor, shadow_step):
+        """Compare ``span``'s answers since its last check (``output``, this step's, included) with its shadow's
+        (``shadow_step``: the task of ``_shadow_step``); returns ``output`` when it stands. A shadow caught lying is
+        replaced by the server that settled it; a checked server caught lying raises WrongValuesError (it is
+        distrusted; the step is retried on a replacement)."""
+        verifier = self.swarm.verifier
+        result = await shadow_step
+        if result is None:
+            return output
+        checked, covered = result
+        shadow = span.shadow
+        pending = [*span.sent[span.checked : covered], _Sent(hidden_states=hidden, position_ids=positions)]
+        window_start = span.tokens(span.sent[: span.checked])
+        answered = torch.cat([*(entry.output for entry in pending[:-1]), output], dim=1)
         if token_error(answered, checked) <= verifier.tolerance(span.hop, span.hop.peer_id, shadow.hop.peer_id):
             self._checked(span)
             return output
