@@ -81,9 +81,9 @@ class WarmSpawner:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self._pump(timeout_s=0.2).get("ready"):
             if self._helper.poll() is not None or time.monotonic() > deadline:
-                self.close()
                 self._log.seek(0)
                 output = self._log.read().decode(errors="replace")[-2000:]
+                self.close()
                 raise RuntimeError(f"the warm spawner did not start within {_START_TIMEOUT_S:.0f} s:\n{output}")
 
     @property

@@ -88,3 +88,8 @@ def test_one_shared_helper_per_environment(monkeypatch):
     first = shared_spawner(dict(env, PYTEST_CURRENT_TEST="a"))
     assert shared_spawner(dict(env, PYTEST_CURRENT_TEST="b")) is first
     assert "PYTEST_CURRENT_TEST" not in first.env
+
+
+def test_a_helper_that_cannot_start_says_why():
+    with pytest.raises(RuntimeError, match="no_such_module_here"):
+        WarmSpawner(dict(os.environ), preload=("no_such_module_here",))
