@@ -136,7 +136,10 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
 
     model = str(zoo_checkpoint("llama"))
     fast = ["--matchmaking-time-s", "1", "--averaging-timeout-s", "4"]
-    with LocalSwarm(model=model, log_dir=tmp_path / "logs") as swarm:
+    # started cold, as in every CI run before warm spawn: once (1 of 7 runs, warm) the survivor hung for 104 s in an
+    # averaging round with the frozen peer (hivemind's step waits for a running all-reduce without a timeout), a real
+    # bug not fixed yet; whether warm starts make it likelier is not known
+    with LocalSwarm(model=model, log_dir=tmp_path / "logs", warm_spawn=False) as swarm:
         for name, stage in [("a", 0), ("b", 1), ("c", 1)]:
             swarm.start_stage_peer(name, [*stage_args("faults", 2, "--stage", str(stage), target=8), *fast])
         swarm.wait_until_stages("faults", 2, peers=["a", "b", "c"])
