@@ -10,6 +10,7 @@ from corolla.cli.flags import nest_settings, parse_flags
 from corolla.server.config import (
     AnnounceConfig,
     BalanceConfig,
+    BatchingConfig,
     LimitsConfig,
     ServerConfig,
     SpanConfig,
@@ -125,6 +126,8 @@ def test_a_bad_config_file_ends_in_one_line(tmp_path, text, message, capsys):
         (lambda: LimitsConfig(session_timeout_s=-1.0), "session_timeout_s"),
         (lambda: AnnounceConfig(throughput="fast"), "throughput"),
         (lambda: BalanceConfig(balance_quality=2), "balance_quality"),
+        (lambda: BatchingConfig(max_batch_sessions=0), "max_batch_sessions"),
+        (lambda: BatchingConfig(batch_wait_ms=-1), "batch_wait_ms"),
     ],
 )
 def test_bad_settings_name_the_bad_value(build, message):
@@ -160,9 +163,9 @@ def test_help_lists_every_setting_once_with_one_default(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    for section in (ServerConfig, SpanConfig, LimitsConfig, AnnounceConfig, BalanceConfig):
+    for section in (ServerConfig, SpanConfig, LimitsConfig, AnnounceConfig, BalanceConfig, BatchingConfig):
         for f in dataclasses.fields(section):
-            if f.name not in ("model", "network", "span", "limits", "announce", "balance"):
+            if f.name not in ("model", "network", "span", "limits", "announce", "balance", "batching"):
                 assert "--" + f.name.replace("_", "-") in text, f.name
     for flag in ("--initial-peers", "--identity", "--announce-maddrs", "--config"):
         assert flag in text

@@ -130,3 +130,5 @@ class ServerStatus(_Message):
     active_sessions: int
     adapters: tuple[str, ...] = ()  # LoRA adapters a request may select
     steps_from_pushes: int = 0  # inference steps computed from a previous server's push (before the client's copy)
+    steps_batched: int = 0  # inference steps that shared one forward with other sessions' steps
+    batched_forwards: int = 0  # forwards that ran more than one session's step

@@ -8,10 +8,12 @@ No transport here: a request arrives as parsed metadata plus tensors and leaves 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import torch
 
 from corolla.errors import InvalidRequestError
+from corolla.models.batched_step import SessionStep, run_merged
 from corolla.models.lora import use_adapter
 from corolla.models.span import SpanInputs, SpanModel
 from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, SpanRequest
@@ -19,6 +21,7 @@ from corolla.server import validation
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.sessions import Session
+from corolla.server.step_batcher import StepBatcher
 
 
 class SpanBackend:
@@ -27,6 +30,16 @@ class SpanBackend:
     def __init__(self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue):
         self.span, self.config, self.compute = span, config, compute
         self.adapters: tuple[str, ...] = config.span.adapter_names()  # loaded into every span this server serves
+        batching = config.batching
+        self.batcher: StepBatcher | None = None  # None: every inference step runs alone
+        if batching.max_batch_sessions > 1:
+            self.batcher = StepBatcher(
+                compute,
+                _run_steps,
+                max_sessions=batching.max_batch_sessions,
+                max_tokens=config.limits.max_batch_tokens,
+                wait_s=batching.batch_wait_ms / 1000,
+            )
 
     @property
     def dtype(self) -> torch.dtype:
@@ -148,15 +161,13 @@ class SpanBackend:
                 f"{opened.max_length}"
             )
 
-        def task():
-            if step.position < session.length:  # the client rewinds (e.g. replays a step): drop the later tokens
-                session.cache.crop(step.position - session.length)  # a negative crop removes tokens
-            with use_adapter(opened.active_adapter):
-                return session.span(
-                    inputs, session.cache, start=opened.start_block, end=opened.end_block, prompts=prompts
-                )
-
-        output = await self._compute(PRIORITY_INFERENCE, task)
+        pending = _PendingStep(session=session, position=step.position, inputs=inputs, prompts=prompts)
+        if self.batcher is None or prompts is not None:
+            output = await self._compute(PRIORITY_INFERENCE, lambda: _run_steps([pending])[0])
+        else:  # steps of other sessions waiting meanwhile may share its forward
+            key = (id(session.span), opened.start_block, opened.end_block, opened.active_adapter, new_tokens)
+            tokens = inputs.hidden_states.shape[0] * new_tokens
+            output = await self._timed(self.batcher.run(key, pending, tokens=tokens))
         session.length = step.position + new_tokens
         return output.cpu()
 
@@ -206,13 +217,48 @@ class SpanBackend:
         return inputs, prompts
 
     async def _compute(self, priority: int, task, *, grad: bool = False):
+        return await self._timed(self.compute.submit(priority, task, grad=grad))
+
+    async def _timed(self, awaitable):
         try:
-            future = self.compute.submit(priority, task, grad=grad)
-            return await asyncio.wait_for(future, self.config.limits.request_timeout_s)
+            return await asyncio.wait_for(awaitable, self.config.limits.request_timeout_s)
         except asyncio.TimeoutError:
             raise InvalidRequestError(
                 f"the request took over {self.config.limits.request_timeout_s} s and was cancelled"
             ) from None
+
+
+@dataclass(kw_only=True)
+class _PendingStep:
+    """An inference step of one session, validated and waiting for the compute thread."""
+
+    session: Session
+    position: int
+    inputs: SpanInputs
+    prompts: torch.Tensor | None
+
+    def rewind(self) -> SessionStep:
+        """Drop cached tokens at and after the step's position (a client replaying steps); idempotent."""
+        cache = self.session.cache
+        excess = cache.get_seq_length() - self.position
+        if excess > 0:
+            cache.crop(-excess)
+        return SessionStep(inputs=self.inputs, cache=cache)
+
+
+def _run_steps(pending: list[_PendingStep]) -> list[torch.Tensor]:
+    """On the compute thread: steps of sessions on the same span, blocks and adapter; one forward for them all."""
+    first = pending[0]
+    opened, span = first.session.opened, first.session.span
+    steps = [p.rewind() for p in pending]
+    with use_adapter(opened.active_adapter):
+        if len(steps) == 1:
+            return [
+                span(
+                    first.inputs, steps[0].cache, start=opened.start_block, end=opened.end_block, prompts=first.prompts
+                )
+            ]
+        return run_merged(span, steps, start=opened.start_block, end=opened.end_block)
 
 
 def _rows(inputs: SpanInputs, rows: slice) -> SpanInputs:

@@ -57,9 +57,18 @@ class ComputeQueue:
                 with torch.enable_grad() if grad else torch.inference_mode():
                     result = fn()
             except BaseException as e:  # handed to the awaiting request, which reports it
-                loop.call_soon_threadsafe(_set_exception, future, e)
+                call_soon(loop, _set_exception, future, e)
             else:
-                loop.call_soon_threadsafe(_set_result, future, result)
+                call_soon(loop, _set_result, future, result)
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:
+    """Run ``callback`` on ``loop``; nothing if the loop has closed meanwhile (its awaiter is gone): the compute
+    thread must outlive any one event loop that submitted work."""
+    try:
+        loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        pass
 
 
 def _set_result(future: asyncio.Future, result) -> None:

@@ -157,6 +157,21 @@ class BalanceConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BatchingConfig:
+    """How inference steps of concurrent sessions share a forward pass (continuous batching)."""
+
+    max_batch_sessions: int = 8
+    """most sessions whose waiting inference steps run as one forward (1: every step runs alone)"""
+    batch_wait_ms: float = 0.0
+    """milliseconds a step may wait for other sessions' steps to join its forward (0: only steps already waiting)"""
+
+    def __post_init__(self):
+        _check_positive(self, ("max_batch_sessions",))
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ValueError(f"batch_wait_ms must be within 0..1000 milliseconds, got {self.batch_wait_ms}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Host a span of a model's transformer blocks and announce it to the swarm."""
 
@@ -169,6 +184,7 @@ class ServerConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     announce: AnnounceConfig = field(default_factory=AnnounceConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
 
     def __post_init__(self):
         if self.new_swarm == bool(self.network.initial_peers):

@@ -97,7 +97,15 @@ class BlockServicer:
             active_sessions=len(self.sessions),
             adapters=self.backend.adapters,
             steps_from_pushes=self.sessions.steps_from_pushes,
+            **self._batching_counts(),
         )
+
+    def _batching_counts(self) -> dict[str, int]:
+        batcher = self.backend.batcher
+        if batcher is None:
+            return {}
+        stats = batcher.stats
+        return {"steps_batched": stats.steps_batched, "batched_forwards": stats.forwards - stats.alone}
 
     async def rpc_info(self, request: runtime_pb2.ExpertUID, context: P2PContext) -> runtime_pb2.ExpertInfo:
         return runtime_pb2.ExpertInfo(serialized_info=MSGPackSerializer.dumps(self.status().model_dump()))
