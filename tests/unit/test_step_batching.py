@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ import torch
 from corolla.models.checkpoint import resolve_checkpoint
 from corolla.models.span import SpanInputs, load_span
 from corolla.protocol.messages import InferenceOpen, InferenceStep
-from corolla.server.backend import SpanBackend
+from corolla.server import step_batcher
+from corolla.server.backend import ACTIVE_WINDOW_S, SpanBackend
 from corolla.server.compute import PRIORITY_INFERENCE, ComputeQueue
 from corolla.server.config import BatchingConfig, LimitsConfig, ServerConfig
 from corolla.server.sessions import SessionTable
@@ -120,32 +122,50 @@ def test_without_batching_every_step_runs_alone(span):
         torch.testing.assert_close(torch.cat(out, dim=1), _expected(span, hidden), atol=ATOL, rtol=RTOL)
 
 
-def test_a_step_waits_up_to_batch_wait_ms_for_others():
-    """With the compute thread idle, steps 30 ms apart merge only when the first may wait for the second."""
+def test_a_step_waits_up_to_batch_wait_ms_for_the_other_generating_sessions(monkeypatch):
+    """With the compute thread idle, steps of two generating sessions 30 ms apart merge only when the first may wait
+    for the second; a session whose next step is not due within the wait, or that has been idle, is not waited for;
+    no forward waits longer than half a recent forward's time (the tiny model's take about a millisecond)."""
     span = load_span(resolve_checkpoint(str(zoo_checkpoint("llama"))), START, END)
 
-    async def two_steps(backend):
+    async def two_sessions(backend):
         table = SessionTable()
-        results = []
         with contextlib.ExitStack() as stack:
             sessions = []
             for i in range(2):
                 opened = InferenceOpen(session_id=f"w{i}", max_length=8, start_block=START, end_block=END)
                 session_span, cache = backend.new_cache(opened)
                 sessions.append(stack.enter_context(table.open(opened, span=session_span, cache=cache)))
+            backend.sessions = table
+            for i, session in enumerate(sessions):
+                await backend.step(session, InferenceStep(step_id="p", position=0), [_hidden(span, 2, i)])
+            now = time.monotonic()
+            for session in sessions:  # both generate, a step every 30 ms: the next one is due now
+                session.last_step_at, session.step_gap_s = now - 0.03, 0.03
+            assert [backend._active(s) for s in sessions] == [2, 2]
+            sessions[1].step_gap_s = 0.9 * ACTIVE_WINDOW_S  # away (e.g. at other servers) for longer than any wait
+            assert backend._active(sessions[0]) == 1
+            sessions[1].last_step_at = sessions[0].last_step_at = time.monotonic()
+            sessions[1].step_gap_s = 0.03
             first = asyncio.create_task(
-                backend.step(sessions[0], InferenceStep(step_id="a", position=0), [_hidden(span, 1, 0)])
+                backend.step(sessions[0], InferenceStep(step_id="a", position=2), [_hidden(span, 1, 0)])
             )
             await asyncio.sleep(0.03)
-            second = backend.step(sessions[1], InferenceStep(step_id="a", position=0), [_hidden(span, 1, 1)])
-            results = await asyncio.gather(first, second)
-        return results
+            await backend.step(sessions[1], InferenceStep(step_id="a", position=2), [_hidden(span, 1, 1)])
+            await first
+            sessions[1].last_step_at -= ACTIVE_WINDOW_S  # idle since: not waited for, whatever its usual gap
+            sessions[1].step_gap_s = 0.0
+            assert backend._active(sessions[0]) == 1
 
     with _backend(span, max_batch_sessions=4, batch_wait_ms=500) as backend:
-        asyncio.run(two_steps(backend))
+        asyncio.run(two_sessions(backend))
+        assert backend.batcher.stats.largest == 1  # 30 ms is far more than half of this model's forward
+    monkeypatch.setattr(step_batcher, "WAIT_SHARE", 1e6)  # as if forwards were slow
+    with _backend(span, max_batch_sessions=4, batch_wait_ms=500) as backend:
+        asyncio.run(two_sessions(backend))
         assert backend.batcher.stats.largest == 2
     with _backend(span, max_batch_sessions=4, batch_wait_ms=0) as backend:
-        asyncio.run(two_steps(backend))
+        asyncio.run(two_sessions(backend))
         assert backend.batcher.stats.largest == 1
 
 

@@ -8,6 +8,8 @@ No transport here: a request arrives as parsed metadata plus tensors and leaves 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +25,17 @@ from corolla.server.config import ServerConfig
 from corolla.server.sessions import Session
 from corolla.server.step_batcher import StepBatcher
 
+ACTIVE_WINDOW_S = 1.0  # a session idle for longer is not waited for, whatever its usual gap between steps
+
 
 class SpanBackend:
     """Runs requests on the hosted span through one ``ComputeQueue`` (inference steps first)."""
 
-    def __init__(self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue):
+    def __init__(
+        self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue, sessions: Iterable[Session] = ()
+    ):
         self.span, self.config, self.compute = span, config, compute
+        self.sessions = sessions  # the open sessions (steps may wait for the active ones to batch with them)
         self.adapters: tuple[str, ...] = config.span.adapter_names()  # loaded into every span this server serves
         batching = config.batching
         self.batcher: StepBatcher | None = None  # None: every inference step runs alone
@@ -161,15 +168,37 @@ class SpanBackend:
                 f"{opened.max_length}"
             )
 
+        if session.last_step_at is not None:  # how long the client took to send this step after the last answer
+            gap = time.monotonic() - session.last_step_at
+            session.step_gap_s = gap if session.step_gap_s is None else 0.7 * session.step_gap_s + 0.3 * gap
         pending = _PendingStep(session=session, position=step.position, inputs=inputs, prompts=prompts)
         if self.batcher is None or prompts is not None:
             output = await self._compute(PRIORITY_INFERENCE, lambda: _run_steps([pending])[0])
         else:  # steps of other sessions waiting meanwhile may share its forward
-            key = (id(session.span), opened.start_block, opened.end_block, opened.active_adapter, new_tokens)
+            key = (_batch_group(session), new_tokens)
             tokens = inputs.hidden_states.shape[0] * new_tokens
-            output = await self._timed(self.batcher.run(key, pending, tokens=tokens))
+            output = await self._timed(self.batcher.run(key, pending, tokens=tokens, expected=self._active(session)))
         session.length = step.position + new_tokens
+        session.last_step_at = time.monotonic()
         return output.cpu()
+
+    def _active(self, session: Session) -> int:
+        """How many sessions (this one included) a forward of this session's step should wait for: those on the
+        same blocks whose next step is due within the batcher's wait, judged by the gap each one leaves between a
+        step's answer and its next step. A session that sits idle (or is away at other servers of a pipeline for
+        longer than the wait) is not waited for."""
+        group, now = _batch_group(session), time.monotonic()
+        horizon = self.batcher.wait_limit_s() if self.batcher is not None else 0.0
+        return 1 + sum(
+            1
+            for other in self.sessions
+            if other is not session
+            and other.last_step_at is not None
+            and other.step_gap_s is not None
+            and other.last_step_at + other.step_gap_s <= now + horizon
+            and now - other.last_step_at < ACTIVE_WINDOW_S
+            and _batch_group(other) == group
+        )
 
     # ---- shared -----------------------------------------------------------------------------------------------
     def check_adapter(self, meta: SpanRequest) -> None:
@@ -226,6 +255,12 @@ class SpanBackend:
             raise InvalidRequestError(
                 f"the request took over {self.config.limits.request_timeout_s} s and was cancelled"
             ) from None
+
+
+def _batch_group(session: Session) -> tuple:
+    """Sessions whose steps of equal length can share a forward: the same span object, blocks and adapter."""
+    opened = session.opened
+    return id(session.span), opened.start_block, opened.end_block, opened.active_adapter
 
 
 @dataclass(kw_only=True)

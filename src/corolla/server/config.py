@@ -162,8 +162,9 @@ class BatchingConfig:
 
     max_batch_sessions: int = 8
     """most sessions whose waiting inference steps run as one forward (1: every step runs alone)"""
-    batch_wait_ms: float = 0.0
-    """milliseconds a step may wait for other sessions' steps to join its forward (0: only steps already waiting)"""
+    batch_wait_ms: float = 50.0
+    """most milliseconds a forward waits for the steps of sessions that are generating now (also at most half a
+    forward's time; a lone session never waits; 0: batch only the steps already waiting)"""
 
     def __post_init__(self):
         _check_positive(self, ("max_batch_sessions",))

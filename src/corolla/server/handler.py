@@ -53,8 +53,8 @@ class BlockServicer:
 
     def __init__(self, *, span, config: ServerConfig, budget: CacheBudget, compute: ComputeQueue):
         self.config, self.budget = config, budget
-        self.backend = SpanBackend(span=span, config=config, compute=compute)
         self.sessions = SessionTable()
+        self.backend = SpanBackend(span=span, config=config, compute=compute, sessions=self.sessions)
         self._p2p: P2P | None = None
         self._pushes: set[asyncio.Task] = set()
 

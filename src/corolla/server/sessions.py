@@ -35,6 +35,8 @@ class Session:
     span: object  # the SpanModel the session started on (a rebalancing server keeps it until the session ends)
     cache: object
     length: int = 0  # tokens already in the cache
+    last_step_at: float | None = None  # time.monotonic() when its last step was computed
+    step_gap_s: float | None = None  # usual time from a step's answer to the arrival of the next step (average)
     pusher: str | None = None  # the peer the client named as its previous server: the only one allowed to push
     last_step_id: str | None = None
     last_output: runtime_pb2.ExpertResponse | None = None
@@ -57,6 +59,9 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def __iter__(self) -> Iterator[Session]:
+        return iter(list(self._sessions.values()))
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(session_id)

@@ -3,8 +3,13 @@
 A step that arrives while the compute thread is busy waits in a list; when the thread gets to it, it takes every
 waiting step, groups the ones that can share a forward (same key: span, blocks, adapter, new tokens) into batches of
 at most ``max_batch_sessions`` sessions and ``max_batch_tokens`` tokens, and runs each batch. A lone step runs alone
-as before, so a server with one client pays nothing. ``batch_wait_ms`` lets a step wait that long for others to join
-when fewer than a full batch are waiting (0 by default: batches form only from steps that queue up anyway).
+as before, so a server with one client pays nothing.
+
+Left alone, concurrent sessions settle into groups that take turns on the compute thread (while one group's forward
+runs, the other's steps arrive and wait; the first group's next steps arrive just after the second group started),
+so each forward holds only part of them. ``batch_wait_ms`` breaks that up: when the compute thread gets to the
+waiting steps and some sessions that are generating now are missing, it waits for their steps up to that long, and
+never longer than half the time a forward takes (waiting longer would cost more than running the late ones apart).
 
 Each step still gets its own answer or its own error: a batch that fails is retried step by step, so a step that
 cannot run fails alone.
@@ -13,7 +18,9 @@ cannot run fails alone.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +30,8 @@ from corolla.server.compute import PRIORITY_INFERENCE, ComputeQueue, call_soon
 
 logger = get_logger(__name__)
 
+WAIT_SHARE = 0.5  # a forward waits for missing sessions at most this share of a recent forward's time
+
 
 @dataclass(kw_only=True)
 class BatchItem:
@@ -31,7 +40,9 @@ class BatchItem:
     key: Hashable  # steps with equal keys may share a forward
     tokens: int  # rows x new tokens
     payload: Any  # handed to the group runner
+    expected: int  # sessions of this key generating when it arrived (this one's included)
     loop: asyncio.AbstractEventLoop = field(repr=False)
+    arrived: float = field(default_factory=time.monotonic)
     future: asyncio.Future = field(repr=False)
 
 
@@ -62,39 +73,56 @@ class StepBatcher:
         self.compute, self.run_group = compute, run_group
         self.max_sessions, self.max_tokens, self.wait_s = max_sessions, max_tokens, wait_s
         self.stats = BatchStats()
-        self._lock = threading.Lock()
+        self._changed = threading.Condition()  # guards _waiting and _drain_pending; notified on each arrival
         self._waiting: list[BatchItem] = []
-        self._drain_pending = False  # a drain is queued (or about to be) on the compute thread
-        self._timer: asyncio.TimerHandle | None = None  # a drain delayed by wait_s
+        self._drain_pending = False  # a drain is queued on the compute thread and has not taken the steps yet
+        self._forward_s = 0.0  # recent time of a forward (moving average): a wait for others is a share of it
 
-    async def run(self, key: Hashable, payload: Any, *, tokens: int) -> Any:
-        """The result of ``payload``'s step, computed alone or in a batch with other waiting steps of ``key``."""
+    async def run(self, key: Hashable, payload: Any, *, tokens: int, expected: int = 1) -> Any:
+        """The result of ``payload``'s step, computed alone or in a batch with other waiting steps of ``key``.
+
+        ``expected``: how many sessions (this one included) are generating with this key now. When the compute
+        thread gets to the waiting steps and fewer than that are there, it waits up to ``wait_s`` for the others
+        (sessions whose previous step just finished send their next one a round trip later). A lone session never
+        waits.
+        """
         loop = asyncio.get_running_loop()
-        item = BatchItem(key=key, tokens=tokens, payload=payload, loop=loop, future=loop.create_future())
-        with self._lock:
+        item = BatchItem(
+            key=key, tokens=tokens, payload=payload, expected=expected, loop=loop, future=loop.create_future()
+        )
+        with self._changed:
             self._waiting.append(item)
-            first, full = not self._drain_pending, len(self._waiting) >= self.max_sessions
-            self._drain_pending = True
-        if first and self.wait_s > 0 and not full:
-            self._timer = loop.call_later(self.wait_s, self._submit_drain)
-        elif first or (full and self._timer is not None):
-            self._submit_drain()
+            submit, self._drain_pending = not self._drain_pending, True
+            self._changed.notify()
+        if submit:
+            drained = self.compute.submit(PRIORITY_INFERENCE, self._drain)
+            drained.add_done_callback(_log_failure)
         return await item.future
 
-    def _submit_drain(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        drained = self.compute.submit(PRIORITY_INFERENCE, self._drain)
-        drained.add_done_callback(_log_failure)
-
     def _drain(self) -> None:
-        """On the compute thread: run every waiting step, in batches."""
-        with self._lock:
+        """On the compute thread: wait (at most ``wait_s``) for the sessions expected to join, then run every
+        waiting step, in batches."""
+        deadline = time.monotonic() + self.wait_limit_s()
+        with self._changed:
+            while not self._complete() and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
             waiting, self._waiting = self._waiting, []
             self._drain_pending = False
         for batch in self._batches([item for item in waiting if not item.future.cancelled()]):
             self._run_batch(batch)
+
+    def wait_limit_s(self) -> float:
+        """How long a forward may wait for missing sessions now: ``wait_s``, at most a share of a recent forward."""
+        return min(self.wait_s, WAIT_SHARE * self._forward_s)
+
+    def _complete(self) -> bool:
+        """Whether every key's waiting steps make a full batch or all the sessions expected for it."""
+        counts: dict[Hashable, list[int]] = {}
+        for item in self._waiting:
+            entry = counts.setdefault(item.key, [0, 1])
+            entry[0] += 1
+            entry[1] = max(entry[1], item.expected)
+        return all(count >= min(expected, self.max_sessions) for count, expected in counts.values())
 
     def _batches(self, items: list[BatchItem]) -> list[list[BatchItem]]:
         """Items grouped by key (in order of arrival), each group cut to the session and token caps."""
@@ -111,6 +139,7 @@ class StepBatcher:
         return [batch for batches in groups.values() for batch in batches]
 
     def _run_batch(self, batch: list[BatchItem]) -> None:
+        started = time.monotonic()
         try:
             results = self.run_group([item.payload for item in batch])
         except BaseException as e:
@@ -121,6 +150,14 @@ class StepBatcher:
             for item in batch:
                 self._run_batch([item])
             return
+        took = time.monotonic() - started
+        self._forward_s = took if self.stats.forwards == 0 else 0.8 * self._forward_s + 0.2 * took
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "Ran %d steps in one forward in %.1f ms; they waited %.1f-%.1f ms",
+                len(batch), took * 1e3,
+                (started - batch[-1].arrived) * 1e3, (started - batch[0].arrived) * 1e3,
+            )  # fmt: skip
         self.stats.steps += len(batch)
         self.stats.forwards += 1
         self.stats.largest = max(self.stats.largest, len(batch))
