@@ -9,7 +9,6 @@ final norm. Only non-padded positions are compared: the outputs at padded positi
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import json
@@ -21,7 +20,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import corolla.models.checkpoint as checkpoint_module
 from corolla.models.checkpoint import INDEX_NAME, Checkpoint, resolve_checkpoint
 from corolla.models.families import family_for
 from corolla.models.span import SpanInputs, SpanModel, load_span
@@ -280,32 +278,14 @@ def test_sub_range_outside_the_hosted_span_is_refused(start, end):
 
 
 class _ReadSpy:
-    """Wraps ``safe_open``: records which shards are opened and which tensors are read from them."""
+    """Wraps ``safe_open``: records which shards are opened with it (corolla reads shards without it)."""
 
     def __init__(self, real_safe_open):
-        self.real, self.opened, self.read = real_safe_open, [], []
+        self.real, self.opened = real_safe_open, []
 
-    @contextlib.contextmanager
     def __call__(self, filename, *args, **kwargs):
         self.opened.append(Path(filename).name)
-        with self.real(filename, *args, **kwargs) as handle:
-            yield _SpyHandle(handle, self.read)
-
-
-class _SpyHandle:
-    def __init__(self, handle, read: list[str]):
-        self._handle, self._read = handle, read
-
-    def get_tensor(self, key):
-        self._read.append(key)
-        return self._handle.get_tensor(key)
-
-    def get_slice(self, key):
-        self._read.append(key)
-        return self._handle.get_slice(key)
-
-    def __getattr__(self, name):
-        return getattr(self._handle, name)
+        return self.real(filename, *args, **kwargs)
 
 
 _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
@@ -313,6 +293,8 @@ _BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_loading_reads_only_the_spans_tensors(family, monkeypatch):
+    """The bytes read from the shards are exactly those of the span's tensors (reads through the page cache here,
+    so that every read is exactly what was asked; ``test_span_loading`` checks the pages a real load brings in)."""
     start, end = 3, 5  # in every zoo checkpoint, some shards hold none of these blocks
     checkpoint = _checkpoint(family)
     weight_map = json.loads((checkpoint.folder / INDEX_NAME).read_text())["weight_map"]
@@ -320,18 +302,45 @@ def test_loading_reads_only_the_spans_tensors(family, monkeypatch):
     wanted_shards = {weight_map[k] for k in wanted}
     assert wanted and wanted_shards < set(weight_map.values()), "the test needs a shard holding none of the blocks"
 
+    import os
+
     import safetensors
     import transformers.modeling_utils
 
+    from corolla.models import tensor_reader
+
     spy = _ReadSpy(safetensors.safe_open)
-    monkeypatch.setattr(checkpoint_module, "safe_open", spy)
-    monkeypatch.setattr(safetensors, "safe_open", spy)  # anything else opening a shard shows up too
+    monkeypatch.setattr(safetensors, "safe_open", spy)
     monkeypatch.setattr(transformers.modeling_utils, "safe_open", spy)
+    monkeypatch.setattr(tensor_reader, "_libc", lambda: None)  # no O_DIRECT: no reads rounded to whole pages
+    ranges: list[tuple[str, int, int]] = []
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset, *args):
+        count = real_preadv(fd, buffers, offset, *args)
+        ranges.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, offset, offset + count))
+        return count
+
+    monkeypatch.setattr(os, "preadv", preadv)
     span = load_span(checkpoint, start, end)
 
-    assert sorted(spy.read) == sorted(wanted)
-    assert sorted(spy.opened) == sorted(wanted_shards)  # each needed shard once, the others never
+    assert spy.opened == []
+    expected = []
+    for shard in sorted(wanted_shards):
+        header = tensor_reader.read_header(checkpoint.folder / shard)
+        expected += [(shard, e.begin, e.end) for k, e in header.items() if k in wanted and e.num_bytes]
+    assert _merged(ranges) == _merged(expected)  # each needed byte, no other, and no other shard
     assert len(span.blocks) == end - start
+
+
+def _merged(ranges: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    merged: list[tuple[str, int, int]] = []
+    for name, begin, end in sorted(ranges):
+        if merged and merged[-1][0] == name and merged[-1][2] >= begin:
+            merged[-1] = (name, merged[-1][1], max(merged[-1][2], end))
+        else:
+            merged.append((name, begin, end))
+    return merged
 
 
 # ---- 5. cache crop: repeated steps are idempotent -------------------------------------------------------------------

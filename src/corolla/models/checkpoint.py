@@ -2,7 +2,8 @@
 
 A model is named by a bundled short name (``smollm2-135m``), a local folder, or a Hugging Face Hub repo id. Block
 weights are read tensor by tensor from the safetensors shards listed in ``model.safetensors.index.json``, so a
-server never reads (or, from the Hub, downloads) the weights of blocks it does not host.
+server never reads (or, from the Hub, downloads) the weights of blocks it does not host; within a shard only the
+byte ranges of the wanted tensors are read, in file order (``models/tensor_reader.py``).
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from corolla.errors import ModelNotFoundError
 from corolla.log import get_logger
+from corolla.models.tensor_reader import TensorEntry, read_header, read_tensors
 
 logger = get_logger(__name__)
 
@@ -52,8 +53,7 @@ class Checkpoint:
         single = self.file(SINGLE_NAME)
         if not single.exists():
             raise ModelNotFoundError(f"{self.name}: no {INDEX_NAME} or {SINGLE_NAME} in {self.folder}")
-        with safe_open(str(single), framework="pt") as f:
-            return {key: SINGLE_NAME for key in f.keys()}
+        return dict.fromkeys(read_header(single), SINGLE_NAME)
 
 
 def resolve_checkpoint(name: str, *, revision: str | None = None) -> Checkpoint:
@@ -97,22 +97,40 @@ def parse_block_key(key: str) -> tuple[int, str] | None:
     return int(match["index"]), match["rest"]
 
 
-def load_tensors(checkpoint: Checkpoint, keys: Iterable[str], weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Read exactly ``keys`` from the shards that hold them (each shard opened once, other tensors untouched)."""
-    by_shard: dict[str, list[str]] = {}
-    for key in keys:
-        by_shard.setdefault(weight_map[key], []).append(key)
+def load_tensors(
+    checkpoint: Checkpoint,
+    keys: Iterable[str],
+    weight_map: dict[str, str],
+    *,
+    dtypes: dict[str, torch.dtype] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Read exactly ``keys`` from the shards that hold them (shard by shard, each tensor's bytes in file order,
+    nothing else read). ``dtypes``: the dtype a key's floating tensor is cast to as soon as it is read."""
     tensors: dict[str, torch.Tensor] = {}
-    for shard, shard_keys in sorted(by_shard.items()):
-        with safe_open(str(checkpoint.file(shard)), framework="pt") as f:
-            for key in shard_keys:
-                tensors[key] = f.get_tensor(key)
+    for shard, shard_keys in sorted(_by_shard(keys, weight_map).items()):
+        tensors.update(read_tensors(checkpoint.file(shard), shard_keys, dtypes=dtypes))
     return tensors
 
 
-def load_block_tensors(checkpoint: Checkpoint, start: int, end: int) -> dict[int, dict[str, torch.Tensor]]:
-    """Tensors of blocks ``start..end-1``, as ``{block_index: {name_inside_block: tensor}}``."""
-    weight_map = checkpoint.weight_map()
+def tensor_entries(checkpoint: Checkpoint, keys: Iterable[str], weight_map: dict[str, str]) -> dict[str, TensorEntry]:
+    """The dtype, shape and file position of each of ``keys``, from the shards' headers (no tensor data read)."""
+    entries: dict[str, TensorEntry] = {}
+    for shard, shard_keys in _by_shard(keys, weight_map).items():
+        header = read_header(checkpoint.file(shard))
+        entries.update({key: header[key] for key in shard_keys})
+    return entries
+
+
+def _by_shard(keys: Iterable[str], weight_map: dict[str, str]) -> dict[str, list[str]]:
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(weight_map[key], []).append(key)
+    return by_shard
+
+
+def block_keys(checkpoint: Checkpoint, start: int, end: int, weight_map: dict[str, str]) -> dict[str, tuple[int, str]]:
+    """The checkpoint's tensor names of blocks ``start..end-1``, each with its ``(block index, name inside the
+    block)``; ModelNotFoundError naming the blocks it has no weights for."""
     wanted: dict[str, tuple[int, str]] = {}
     for key in weight_map:
         parsed = parse_block_key(key)
@@ -122,6 +140,13 @@ def load_block_tensors(checkpoint: Checkpoint, start: int, end: int) -> dict[int
     if found != set(range(start, end)):
         missing = sorted(set(range(start, end)) - found)
         raise ModelNotFoundError(f"{checkpoint.name}: the checkpoint has no weights for blocks {missing}")
+    return wanted
+
+
+def load_block_tensors(checkpoint: Checkpoint, start: int, end: int) -> dict[int, dict[str, torch.Tensor]]:
+    """Tensors of blocks ``start..end-1``, as ``{block_index: {name_inside_block: tensor}}``."""
+    weight_map = checkpoint.weight_map()
+    wanted = block_keys(checkpoint, start, end, weight_map)
     tensors = load_tensors(checkpoint, wanted, weight_map)
     blocks: dict[int, dict[str, torch.Tensor]] = {i: {} for i in range(start, end)}
     for key, (index, rest) in wanted.items():

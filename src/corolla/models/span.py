@@ -21,7 +21,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingW
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from corolla.log import get_logger
-from corolla.models.checkpoint import Checkpoint, load_block_tensors
+from corolla.models.checkpoint import Checkpoint, block_keys, load_tensors, tensor_entries
 from corolla.models.families import FamilySpec, family_for
 
 logger = get_logger(__name__)
@@ -202,48 +202,68 @@ def load_span(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> SpanModel:
-    """Build blocks ``start..end-1`` of ``checkpoint`` reading only their tensors; weights frozen, eval mode."""
+    """Build blocks ``start..end-1`` of ``checkpoint`` reading only their tensors; weights frozen, eval mode.
+
+    The tensors are read once, each into memory of its own that becomes the parameter (cast on the way if the
+    checkpoint's dtype is not ``dtype``), so loading takes about the span's bytes of memory and not twice that.
+    """
     config = config or AutoConfig.from_pretrained(checkpoint.folder)
     family = family_for(config.model_type)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise ValueError(f"blocks {start}:{end} are outside the model's 0:{config.num_hidden_layers}")
-    blocks = load_block_tensors(checkpoint, start, end)
-    state_dict = {
-        f"{family.layers_attr}.{index - start}.{name}": tensor
-        for index, tensors in blocks.items()
-        for name, tensor in tensors.items()
-    }
+    weight_map = checkpoint.weight_map()
+    keys = block_keys(checkpoint, start, end, weight_map)
+    names = {key: f"{family.layers_attr}.{index - start}.{rest}" for key, (index, rest) in keys.items()}
     base_class = MODEL_MAPPING[type(config)]
-    base_model = _build_direct(base_class, span_config(config, start, end), state_dict, family, dtype)
+    base_model = _build_direct(
+        base_class, span_config(config, start, end), checkpoint, names, weight_map, family, dtype
+    )
     if base_model is None:  # the checkpoint's tensors need transformers' conversions (e.g. Mixtral's experts)
+        tensors = load_tensors(checkpoint, names, weight_map)
+        state_dict = {names[key]: tensors.pop(key) for key in list(tensors)}
         base_model = _build_converted(base_class, span_config(config, start, end), state_dict, dtype)
+        del state_dict
     span = SpanModel(base_model, family, start, end).to(device).eval()
     span.requires_grad_(False)
     return span
 
 
 def _build_direct(
-    base_class, config: PretrainedConfig, state_dict: dict, family: FamilySpec, dtype: torch.dtype
+    base_class,
+    config: PretrainedConfig,
+    checkpoint: Checkpoint,
+    names: dict[str, str],
+    weight_map: dict[str, str],
+    family: FamilySpec,
+    dtype: torch.dtype,
 ) -> nn.Module | None:
-    """The span's base model with ``state_dict`` loaded as is, or None if its names or shapes do not match the model.
+    """The span's base model with the checkpoint's tensors ``names`` (checkpoint key -> name in the model) as its
+    weights, or None (nothing read) if those names or shapes do not match the model's.
 
-    ``from_pretrained`` gives the same result but first compiles the weight-renaming rules of every architecture
-    transformers knows (~0.3 s of a server's cold start); it remains the path for checkpoints that need them.
+    The model is built without initializing its weights: their storage is allocated but never written, so it takes
+    no memory until ``load_state_dict(assign=True)`` replaces it with the tensors as read (each read into storage of
+    its own, in the dtype the model gives the parameter). Buffers the model computes itself (rotary frequencies)
+    are computed as usual. ``from_pretrained`` gives the same result but first compiles the weight-renaming rules of
+    every architecture transformers knows (~0.3 s of a server's cold start); it remains the path for checkpoints
+    that need them.
     """
     from transformers.initialization import no_init_weights
 
     # as from_pretrained builds it (parameters in dtype, buffers as the model says), but in this thread only: the
     # global default dtype stays, so a compute thread running meanwhile (a rebalancing server) is not affected
-    with _DefaultDtypeInThisThread(dtype), no_init_weights():  # every weight is overwritten below: skip init
+    with _DefaultDtypeInThisThread(dtype), no_init_weights():  # every weight is replaced below: skip init
         model = base_class(config)
     own = model.state_dict()
     unused = {f"{family.final_norm_attr}.", f"{family.embed_attr}."}
     if family.input_norm_attr is not None:
         unused.add(f"{family.input_norm_attr}.")
     needed = {name for name in own if not name.startswith(tuple(unused))}
-    if set(state_dict) != needed or any(state_dict[n].shape != own[n].shape for n in needed):
+    entries = tensor_entries(checkpoint, names, weight_map)
+    if set(names.values()) != needed or any(entries[key].shape != tuple(own[names[key]].shape) for key in names):
         return None
-    model.load_state_dict(state_dict, strict=False)
+    tensors = load_tensors(checkpoint, names, weight_map, dtypes={key: own[name].dtype for key, name in names.items()})
+    del own  # the unwritten storage of the parameters is freed as each is replaced
+    model.load_state_dict({names[key]: tensors.pop(key) for key in list(tensors)}, strict=False, assign=True)
     return model
 
 
