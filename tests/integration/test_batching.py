@@ -74,3 +74,28 @@ def test_concurrent_sessions_share_forwards_and_match_local(batching_swarm):
     # each client's prompt runs alone (different lengths), its 15 one-token steps can share forwards
     assert merged >= CLIENTS * (NEW_TOKENS - 1) // 2, (before, after)
     assert after["batched_forwards"] > before["batched_forwards"]
+
+
+def test_batching_benchmark_smoke(tmp_path):
+    """benchmarks/bench_batching.py runs end to end on the tiny zoo model (structure and sanity, no speed targets)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from benchmarks.results import load
+
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable, str(root / "benchmarks" / "bench_batching.py"), "--preset", "smoke", "--out", str(tmp_path),
+        "--model", str(zoo_checkpoint("llama")),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = load(tmp_path / "batching_smoke.json")
+    assert data["preset"] == "smoke" and (tmp_path / "batching_smoke.png").stat().st_size > 5_000
+    (layout,) = data["results"]["layouts"].values()
+    assert [row["clients"] for row in layout["rows"]] == [1, 2]
+    for row in layout["rows"]:
+        assert row["on_tokens_per_s"] > 0 and row["off_tokens_per_s"] > 0 and row["steps_per_forward"] >= 1
