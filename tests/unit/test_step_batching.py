@@ -50,6 +50,16 @@ def _hidden(span, tokens: int, seed: int) -> torch.Tensor:
     return torch.randn(1, tokens, span.config.hidden_size, generator=torch.Generator().manual_seed(seed))
 
 
+def _open(backend, table: SessionTable, stack: contextlib.ExitStack, count: int, prefix: str, *, max_length: int):
+    """``count`` sessions over the whole span, open until ``stack`` closes."""
+    sessions = []
+    for i in range(count):
+        opened = InferenceOpen(session_id=f"{prefix}{i}", max_length=max_length, start_block=START, end_block=END)
+        session_span, cache = backend.new_cache(opened)
+        sessions.append(stack.enter_context(table.open(opened, span=session_span, cache=cache)))
+    return sessions
+
+
 async def _hold_compute(backend: SpanBackend) -> threading.Event:
     """Occupy the compute thread until the returned event is set."""
     release, busy = threading.Event(), threading.Event()
@@ -70,11 +80,7 @@ async def _decode_together(backend, span, prompts: list[int], decode: int, *, st
     inputs = [_hidden(span, n + decode, seed=i) for i, n in enumerate(prompts)]
     outputs: list[list[torch.Tensor]] = [[] for _ in prompts]
     with contextlib.ExitStack() as stack:
-        sessions = []
-        for i in range(len(prompts)):
-            opened = InferenceOpen(session_id=f"s{i}", max_length=64, start_block=START, end_block=END)
-            session_span, cache = backend.new_cache(opened)
-            sessions.append(stack.enter_context(table.open(opened, span=session_span, cache=cache)))
+        sessions = _open(backend, table, stack, len(prompts), "s", max_length=64)
         for i, (session, n) in enumerate(zip(sessions, prompts)):
             outputs[i].append(await backend.step(session, InferenceStep(step_id="p", position=0), [inputs[i][:, :n]]))
         for t in range(decode):
@@ -131,11 +137,7 @@ def test_a_step_waits_up_to_batch_wait_ms_for_the_other_generating_sessions(monk
     async def two_sessions(backend):
         table = SessionTable()
         with contextlib.ExitStack() as stack:
-            sessions = []
-            for i in range(2):
-                opened = InferenceOpen(session_id=f"w{i}", max_length=8, start_block=START, end_block=END)
-                session_span, cache = backend.new_cache(opened)
-                sessions.append(stack.enter_context(table.open(opened, span=session_span, cache=cache)))
+            sessions = _open(backend, table, stack, 2, "w", max_length=8)
             backend.sessions = table
             for i, session in enumerate(sessions):
                 await backend.step(session, InferenceStep(step_id="p", position=0), [_hidden(span, 2, i)])
@@ -176,11 +178,7 @@ def test_a_step_that_cannot_run_fails_alone(span):
         table = SessionTable()
         hidden = [_hidden(span, 3, seed=i) for i in range(3)]
         with contextlib.ExitStack() as stack:
-            sessions = []
-            for i in range(3):
-                opened = InferenceOpen(session_id=f"f{i}", max_length=8, start_block=START, end_block=END)
-                session_span, cache = backend.new_cache(opened)
-                sessions.append(stack.enter_context(table.open(opened, span=session_span, cache=cache)))
+            sessions = _open(backend, table, stack, 3, "f", max_length=8)
             for i, session in enumerate(sessions):
                 await backend.step(session, InferenceStep(step_id="p", position=0), [hidden[i][:, :2]])
             release = await _hold_compute(backend)
