@@ -369,6 +369,12 @@ def verification(d: dict) -> str:
     return table(d["results"], d["params"])
 
 
+def span_loading(d: dict) -> str:
+    from benchmarks.bench_span_loading import table
+
+    return table(d["results"], d["params"])
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -543,6 +549,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "api": api,
     "nat_relay": nat_relay,
     "verification": verification,
+    "span_loading": span_loading,
 }
 
 
