@@ -109,7 +109,12 @@ class StepBatcher:
             waiting, self._waiting = self._waiting, []
             self._drain_pending = False
         for batch in self._batches([item for item in waiting if not item.future.cancelled()]):
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            except BaseException as e:  # never leave a step unanswered: its session would wait for its timeout
+                logger.error("Batched steps failed outside their computation: %s", e)
+                for item in batch:
+                    _resolve(item, error=e)
 
     def wait_limit_s(self) -> float:
         """How long a forward may wait for missing sessions now: ``wait_s``, at most a share of a recent forward."""
