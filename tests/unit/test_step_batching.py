@@ -197,3 +197,25 @@ def test_a_step_that_cannot_run_fails_alone(span):
     assert isinstance(broken, Exception)
     torch.testing.assert_close(first, _expected(span, hidden[0])[:, 2:], atol=ATOL, rtol=RTOL)
     torch.testing.assert_close(last, _expected(span, hidden[2])[:, 2:], atol=ATOL, rtol=RTOL)
+
+
+def test_a_server_stops_waiting_when_waits_bring_nothing(monkeypatch):
+    """A session that looks due but never sends (as one busy at another server of a pipeline): after a few waits
+    that gained nothing the server stops waiting, except for an occasional probe."""
+    span = load_span(resolve_checkpoint(str(zoo_checkpoint("llama"))), START, END)
+    monkeypatch.setattr(step_batcher, "WAIT_SHARE", 1e6)  # as if forwards were slow
+
+    async def scenario(backend):
+        table = SessionTable()
+        backend.sessions = table
+        with contextlib.ExitStack() as stack:
+            active, silent = _open(backend, table, stack, 2, "q", max_length=32)
+            for t in range(16):
+                silent.last_step_at, silent.step_gap_s = time.monotonic(), 0.001  # due now, every time
+                await backend.step(active, InferenceStep(step_id=f"s{t}", position=t), [_hidden(span, 1, t)])
+
+    with _backend(span, max_batch_sessions=4, batch_wait_ms=20) as backend:
+        asyncio.run(scenario(backend))
+        stats = backend.batcher.stats
+    assert stats.waits_gained == 0 and stats.steps_batched == 0
+    assert 4 <= stats.waits <= 4 + 16 // step_batcher.PROBE_EVERY, stats

@@ -10,6 +10,9 @@ runs, the other's steps arrive and wait; the first group's next steps arrive jus
 so each forward holds only part of them. ``batch_wait_ms`` breaks that up: when the compute thread gets to the
 waiting steps and some sessions that are generating now are missing, it waits for their steps up to that long, and
 never longer than half the time a forward takes (waiting longer would cost more than running the late ones apart).
+Waiting only pays while the missing steps do arrive: in a pipeline the sessions missing at one server are often busy
+at another, and their steps come later than any wait. So when recent waits mostly brought nothing, the server stops
+waiting, trying again before one drain in ``PROBE_EVERY``.
 
 Each step still gets its own answer or its own error: a batch that fails is retried step by step, so a step that
 cannot run fails alone.
@@ -31,6 +34,7 @@ from corolla.server.compute import PRIORITY_INFERENCE, ComputeQueue, call_soon
 logger = get_logger(__name__)
 
 WAIT_SHARE = 0.5  # a forward waits for missing sessions at most this share of a recent forward's time
+PROBE_EVERY = 8  # when waiting has stopped paying, still wait before one drain in this many, to notice a change
 
 
 @dataclass(kw_only=True)
@@ -54,6 +58,8 @@ class BatchStats:
     forwards: int = 0  # forwards run for them (steps / forwards = mean batch size)
     alone: int = 0  # steps that had a forward of their own
     largest: int = 0  # most steps in one forward
+    waits: int = 0  # times the compute thread waited for sessions that were due
+    waits_gained: int = 0  # ... and another step arrived meanwhile
 
     @property
     def steps_batched(self) -> int:
@@ -77,6 +83,8 @@ class StepBatcher:
         self._waiting: list[BatchItem] = []
         self._drain_pending = False  # a drain is queued on the compute thread and has not taken the steps yet
         self._forward_s = 0.0  # recent time of a forward (moving average): a wait for others is a share of it
+        self._wait_gain = 1.0  # how often recent waits brought another step (moving average)
+        self._drains = 0
 
     async def run(self, key: Hashable, payload: Any, *, tokens: int, expected: int = 1) -> Any:
         """The result of ``payload``'s step, computed alone or in a batch with other waiting steps of ``key``.
@@ -102,10 +110,18 @@ class StepBatcher:
     def _drain(self) -> None:
         """On the compute thread: wait (at most ``wait_s``) for the sessions expected to join, then run every
         waiting step, in batches."""
-        deadline = time.monotonic() + self.wait_limit_s()
+        self._drains += 1
+        worth_it = self._wait_gain >= 0.5 or self._drains % PROBE_EVERY == 0
+        deadline = time.monotonic() + (self.wait_limit_s() if worth_it else 0.0)
         with self._changed:
-            while not self._complete() and (left := deadline - time.monotonic()) > 0:
-                self._changed.wait(left)
+            before = len(self._waiting)
+            if not self._complete() and deadline > time.monotonic():
+                self.stats.waits += 1
+                while not self._complete() and (left := deadline - time.monotonic()) > 0:
+                    self._changed.wait(left)
+                gained = len(self._waiting) > before
+                self.stats.waits_gained += gained
+                self._wait_gain = 0.8 * self._wait_gain + 0.2 * gained
             waiting, self._waiting = self._waiting, []
             self._drain_pending = False
         for batch in self._batches([item for item in waiting if not item.future.cancelled()]):
