@@ -169,11 +169,11 @@ def plot(r: dict, path: Path, title: str) -> None:
         left.plot(clients, [x["off_tokens_per_s"] for x in rows], "s--", color=f"C{i}", label=f"{layout}, off")
         right.plot(clients, [x["on_ms_per_token"] for x in rows], "o-", color=f"C{i}", label=f"{layout}, on")
         right.plot(clients, [x["off_ms_per_token"] for x in rows], "s--", color=f"C{i}", label=f"{layout}, off")
-        right.axhline(1.5 * result["lone_ms_per_token"], color=f"C{i}", lw=0.8, ls=":")
+        right.axhline(1.5 * result["lone_ms_per_token"], color=f"C{i}", lw=0.8, ls=":", label=f"{layout}, 1.5x lone")
     left.set_xlabel("concurrent sessions")
     left.set_ylabel("aggregate decode tokens/s")
     right.set_xlabel("concurrent sessions")
-    right.set_ylabel("ms per token, median session (dotted: 1.5x lone)")
+    right.set_ylabel("ms per token, median session")
     for ax in (left, right):
         ax.set_xticks(clients)
         ax.legend(fontsize=7)

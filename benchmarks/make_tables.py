@@ -375,6 +375,12 @@ def span_loading(d: dict) -> str:
     return table(d["results"], d["params"])
 
 
+def batching(d: dict) -> str:
+    from benchmarks.bench_batching import table
+
+    return table(d["results"])
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -524,6 +530,19 @@ def headline(results: dict[str, dict]) -> str:
         )
 
     add("verification", checked)
+
+    def batched(r: dict) -> str:
+        parts = []
+        for layout, result in r["layouts"].items():
+            most = max(result["rows"], key=lambda row: row["clients"])
+            parts.append(
+                f"{layout}: {most['throughput_ratio']:.2f}x the aggregate tokens/s of batching off, each session at "
+                f"{most['latency_vs_lone']:.2f}x a lone session's ms per token"
+            )
+        clients = max(row["clients"] for result in r["layouts"].values() for row in result["rows"])
+        return f"Continuous batching with {clients} concurrent sessions, " + "; ".join(parts)
+
+    add("batching", batched)
     return "\n".join(lines) + "\n"
 
 
@@ -550,6 +569,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "nat_relay": nat_relay,
     "verification": verification,
     "span_loading": span_loading,
+    "batching": batching,
 }
 
 
