@@ -70,3 +70,4 @@ class StageStateReply(_Message):
     epoch: int = Field(ge=0)
     optimizer_steps: int = Field(ge=0)
     from_backup: bool = False  # the answering peer keeps a copy of the stage; it does not serve it
+    num_tensors: int | None = Field(default=None, ge=0)  # how many tensors follow (a cut stream is recognised)

@@ -55,6 +55,9 @@ async def download_stage_state(
         raise ValueError(f"peer {peer_id} sent a malformed state: {' '.join(str(e).split())}") from None
     if reply.stage != stage:
         raise ValueError(f"peer {peer_id} sent the state of stage {reply.stage}, not of stage {stage}")
+    if reply.num_tensors is not None and len(tensors) != reply.num_tensors:
+        # a peer that dies mid-answer can end the stream early: a partial state must never replace a copy
+        raise ValueError(f"peer {peer_id} sent {len(tensors)} of the state's {reply.num_tensors} tensors")
     if not all(t.is_floating_point() for t in tensors):
         raise ValueError(f"peer {peer_id} sent a state with non-float tensors")
     tensors = [t.float() for t in tensors]

@@ -109,8 +109,9 @@ class StageHandler:
             raise InvalidRequestError("this peer shares no training state")
         state, from_backup = await self.state_of(meta.stage)
         reply = StageStateReply(
-            stage=meta.stage, epoch=state.epoch, optimizer_steps=state.optimizer_steps, from_backup=from_backup
-        )
+            stage=meta.stage, epoch=state.epoch, optimizer_steps=state.optimizer_steps, from_backup=from_backup,
+            num_tensors=len(state.tensors),
+        )  # fmt: skip
         for message in tensor_response_chunks(state.tensors, reply.model_dump()):
             yield message
 
