@@ -2,7 +2,9 @@
 
 Trainable parameters live on the client (prompts, LoRA on local layers, a classification head); the servers run
 forward and backward through their frozen blocks. Two families with different block internals (llama: rotary +
-GQA; bloom: ALiBi + an embedding layer norm) on two servers each.
+GQA; bloom: ALiBi + an embedding layer norm) on two servers each. The first server keeps each forward's activations
+for its backward (the default); the second keeps none (``--activation-cache-mb 0``) and recomputes the forward
+pass in every backward, so each test checks both ways of computing a backward.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from corolla import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from corolla.local_swarm import LocalSwarm
+from corolla.net.loop import run_sync
+from corolla.net.ping import server_status
 from tests.fixtures.lora_pair import lora_pair
 from tests.fixtures.prompted import prompted_forward
 from tests.fixtures.zoo import zoo_checkpoint
@@ -28,7 +32,10 @@ TOL = dict(atol=1e-5, rtol=1e-4)
 def swarm(request, tmp_path_factory):
     path = str(zoo_checkpoint(request.param))
     logs = tmp_path_factory.mktemp(f"logs-train-{request.param}")
-    with LocalSwarm(model=path, spans=["0:3", "3:6"], server_args=["--throughput", "100"], log_dir=logs) as swarm:
+    with LocalSwarm(
+        model=path, spans=["0:3", "3:6"], server_args=["--throughput", "100"], log_dir=logs,
+        process_args=lambda name: ["--activation-cache-mb", "0"] if name == "server1" else [],
+    ) as swarm:  # fmt: skip
         yield path, swarm
 
 
@@ -160,5 +167,34 @@ def test_tuned_prompt_generates_like_local(swarm):
                 logits = prompted_forward(local, sequence, torch.ones_like(sequence), prefix, deep).logits
                 sequence = torch.cat([sequence, logits[:, -1:].argmax(-1)], dim=1)
         assert got.tolist() == sequence.tolist()
+    finally:
+        model.shutdown()
+
+
+def test_one_server_reuses_kept_forwards_the_other_recomputes(swarm):
+    """The gradients above came from both kinds of backward: server0 answered from the graphs it kept, server1
+    (which keeps none) recomputed; and server0 holds nothing once the backward calls are done."""
+    path, local_swarm = swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=local_swarm.initial_peers, tuning_mode="ptune", pre_seq_len=PRE_SEQ_LEN
+    )
+    try:
+        ids, mask = _batch(4)
+
+        def statuses():
+            async def call():
+                transport = await model.remote_blocks.swarm.transport()
+                names = ("server0", "server1")
+                return [await server_status(transport, local_swarm.peer_ids[n], timeout_s=10) for n in names]
+
+            return run_sync(call(), timeout_s=30)
+
+        before = statuses()
+        _lm_loss(model(input_ids=ids, attention_mask=mask).logits, ids, mask).backward()
+        kept, recomputed = statuses()
+        assert kept.activation_hits == before[0].activation_hits + 1 and kept.activation_misses == 0
+        assert kept.activation_bytes == 0 and kept.activation_peak_bytes > 0
+        assert recomputed.activation_hits == 0 and recomputed.activation_misses == before[1].activation_misses + 1
+        assert recomputed.activation_peak_bytes == 0
     finally:
         model.shutdown()

@@ -8,6 +8,7 @@ import pytest
 
 from corolla.cli.flags import nest_settings, parse_flags
 from corolla.server.config import (
+    ActivationCacheConfig,
     AnnounceConfig,
     BalanceConfig,
     BatchingConfig,
@@ -163,9 +164,10 @@ def test_help_lists_every_setting_once_with_one_default(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
     text = capsys.readouterr().out
-    for section in (ServerConfig, SpanConfig, LimitsConfig, AnnounceConfig, BalanceConfig, BatchingConfig):
+    sections = (ServerConfig, SpanConfig, LimitsConfig, AnnounceConfig, BalanceConfig, BatchingConfig)
+    for section in (*sections, ActivationCacheConfig):
         for f in dataclasses.fields(section):
-            if f.name not in ("model", "network", "span", "limits", "announce", "balance", "batching"):
+            if f.name not in ("model", "network", "span", "limits", "announce", "balance", "batching", "activations"):
                 assert "--" + f.name.replace("_", "-") in text, f.name
     for flag in ("--initial-peers", "--identity", "--announce-maddrs", "--config"):
         assert flag in text

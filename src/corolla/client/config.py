@@ -22,6 +22,9 @@ class ClientConfig:
     compression: str = "NONE"  # activations on the wire: NONE, FLOAT16, UNIFORM_8BIT, QUANTILE_8BIT
     push: bool = True  # servers send step outputs straight to the next server of the chain
     sub_batch_tokens: int = 1024  # forward/backward batches are split into sub-batches of about this many tokens
+    # a training forward asks each server to keep its activations for the backward, which then need not recompute
+    # the forward pass (servers keep them within their --activation-cache-mb; a server that lost them recomputes)
+    keep_activations: bool = True
     allowed_servers: tuple[str, ...] | None = None
     blocked_servers: tuple[str, ...] = ()
     active_adapter: str | None = None  # a LoRA adapter (by the name servers announce); routes only via its holders

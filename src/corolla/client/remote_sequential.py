@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import numpy as np
 import torch
@@ -76,12 +77,15 @@ class RemoteSequential(nn.Module):
         rows = max(1, self.swarm.config.sub_batch_tokens // tokens)
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
-    async def _forward_all(self, hidden, mask, positions, prompts) -> tuple[torch.Tensor, list]:
-        """Outputs, and per sub-batch the (hop, input) records that backward needs."""
+    async def _forward_all(self, hidden, mask, positions, prompts, *, keep: bool = False) -> tuple[torch.Tensor, list]:
+        """Outputs, and per sub-batch the (hop, input, activation id) records that backward needs. ``keep``: a
+        backward follows, so servers are asked to keep each call's activations for it."""
         parts = self._sub_batches(hidden)
         results = await asyncio.gather(
             *(
-                self._forward_range(self.start, self.end, hidden[rows], _extra(mask, positions, prompts, rows))
+                self._forward_range(
+                    self.start, self.end, hidden[rows], _extra(mask, positions, prompts, rows), keep=keep
+                )
                 for rows in parts
             )
         )
@@ -107,16 +111,18 @@ class RemoteSequential(nn.Module):
         return grad_hidden, grad_prompts
 
     # ---- one sub-batch ----------------------------------------------------------------------------------------
-    async def _forward_range(self, start: int, end: int, hidden, extra: SpanCallInputs):
-        """Through blocks start..end-1 hop by hop, re-routing around failed servers; (output, [(hop, input)])."""
+    async def _forward_range(self, start: int, end: int, hidden, extra: SpanCallInputs, *, keep: bool = False):
+        """Through blocks start..end-1 hop by hop, re-routing around failed servers; (output, [(hop, input,
+        activation id or None)])."""
         block, records, route, failover = start, [], None, self.swarm.failover(start, end)
         while block < end:
             if not route:
                 route = await asyncio.to_thread(self.swarm.forward_route, block, end, self._rng)
             hop = route.pop(0)
+            activation_id = self._activation_id() if keep else None
             try:
                 call_inputs = self._slice(extra, hop)
-                output = await call_forward(self.swarm, hop, hidden, call_inputs)
+                output = await call_forward(self.swarm, hop, hidden, call_inputs, activation_id=activation_id)
                 output = await self.swarm.verifier.forward(hop, hidden, call_inputs, output)
             except Exception as e:
                 # raises for a client bug, or when the budget is spent
@@ -124,34 +130,35 @@ class RemoteSequential(nn.Module):
                 route = None
                 continue
             self.swarm.forgive(hop.peer_id)
-            records.append((hop, hidden))
+            records.append((hop, hidden, activation_id))
             hidden, block = output, hop.end
         return hidden, records
 
     async def _backward_records(self, records, grad, extra: SpanCallInputs):
         """Backward through the hops of a forward pass, last first; a failed hop is redone elsewhere."""
         prompt_grads = []
-        for hop, hidden in reversed(records):
-            grad, prompt_grad = await self._backward_range(hop, hidden, grad, extra)
+        for hop, hidden, activation_id in reversed(records):
+            grad, prompt_grad = await self._backward_range(hop, hidden, grad, extra, activation_id)
             prompt_grads.insert(0, prompt_grad)
         return grad, None if extra.prompts is None else torch.cat(prompt_grads)
 
-    async def _backward_range(self, hop, hidden, grad, extra: SpanCallInputs):
-        """Backward over ``hop``'s blocks: on its server, or after a failure on a new chain for the same blocks
-        (recomputing the chain's intermediate inputs with forward calls first)."""
-        route, failover = [hop], self.swarm.failover(hop.start, hop.end)
+    async def _backward_range(self, hop, hidden, grad, extra: SpanCallInputs, activation_id: str | None):
+        """Backward over ``hop``'s blocks: on its server (which may still hold the forward's activations under
+        ``activation_id``), or after a failure on a new chain for the same blocks (recomputing the chain's
+        intermediate inputs with forward calls first, whose servers keep their activations for the backward)."""
+        route, ids, failover = [hop], [activation_id], self.swarm.failover(hop.start, hop.end)
         while True:
             current = route[0]
             try:
                 inputs = [hidden]
-                for current in route[:-1]:
+                for current, kept_id in zip(route[:-1], ids):
                     call_inputs = self._slice(extra, current)
-                    output = await call_forward(self.swarm, current, inputs[-1], call_inputs)
+                    output = await call_forward(self.swarm, current, inputs[-1], call_inputs, activation_id=kept_id)
                     inputs.append(await self.swarm.verifier.forward(current, inputs[-1], call_inputs, output))
                 result, prompt_grads = grad, []
-                for current, x in reversed(list(zip(route, inputs))):
+                for current, x, kept_id in reversed(list(zip(route, inputs, ids))):
                     call_inputs = self._slice(extra, current)
-                    answer = await call_backward(self.swarm, current, x, result, call_inputs)
+                    answer = await call_backward(self.swarm, current, x, result, call_inputs, activation_id=kept_id)
                     answer = await self.swarm.verifier.backward(current, x, result, call_inputs, answer)
                     result, prompt_grad = answer
                     prompt_grads.insert(0, prompt_grad)
@@ -161,6 +168,12 @@ class RemoteSequential(nn.Module):
             except Exception as e:
                 await failover.failed(current.peer_id, e, blocks=(current.start, current.end))
                 route = await asyncio.to_thread(self.swarm.forward_route, hop.start, hop.end, self._rng)
+                ids = [self._activation_id() for _ in route[:-1]] + [None]  # the last hop runs no forward call
+
+    def _activation_id(self) -> str | None:
+        """A fresh id under which a server keeps a forward call's activations for its backward (None: the client
+        does not ask for it). Drawn from the OS, not the seeded ``rng``: clients with the same seed must differ."""
+        return secrets.token_urlsafe(12) if self.swarm.config.keep_activations else None
 
     def _slice(self, extra: SpanCallInputs, hop) -> SpanCallInputs:
         """The call inputs of one hop: deep prompts only for its blocks."""
@@ -187,7 +200,7 @@ class _RemoteBlocks(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, prompts, mask, positions, blocks: RemoteSequential):
         hidden = hidden.detach()
-        outputs, records = run_sync(blocks._forward_all(hidden, mask, positions, prompts))
+        outputs, records = run_sync(blocks._forward_all(hidden, mask, positions, prompts, keep=True))
         ctx.blocks, ctx.records, ctx.mask, ctx.positions = blocks, records, mask, positions
         ctx.prompts = None if prompts is None else prompts.detach()
         return outputs

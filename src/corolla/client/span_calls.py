@@ -38,14 +38,18 @@ class SpanCallInputs:
         )
 
 
-async def call_forward(swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCallInputs) -> torch.Tensor:
-    """Hidden states through blocks ``hop.start..hop.end-1`` on ``hop.peer_id``."""
+async def call_forward(
+    swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCallInputs, *, activation_id: str | None = None
+) -> torch.Tensor:
+    """Hidden states through blocks ``hop.start..hop.end-1`` on ``hop.peer_id``; with an ``activation_id`` the
+    server may keep the activations for the backward call that passes the same id."""
     compression = swarm.config.compression
     meta = SpanRequest(
         start_block=hop.start,
         end_block=hop.end,
         output_compression=compression,
         active_adapter=swarm.config.active_adapter,
+        activation_id=activation_id,
         **extra.flags(),
     )
     request = pack([hidden, *extra.extras()], meta.model_dump(), compression=compression)
@@ -57,15 +61,18 @@ async def call_forward(swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCa
 
 
 async def call_backward(
-    swarm, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor, extra: SpanCallInputs
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad of ``hidden``, grad of ``extra.prompts`` or None) for blocks ``hop.start..hop.end-1``."""
+    swarm, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor, extra: SpanCallInputs,
+    *, activation_id: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """(grad of ``hidden``, grad of ``extra.prompts`` or None) for blocks ``hop.start..hop.end-1``;
+    ``activation_id`` names the forward call whose kept activations the server may reuse (else it recomputes)."""
     compression = swarm.config.compression
     meta = BackwardRequest(
         start_block=hop.start,
         end_block=hop.end,
         output_compression=compression,
         active_adapter=swarm.config.active_adapter,
+        activation_id=activation_id,
         **extra.flags(),
     )
     request = pack([hidden, grad_outputs, *extra.extras()], meta.model_dump(), compression=compression)

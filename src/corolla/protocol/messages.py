@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from corolla.protocol.versions import PROTOCOL_VERSION
+
+_ACTIVATION_ID = re.compile(r"[A-Za-z0-9_-]{8,64}")
 
 
 class _Message(BaseModel):
@@ -44,6 +48,10 @@ class SpanRequest(VersionedRequest):
     ``has_attention_mask``; then position_ids [batch, tokens] if ``has_position_ids``; then deep prompts
     [end_block - start_block, batch or 1, prefix, hidden] if ``has_prompts`` (added to the first ``prefix``
     hidden states before each block). ``active_adapter``: compute with this LoRA adapter (None: the base model).
+
+    ``activation_id`` (forward and backward calls only): on a forward, a random id asking the server to keep what
+    the backward of this call needs (its autograd graph) for a while; the backward of the call carries the same id,
+    and a server that still holds it skips recomputing the forward pass. Servers that keep nothing ignore it.
     """
 
     start_block: int = Field(ge=0)
@@ -52,14 +60,25 @@ class SpanRequest(VersionedRequest):
     has_position_ids: bool = False
     has_prompts: bool = False
     active_adapter: str | None = Field(default=None, min_length=1, max_length=128)  # a LoRA adapter the server holds
+    activation_id: str | None = None  # 8-64 characters of [A-Za-z0-9_-]; None: keep nothing
+
+    @field_validator("activation_id")
+    @classmethod
+    def _well_formed_activation_id(cls, value: str | None) -> str | None:
+        if value is not None and not _ACTIVATION_ID.fullmatch(value):
+            shown = value if len(value) <= 80 else value[:80] + "..."
+            raise ValueError(f"activation_id must be 8 to 64 characters of A-Z, a-z, 0-9, _ or -, got {shown!r}")
+        return value
 
 
 class BackwardRequest(SpanRequest):
     """A backward pass: the gradient of the span's inputs (and of its deep prompts) given that of its outputs.
 
     Tensors, in order: the span's input hidden_states, grad_outputs (same shape), then the optional tensors of
-    ``SpanRequest``. The answer holds grad_inputs, then grad_prompts if ``has_prompts``. The server recomputes the
-    forward pass; block weights are frozen and never change.
+    ``SpanRequest``. The answer holds grad_inputs, then grad_prompts if ``has_prompts``. The server reuses the
+    autograd graph it kept from the forward call with the same ``activation_id`` if it still holds it for the same
+    blocks, adapter and identical inputs, and recomputes the forward pass otherwise; block weights are frozen and
+    never change.
     """
 
 
@@ -132,3 +151,8 @@ class ServerStatus(_Message):
     steps_from_pushes: int = 0  # inference steps computed from a previous server's push (before the client's copy)
     steps_batched: int = 0  # inference steps that shared one forward with other sessions' steps
     batched_forwards: int = 0  # forwards that ran more than one session's step
+    activation_hits: int = 0  # backward calls that reused the graph kept from their forward call
+    activation_misses: int = 0  # backward calls with an activation_id that had to recompute the forward pass
+    activation_evictions: int = 0  # kept graphs dropped for room (the oldest first) or expired unused
+    activation_bytes: int = 0  # bytes of activations kept now
+    activation_peak_bytes: int = 0  # the most bytes of activations kept at once since the server started

@@ -9,21 +9,25 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from corolla.errors import InvalidRequestError
+from corolla.log import get_logger
 from corolla.models.batched_step import SessionStep, run_merged
 from corolla.models.lora import use_adapter
 from corolla.models.span import SpanInputs, SpanModel
 from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, SpanRequest
 from corolla.server import validation
+from corolla.server.activation_cache import ActivationCache, GraphChunk, KeptForward, SavedBytes
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.sessions import Session
 from corolla.server.step_batcher import StepBatcher
+
+logger = get_logger(__name__)
 
 ACTIVE_WINDOW_S = 1.0  # a session idle for longer is not waited for, whatever its usual gap between steps
 
@@ -32,9 +36,14 @@ class SpanBackend:
     """Runs requests on the hosted span through one ``ComputeQueue`` (inference steps first)."""
 
     def __init__(
-        self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue, sessions: Iterable[Session] = ()
-    ):
+        self, *, span: SpanModel, config: ServerConfig, compute: ComputeQueue, sessions: Iterable[Session] = (),
+        clock: Callable[[], float] = time.monotonic,
+    ):  # fmt: skip
+        """``clock`` (seconds) times kept forwards out (``config.activations``)."""
         self.span, self.config, self.compute = span, config, compute
+        self.activations = ActivationCache(
+            budget_bytes=config.activations.budget_bytes, ttl_s=config.activations.activation_ttl_s, clock=clock
+        )
         self.sessions = sessions  # the open sessions (steps may wait for the active ones to batch with them)
         self.adapters: tuple[str, ...] = config.span.adapter_names()  # loaded into every span this server serves
         batching = config.batching
@@ -57,16 +66,21 @@ class SpanBackend:
         return next(self.span.parameters()).device
 
     def swap_span(self, span: SpanModel) -> None:
-        """Serve other blocks from now on; sessions opened before keep running on the span they started with."""
+        """Serve other blocks from now on; sessions opened before keep running on the span they started with. Kept
+        forwards are dropped (their backward recomputes, if the new span still holds their blocks)."""
         self.span = span
+        self.activations.clear()
 
     # ---- forward and backward ---------------------------------------------------------------------------------
     async def forward(self, meta: SpanRequest, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Hidden states through blocks ``meta.start_block..meta.end_block-1`` (no cache)."""
+        """Hidden states through blocks ``meta.start_block..meta.end_block-1`` (no cache). With an
+        ``activation_id`` (and room for activations) the autograd graph is kept for the matching backward."""
         span = self.span
         validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
         self.check_adapter(meta)
         inputs, prompts = self._span_inputs(span, meta, tensors, past_length=0, batch_size=None, blocks=_blocks(meta))
+        if meta.activation_id is not None and self.activations.enabled:
+            return await self._forward_kept(span, meta, inputs, prompts)
 
         def task() -> torch.Tensor:
             outputs = []
@@ -80,8 +94,37 @@ class SpanBackend:
 
         return (await self._compute(PRIORITY_FORWARD, task)).cpu()
 
+    async def _forward_kept(self, span: SpanModel, meta: SpanRequest, inputs: SpanInputs, prompts) -> torch.Tensor:
+        """A forward with autograd on whose graph is kept under ``meta.activation_id`` (within the budget). The
+        graph's leaves are copies of the request's tensors, so that it holds nothing of the request."""
+        inputs = SpanInputs(
+            hidden_states=inputs.hidden_states.detach().clone(),
+            attention_mask=None if inputs.attention_mask is None else inputs.attention_mask.clone(),
+            position_ids=None if inputs.position_ids is None else inputs.position_ids.clone(),
+        )
+        prompts = None if prompts is None else prompts.detach().clone()
+
+        def task() -> tuple[KeptForward, torch.Tensor]:
+            counter = SavedBytes(exclude=[*span.parameters(), *span.buffers()])
+            with counter.hooks():
+                chunks = list(self._graph_chunks(span, meta, inputs, prompts))
+            for chunk in chunks:
+                counter.count(chunk.output)
+            kept = KeptForward(
+                span=span, start_block=meta.start_block, end_block=meta.end_block, active_adapter=meta.active_adapter,
+                inputs=inputs, prompts=prompts, chunks=chunks, size_bytes=counter.size_bytes,
+            )  # fmt: skip
+            return kept, torch.cat([chunk.output.detach() for chunk in chunks]).cpu()
+
+        kept, output = await self._compute(PRIORITY_FORWARD, task, grad=True)
+        if self.activations.put(meta.activation_id, kept):
+            asyncio.get_running_loop().call_later(self.activations.ttl_s, self.activations.expire)
+            logger.debug("Keeping forward %s: %d bytes of activations", meta.activation_id, kept.size_bytes)
+        return output
+
     async def backward(self, meta: BackwardRequest, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """grad_inputs (then grad_prompts with deep prompts) given grad_outputs; the forward pass is recomputed."""
+        """grad_inputs (then grad_prompts with deep prompts) given grad_outputs; the forward pass is recomputed
+        unless this server kept it (same ``activation_id``, span, blocks, adapter and identical inputs)."""
         span = self.span
         validation.check_span(meta.start_block, meta.end_block, served=(span.start, span.end))
         self.check_adapter(meta)
@@ -93,33 +136,45 @@ class SpanBackend:
         )
         validation.check_grad_outputs(grad_outputs, like=inputs.hidden_states)
         grad_outputs = grad_outputs.to(self.device, self.dtype)
+        kept = None if meta.activation_id is None else self.activations.take(meta.activation_id)
 
-        def task() -> list[torch.Tensor]:
-            grad_inputs = []
-            grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-            for rows in self._row_chunks(inputs.hidden_states):
-                chunk = _rows(inputs, rows)
-                hidden = chunk.hidden_states.detach().requires_grad_(True)
-                chunk_prompts = None
-                if prompts is not None:
-                    chunk_prompts = _prompt_rows(prompts, rows).detach().requires_grad_(True)
-                chunk = SpanInputs(
-                    hidden_states=hidden, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids
-                )
-                with use_adapter(meta.active_adapter):
-                    output = span(chunk, start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
-                leaves = [hidden] if chunk_prompts is None else [hidden, chunk_prompts]
-                grads = torch.autograd.grad(output, leaves, grad_outputs[rows])
-                grad_inputs.append(grads[0])
-                if prompts is not None:
-                    if prompts.shape[1] == 1:
-                        grad_prompts += grads[1]
-                    else:
-                        grad_prompts[:, rows] = grads[1]
-            return [torch.cat(grad_inputs)] + ([] if grad_prompts is None else [grad_prompts])
+        def task() -> tuple[list[torch.Tensor], bool]:
+            if kept is not None and kept.matches(span=span, meta=meta, inputs=inputs, prompts=prompts):
+                return _backward_chunks(kept.chunks, grad_outputs, prompts), True
+            # chunk by chunk: each chunk's graph is freed before the next one is built
+            return _backward_chunks(self._graph_chunks(span, meta, inputs, prompts), grad_outputs, prompts), False
 
-        grads = await self._compute(PRIORITY_FORWARD, task, grad=True)
+        grads, hit = await self._compute(PRIORITY_FORWARD, task, grad=True)
+        if meta.activation_id is not None:
+            self._count_activation_use(meta.activation_id, kept=kept is not None, hit=hit)
         return [g.detach().cpu() for g in grads]
+
+    def _graph_chunks(
+        self, span: SpanModel, meta: SpanRequest, inputs: SpanInputs, prompts: torch.Tensor | None
+    ) -> Iterator[GraphChunk]:
+        """On the compute thread, with autograd on: the forward pass chunk by chunk of rows, each chunk's output
+        attached to a graph whose leaves are its hidden states (and deep prompts)."""
+        for rows in self._row_chunks(inputs.hidden_states):
+            chunk = _rows(inputs, rows)
+            hidden = chunk.hidden_states.detach().requires_grad_(True)
+            chunk_prompts = None if prompts is None else _prompt_rows(prompts, rows).detach().requires_grad_(True)
+            chunk = SpanInputs(
+                hidden_states=hidden, attention_mask=chunk.attention_mask, position_ids=chunk.position_ids
+            )
+            with use_adapter(meta.active_adapter):
+                output = span(chunk, start=meta.start_block, end=meta.end_block, prompts=chunk_prompts)
+            leaves = (hidden,) if chunk_prompts is None else (hidden, chunk_prompts)
+            yield GraphChunk(rows=rows, output=output, leaves=leaves)
+
+    def _count_activation_use(self, activation_id: str, *, kept: bool, hit: bool) -> None:
+        stats = self.activations.stats
+        if hit:
+            stats.hits += 1
+            logger.debug("Backward %s reused its kept forward", activation_id)
+            return
+        stats.misses += 1
+        reason = "its inputs differ from the kept forward's" if kept else "no kept forward (gone or never kept)"
+        logger.debug("Backward %s recomputes the forward pass: %s", activation_id, reason)
 
     def _row_chunks(self, hidden: torch.Tensor) -> list[slice]:
         """Rows of a batch in chunks of at most ``compute_chunk_tokens`` tokens (at least one row each)."""
@@ -294,6 +349,23 @@ def _run_steps(pending: list[_PendingStep]) -> list[torch.Tensor]:
                 )
             ]
         return run_merged(span, steps, start=opened.start_block, end=opened.end_block)
+
+
+def _backward_chunks(
+    chunks: Iterable[GraphChunk], grad_outputs: torch.Tensor, prompts: torch.Tensor | None
+) -> list[torch.Tensor]:
+    """On the compute thread: [grad_inputs] (+ [grad_prompts]) through the chunks' graphs, which it frees."""
+    grad_inputs = []
+    grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+    for chunk in chunks:
+        grads = torch.autograd.grad(chunk.output, chunk.leaves, grad_outputs[chunk.rows])
+        grad_inputs.append(grads[0])
+        if grad_prompts is not None:
+            if grad_prompts.shape[1] == 1:  # prompts shared by all rows: every chunk adds to their gradient
+                grad_prompts += grads[1]
+            else:
+                grad_prompts[:, chunk.rows] = grads[1]
+    return [torch.cat(grad_inputs)] + ([] if grad_prompts is None else [grad_prompts])
 
 
 def _rows(inputs: SpanInputs, rows: slice) -> SpanInputs:

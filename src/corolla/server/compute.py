@@ -53,13 +53,20 @@ class ComputeQueue:
                 return
             if future.cancelled():
                 continue
-            try:
-                with torch.enable_grad() if grad else torch.inference_mode():
-                    result = fn()
-            except BaseException as e:  # handed to the awaiting request, which reports it
-                call_soon(loop, _set_exception, future, e)
-            else:
-                call_soon(loop, _set_result, future, result)
+            setter, value = _outcome(fn, grad)
+            # hold nothing of a finished task (e.g. a backward's kept graph) once its awaiter can resume
+            del fn
+            call_soon(loop, setter, future, value)
+            del setter, value, future
+
+
+def _outcome(fn: Callable[[], Any], grad: bool) -> tuple[Callable, Any]:
+    """Run ``fn``: (the future's setter, its result or error)."""
+    try:
+        with torch.enable_grad() if grad else torch.inference_mode():
+            return _set_result, fn()
+    except BaseException as e:  # handed to the awaiting request, which reports it
+        return _set_exception, e
 
 
 def call_soon(loop: asyncio.AbstractEventLoop, callback, *args) -> None:

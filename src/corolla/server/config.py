@@ -173,6 +173,26 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ActivationCacheConfig:
+    """What a server keeps from a training forward pass so that its backward need not recompute it."""
+
+    activation_cache_mb: float = 1024.0
+    """most MiB of activations (autograd graphs of forward calls awaiting their backward) kept at once, the oldest
+    dropped first; a backward whose graph is gone recomputes the forward pass (0: keep nothing, always recompute)"""
+    activation_ttl_s: float = 60.0
+    """seconds a kept forward waits for its backward before it is dropped"""
+
+    def __post_init__(self):
+        if not self.activation_cache_mb >= 0:
+            raise ValueError(f"activation_cache_mb must be >= 0 MiB (0: off), got {self.activation_cache_mb}")
+        _check_positive(self, ("activation_ttl_s",), " seconds")
+
+    @property
+    def budget_bytes(self) -> int:
+        return int(self.activation_cache_mb * 2**20)
+
+
+@dataclass(frozen=True, kw_only=True)
 class ServerConfig:
     """Host a span of a model's transformer blocks and announce it to the swarm."""
 
@@ -186,6 +206,7 @@ class ServerConfig:
     announce: AnnounceConfig = field(default_factory=AnnounceConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    activations: ActivationCacheConfig = field(default_factory=ActivationCacheConfig)
 
     def __post_init__(self):
         if self.new_swarm == bool(self.network.initial_peers):

@@ -98,7 +98,19 @@ class BlockServicer:
             adapters=self.backend.adapters,
             steps_from_pushes=self.sessions.steps_from_pushes,
             **self._batching_counts(),
+            **self._activation_counts(),
         )
+
+    def _activation_counts(self) -> dict[str, int]:
+        activations = self.backend.activations
+        stats = activations.stats
+        return {
+            "activation_hits": stats.hits,
+            "activation_misses": stats.misses,
+            "activation_evictions": stats.evictions,
+            "activation_bytes": activations.size_bytes,
+            "activation_peak_bytes": stats.peak_bytes,
+        }
 
     def _batching_counts(self) -> dict[str, int]:
         batcher = self.backend.batcher
