@@ -57,15 +57,18 @@ def _swarm(path, spans, tmp_path, spare=()):
     return swarm
 
 
-def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FAIL_AFTER):
+def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FAIL_AFTER, session_stats=None, **kw):
     victim = []
 
     def fail():
         name = _server_on_block(session, swarm, block)
         victim.append(name)
+        if session_stats is not None:
+            session_stats["dropped_before_fault"] = session.dropped_tokens
         swarm.kill(name, sig)
 
-    with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+    room = kw.get("prompt_lookup_num_tokens", 0)  # prompt lookup may feed that many guesses past the end
+    with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS + room) as session:
         out = model.generate(
             ids,
             max_new_tokens=NEW_TOKENS,
@@ -73,6 +76,7 @@ def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FA
             do_sample=False,
             session=session,
             streamer=_AfterTokens(when, fail),
+            **kw,
         )
         chain = [swarm.name_of(hop.peer_id) for hop in session.route]
     return out, victim, chain
@@ -92,6 +96,26 @@ def test_middle_server_dies_mid_generation(reference, tmp_path, spare, sig):
         assert victim, "the fault was never injected"
         assert out.tolist() == expected.tolist()
         assert victim[0] not in chain, "the session still routes through the failed server"
+        model.shutdown()
+    finally:
+        swarm.stop()
+
+
+def test_server_dies_during_speculative_generation(reference, tmp_path):
+    """Prompt lookup: steps carry guesses, the rejected ones are dropped from the servers' caches and from what the
+    client keeps for replay. The replacement server is rebuilt from the accepted tokens only; output stays exact."""
+    path, ids, expected = reference
+    swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=["2:4"])
+    try:
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
+        stats = {}
+        out, victim, chain = _generate_with_fault(
+            model, swarm, ids, block=2, sig=signal.SIGKILL, when=6, session_stats=stats, prompt_lookup_num_tokens=4
+        )
+        assert victim, "the fault was never injected"
+        assert stats["dropped_before_fault"] > 0, "no guess was rejected before the fault"
+        assert out.tolist() == expected.tolist()
+        assert victim[0] not in chain
         model.shutdown()
     finally:
         swarm.stop()

@@ -86,6 +86,88 @@ def test_every_decode_step_matches_local(family_swarm):
         assert got[:, column].tolist() == expected[:, column].tolist(), f"tokens differ at step {step}"
 
 
+def _draft_model(local, seed: int = 0):
+    """A local draft model that agrees with ``local`` on most greedy tokens but not all: its weights, slightly
+    perturbed (same tokenizer and vocabulary, as transformers' assisted generation requires)."""
+    draft = copy.deepcopy(local)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05 * parameter.std().nan_to_num(0))
+    return draft.eval()
+
+
+@pytest.mark.parametrize("drafter", ["prompt lookup", "draft model"])
+def test_speculative_greedy_equals_plain_greedy(family_swarm, drafter):
+    """Guessed tokens (prompt lookup or a local draft model) are checked by the servers in one step each, and the
+    rejected ones are dropped from the servers' caches (a step that starts before a cache's end rewinds it, push
+    chain included). Tokens and every token's logits equal plain greedy decoding with transformers."""
+    _, _, model, local = family_swarm
+    pattern = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(12))
+    ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)  # repeats, so prompt lookup finds n-grams at once
+    new_tokens = 20
+    mask = torch.ones_like(ids)
+    expected, expected_logits = _greedy_with_logits(local, ids, mask, new_tokens)
+    guesses = {
+        "prompt lookup": dict(prompt_lookup_num_tokens=3),
+        "draft model": dict(assistant_model=_draft_model(local)),
+    }
+    with model.inference_session(max_length=ids.shape[1] + new_tokens + 3) as session:
+        got, got_logits = _greedy_with_logits(model, ids, mask, new_tokens, session=session, **guesses[drafter])
+        assert session.steps < new_tokens, "no guess was accepted"
+        if drafter == "prompt lookup":  # its guesses from the prompt are wrong at first in every family
+            assert session.dropped_tokens > 0, "no guess was rejected: the rewind path was not exercised"
+    assert got.tolist() == expected.tolist()
+    assert len(got_logits) == new_tokens
+    torch.testing.assert_close(torch.stack(got_logits), torch.stack(expected_logits), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("lookup_tokens", [0, 3])
+def test_async_token_generation_equals_greedy(family_swarm, lookup_tokens):
+    """``generate_tokens`` (the API's asyncio path), plain and with prompt lookup, yields greedy decoding's tokens
+    one by one; with lookup, steps carry guesses and rejected ones are dropped."""
+    import asyncio
+
+    from corolla.client.sampling import SamplingParams
+    from corolla.client.text_generation import generate_tokens
+
+    _, _, model, local = family_swarm
+    pattern = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(13))
+    ids = torch.cat([pattern, pattern, pattern[:, :2]], dim=1)
+    new_tokens = 16
+    # greedy with a cache, without stopping at an end token (min_new_tokens would forbid it, changing the argmax)
+    expected, cache, step_ids = [], None, ids
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            out = local(input_ids=step_ids, past_key_values=cache, use_cache=True)
+            cache, step_ids = out.past_key_values, out.logits[:, -1:].argmax(dim=-1)
+            expected.append(int(step_ids))
+    sessions = []
+    opened = model.inference_session
+
+    def recording_session(**kwargs):
+        sessions.append(opened(**kwargs))
+        return sessions[-1]
+
+    async def tokens():
+        steps = generate_tokens(
+            model, ids, max_new_tokens=new_tokens, params=SamplingParams(temperature=0), lookup_tokens=lookup_tokens
+        )
+        return [int(step.tokens[0]) async for step in steps]
+
+    model.inference_session = recording_session
+    try:
+        got = asyncio.run(tokens())
+    finally:
+        del model.inference_session
+    assert got == expected
+    (session,) = sessions
+    if lookup_tokens:
+        assert session.steps < new_tokens and session.dropped_tokens > 0
+    else:
+        assert session.steps == new_tokens and session.dropped_tokens == 0
+
+
 class _Collector:
     """A transformers streamer that keeps every tensor ``generate`` hands it (the prompt first, then each token)."""
 

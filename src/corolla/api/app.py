@@ -130,8 +130,9 @@ async def _respond(
         frequency_penalty=body.frequency_penalty, presence_penalty=body.presence_penalty,
     )  # fmt: skip
     completion = Completion(
-        served, prompt_ids, max_new_tokens=limit, params=params, n=body.n, stop=body.stop_sequences, seed=body.seed
-    )
+        served, prompt_ids, max_new_tokens=limit, params=params, n=body.n, stop=body.stop_sequences, seed=body.seed,
+        lookup_tokens=config.prompt_lookup_tokens,
+    )  # fmt: skip
     kind = _ChatFormat() if chat else _TextFormat(echo)
     completion.response_id = kind.id_prefix + secrets.token_hex(12)
     deltas = completion.deltas()

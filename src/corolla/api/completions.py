@@ -39,8 +39,10 @@ class Completion:
         n: int = 1,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        lookup_tokens: int = 0,
     ):
         self.served, self.prompt_ids, self.max_new_tokens = served, list(prompt_ids), max_new_tokens
+        self.lookup_tokens = lookup_tokens  # speculative decoding with prompt lookup (one choice only)
         self.params, self.n, self.stop = params, n, tuple(stop)
         self.generator = torch.Generator().manual_seed(seed if seed is not None else random.getrandbits(63))
         self.completion_tokens = 0
@@ -59,7 +61,7 @@ class Completion:
         input_ids = torch.tensor([self.prompt_ids] * self.n, dtype=torch.long)
         steps = generate_tokens(
             served.model, input_ids, max_new_tokens=self.max_new_tokens, params=self.params,
-            eos_token_ids=served.eos_token_ids, generator=self.generator,
+            eos_token_ids=served.eos_token_ids, generator=self.generator, lookup_tokens=self.lookup_tokens,
         )  # fmt: skip
         async with contextlib.aclosing(steps):
             async for step in steps:

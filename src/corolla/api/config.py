@@ -32,6 +32,10 @@ class ApiConfig:
     verify: float = 0.0
     """share of inference steps also computed by a second server and compared (0: off, 1: every step); a server
     caught returning wrong values is never used again"""
+    prompt_lookup_tokens: int = 0
+    """speculative decoding: each step also sends up to this many tokens guessed from the text so far (prompt
+    lookup), checked by the servers in the same step; copy-heavy answers need fewer round trips. Greedy output is
+    unchanged, sampling keeps the model's distribution; for requests with n = 1 (0: off)"""
     monitor: bool = False
     """also serve the swarm health page at / (with /api/v1/state and /metrics), as `corolla monitor` does"""
     monitor_settings: MonitorConfig = field(default_factory=MonitorConfig)
@@ -47,6 +51,8 @@ class ApiConfig:
             raise ValueError("api_key must not be empty (leave it out to serve without a key)")
         if self.default_max_tokens <= 0:
             raise ValueError(f"default_max_tokens must be positive, got {self.default_max_tokens}")
+        if self.prompt_lookup_tokens < 0:
+            raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
         if self.max_choices <= 0:
             raise ValueError(f"max_choices must be positive, got {self.max_choices}")
         if not 0 <= self.verify <= 1:

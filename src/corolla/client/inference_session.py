@@ -37,6 +37,14 @@ class _Sent:
     position_ids: torch.Tensor | None
     output: torch.Tensor | None = None  # the server's answer, kept until a check covers it (verification on)
 
+    def first(self, tokens: int) -> _Sent:
+        """The same step cut to its first ``tokens`` tokens."""
+        return _Sent(
+            hidden_states=self.hidden_states[:, :tokens],
+            position_ids=None if self.position_ids is None else self.position_ids[:, :tokens],
+            output=None if self.output is None else self.output[:, :tokens],
+        )
+
 
 class _ServerStream:
     """One open inference stream to one server for blocks ``hop.start..hop.end-1``.
@@ -152,6 +160,21 @@ class _SpanState:
     def tokens(self, entries: list[_Sent]) -> int:
         return sum(entry.hidden_states.shape[1] for entry in entries)
 
+    def keep_tokens(self, count: int) -> None:
+        """Cut what was sent to the first ``count`` tokens (the session rewinds); a shadow whose check covered
+        more rewinds by itself at its next check, which starts where the kept checked entries end."""
+        kept, total = [], 0
+        for entry in self.sent:
+            if total >= count:
+                break
+            length = entry.hidden_states.shape[1]
+            if total + length > count:
+                entry = entry.first(count - total)
+            kept.append(entry)
+            total += entry.hidden_states.shape[1]
+        self.sent = kept
+        self.checked = min(self.checked, len(kept))
+
     async def close(self) -> None:
         for stream in (self.stream, self.shadow):
             if stream is not None:
@@ -175,6 +198,8 @@ class InferenceSession:
         self._prompts: torch.Tensor | None = None  # deep prompts of the first step, kept for replays
         self._closed = False
         self._background: set[asyncio.Future] = set()
+        self.steps = 0  # steps run (each may carry several tokens)
+        self.dropped_tokens = 0  # tokens sent and then dropped by ``rewind`` (rejected speculative guesses)
 
     @property
     def route(self) -> tuple[RouteHop, ...]:
@@ -203,6 +228,7 @@ class InferenceSession:
         step = self._step(hidden_states, attention_mask, position_ids, with_prompts=prompts is not None)
         output = run_sync(step, timeout_s=self._step_timeout_s())
         self.position += hidden_states.shape[1]
+        self.steps += 1
         return output
 
     async def astep(
@@ -218,7 +244,24 @@ class InferenceSession:
         step = self._step(hidden_states, attention_mask, position_ids, with_prompts=prompts is not None)
         output = await asyncio.wait_for(_on_background_loop(step), timeout=self._step_timeout_s())
         self.position += hidden_states.shape[1]
+        self.steps += 1
         return output
+
+    def rewind(self, position: int) -> None:
+        """Forget every token from ``position`` on (speculative decoding drops the rejected guesses this way).
+
+        Nothing is sent now: the next step starts at ``position``, and each server then drops the later tokens of
+        its cache before computing it. What the client keeps to replay to a replacement server is cut to
+        ``position`` tokens too, so a server that fails later is rebuilt with the accepted tokens only.
+        """
+        if self._closed:
+            raise RuntimeError("this inference session is closed")
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to position {position}: the session holds {self.position} tokens")
+        for span in self._spans or ():
+            span.keep_tokens(position)
+        self.dropped_tokens += self.position - position
+        self.position = position
 
     def _step_timeout_s(self) -> float:
         return self.swarm.config.step_timeout_s * (self.end - self.start + 2)

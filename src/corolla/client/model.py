@@ -46,6 +46,18 @@ class RemoteCache(Cache):
         return max(0, self.session.position - self.prefix_length)
 
     @property
+    def is_croppable(self) -> bool:
+        return True  # servers drop later tokens when a step starts before their cache's end
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' assisted generation drops rejected guesses);
+        a positive value is the length to keep, as older transformers versions pass it."""
+        length = self.get_seq_length()
+        keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
+        if keep < length:
+            self.session.rewind(max(0, keep) + self.prefix_length)
+
+    @property
     def is_linear(self) -> list[bool]:
         return [False]
 
@@ -171,12 +183,16 @@ class DistributedCausalLMMixin(DistributedModelMixin):
         prompt = 0 if input_ids is None else input_ids.shape[1]
         if prompt == 0 and kwargs.get("inputs_embeds") is not None:
             prompt = kwargs["inputs_embeds"].shape[1]
+        config = kwargs.get("generation_config") or self.generation_config
+        # prompt lookup may feed up to that many guesses past the final length (they are dropped at once)
+        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
         if kwargs.get("max_new_tokens") is not None:
-            return prompt + kwargs["max_new_tokens"]
+            return prompt + kwargs["max_new_tokens"] + lookup
         if kwargs.get("max_length") is not None:
-            return kwargs["max_length"]
-        config = self.generation_config
-        return prompt + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+            return kwargs["max_length"] + lookup
+        if config.max_new_tokens is not None:
+            return prompt + config.max_new_tokens + lookup
+        return config.max_length + lookup
 
     def _generate_in_session(self, input_ids, session: InferenceSession, kwargs):
         attention_mask = kwargs.pop("attention_mask", None)

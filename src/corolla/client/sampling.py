@@ -40,19 +40,31 @@ def next_tokens(
 ) -> torch.Tensor:
     """One token per row of ``logits`` [rows, vocab]. ``counts`` [rows, vocab]: how often each token was generated
     so far in each row (for the penalties; None: no tokens yet)."""
-    logits = logits.float()
-    if counts is not None and (params.frequency_penalty or params.presence_penalty):
-        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
     if params.greedy:
-        return logits.argmax(dim=-1)
+        return _penalized(logits, params, counts).argmax(dim=-1)
+    probs = probabilities(logits, params, counts=counts)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams, *, counts: torch.Tensor | None) -> torch.Tensor:
+    """The distribution ``next_tokens`` draws from, per row [rows, vocab] (greedy: all mass on the argmax)."""
+    logits = _penalized(logits, params, counts)
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
     logits = logits / params.temperature
     if params.top_k is not None and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -float("inf"))
     if params.top_p < 1:
         logits = _nucleus(logits, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.softmax(logits, dim=-1)
+
+
+def _penalized(logits: torch.Tensor, params: SamplingParams, counts: torch.Tensor | None) -> torch.Tensor:
+    logits = logits.float()
+    if counts is not None and (params.frequency_penalty or params.presence_penalty):
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    return logits
 
 
 def _nucleus(logits: torch.Tensor, top_p: float) -> torch.Tensor:
