@@ -222,6 +222,16 @@ def test_a_server_with_no_budget_keeps_nothing_and_still_answers(span, compute):
     torch.testing.assert_close(grad, _reference(span, hidden, grad_out)[0])
 
 
+def test_a_forward_over_the_whole_budget_is_not_kept(span, compute):
+    backend = SpanBackend(span=span, config=_config(cache_mb=0.05), compute=compute)  # 52 KB; this one needs ~100
+    hidden, grad_out = _tensor(3, 4, span.config.hidden_size, seed=13), _tensor(3, 4, span.config.hidden_size, seed=14)
+    output, kept, (grad,) = _forward_then_backward(backend, ID, ID, hidden, grad_out)
+    assert kept == 0 and backend.activations.stats.peak_bytes == 0 and backend.activations.stats.misses == 1
+    with torch.no_grad():
+        torch.testing.assert_close(output, span(SpanInputs(hidden_states=hidden)))
+    torch.testing.assert_close(grad, _reference(span, hidden, grad_out)[0])
+
+
 def test_kept_forwards_expire_on_the_backend_clock(span, compute):
     clock = Clock()
     backend = SpanBackend(span=span, config=_config(), compute=compute, clock=clock)

@@ -104,20 +104,33 @@ class SpanBackend:
         )
         prompts = None if prompts is None else prompts.detach().clone()
 
-        def task() -> tuple[KeptForward, torch.Tensor]:
+        budget_bytes = self.activations.budget_bytes
+
+        def task() -> tuple[KeptForward | None, torch.Tensor]:
             counter = SavedBytes(exclude=[*span.parameters(), *span.buffers()])
+            chunks: list[GraphChunk] | None = []
+            outputs = []
             with counter.hooks():
-                chunks = list(self._graph_chunks(span, meta, inputs, prompts))
-            for chunk in chunks:
-                counter.count(chunk.output)
+                for chunk in self._graph_chunks(span, meta, inputs, prompts):
+                    counter.count(chunk.output)
+                    outputs.append(chunk.output.detach())
+                    if chunks is not None and counter.size_bytes <= budget_bytes:
+                        chunks.append(chunk)
+                    else:  # more than the whole budget: keep nothing, and hold one chunk's graph at a time
+                        chunks = None
+            output = torch.cat(outputs).cpu()
+            if chunks is None:
+                return None, output
             kept = KeptForward(
                 span=span, start_block=meta.start_block, end_block=meta.end_block, active_adapter=meta.active_adapter,
                 inputs=inputs, prompts=prompts, chunks=chunks, size_bytes=counter.size_bytes,
             )  # fmt: skip
-            return kept, torch.cat([chunk.output.detach() for chunk in chunks]).cpu()
+            return kept, output
 
         kept, output = await self._compute(PRIORITY_FORWARD, task, grad=True)
-        if self.activations.put(meta.activation_id, kept):
+        if kept is None:
+            logger.debug("Not keeping forward %s: its activations exceed the whole budget", meta.activation_id)
+        elif self.activations.put(meta.activation_id, kept):
             asyncio.get_running_loop().call_later(self.activations.ttl_s, self.activations.expire)
             logger.debug("Keeping forward %s: %d bytes of activations", meta.activation_id, kept.size_bytes)
         return output
