@@ -37,7 +37,9 @@ def swarm(tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs-api")
     with LocalSwarm(model=MODEL, spans=["0:15", "15:30", "15:30"], log_dir=logs) as swarm:
         monitor = ["--monitor", "--refresh-period-s", "1", "--call-timeout-s", "2"]
-        swarm.api_url = swarm.start_api(extra_args=["--api-key", KEY, *monitor])
+        # speculative decoding on: every greedy comparison below covers it (requests with n > 1 run without it)
+        speculate = ["--prompt-lookup-tokens", "4"]
+        swarm.api_url = swarm.start_api(extra_args=["--api-key", KEY, *monitor, *speculate])
         swarm.page_url = swarm.api_url.removesuffix("/v1") + "/"
         yield swarm
 
@@ -125,6 +127,17 @@ def test_models_chat_and_usage_equal_local_greedy(client, local, statuses):
     assert reply.usage.completion_tokens == generated
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + generated
     expect_caches_free(statuses)
+
+
+def test_copying_answer_with_prompt_lookup_equals_local_greedy(client, local):
+    """A request whose answer copies the prompt, where prompt lookup's guesses are accepted."""
+    _, greedy, chat_ids = local
+    question = "Repeat this sentence exactly: the quick brown fox jumps over the lazy dog near the river bank."
+    expected, _, _ = greedy(chat_ids(question), 24)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": question}], max_tokens=24, temperature=0
+    )
+    assert reply.choices[0].message.content == expected
 
 
 def test_streamed_chat_with_usage(client, local):

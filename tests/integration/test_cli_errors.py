@@ -69,13 +69,36 @@ def test_user_mistakes_print_one_line_and_the_traceback_only_when_verbose(args, 
             ["generate", "m", "--initial-peers", BOGUS_PEER, "--prompt", "hi", "--max-new-tokens", "0"],
             "max_new_tokens must be positive, got 0",
         ),
+        (
+            [
+                "generate",
+                "m",
+                "--initial-peers",
+                BOGUS_PEER,
+                "--prompt",
+                "hi",
+                "--prompt-lookup-tokens",
+                "3",
+                "--draft-model",
+                "m",
+            ],
+            "use either --prompt-lookup-tokens or --draft-model",
+        ),  # fmt: skip
         (["dht", "--join-timeout-s", "0"], "join_timeout_s must be positive seconds, got 0.0"),
         (["serve", "m"], "pass either --initial-peers"),
         (["serve", "m", "--new-swarm", "--cache-tokens", "lots"], "--cache-tokens"),
         (["serve", "m", "--new-swarm", "--config", "/no/such/file.yaml"], "cannot read the config file"),
         (["api", "--initial-peers", BOGUS_PEER, "--port", "70000"], "port must be between 0 and 65535"),
     ],
-    ids=["generate", "dht", "serve-neither-peers-nor-new-swarm", "serve-not-a-number", "serve-missing-config", "api"],
+    ids=[
+        "generate",
+        "generate-two-drafters",
+        "dht",
+        "serve-neither-peers-nor-new-swarm",
+        "serve-not-a-number",
+        "serve-missing-config",
+        "api",
+    ],
 )
 def test_bad_flag_values_are_refused_before_anything_starts(args, message):
     """The flags of every command come from its config dataclass, which checks them before anything starts: the

@@ -40,10 +40,20 @@ class TextConfig:
     verify: float = 0.0
     """share of steps also computed by a second server and compared (0: off, 1: every step); a server caught
     returning wrong values is never used again"""
+    prompt_lookup_tokens: int = 0
+    """speculative decoding: guess up to this many next tokens from the text so far (prompt lookup) and have the
+    servers check them in one step; greedy output is unchanged (0: off)"""
+    draft_model: str | None = None
+    """speculative decoding with a small local model sharing the tokenizer (bundled short name or checkpoint
+    folder) that drafts the next tokens; the swarm checks them in one step"""
     verbose: bool = False
     """log the client's routes (they would interleave with the text) and show tracebacks"""
 
     def __post_init__(self):
+        if self.prompt_lookup_tokens < 0:
+            raise ValueError(f"prompt_lookup_tokens must be >= 0, got {self.prompt_lookup_tokens}")
+        if self.prompt_lookup_tokens and self.draft_model is not None:
+            raise ValueError("use either --prompt-lookup-tokens or --draft-model, not both")
         if self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -86,7 +96,21 @@ def _sampling(args) -> dict:
             kwargs["top_k"] = args.top_k
     if args.repetition_penalty is not None:
         kwargs["repetition_penalty"] = args.repetition_penalty
+    if args.prompt_lookup_tokens:
+        kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup_tokens
     return kwargs
+
+
+def _draft(args) -> dict:
+    """``assistant_model`` for transformers' generate: the local draft model, if one was named."""
+    if args.draft_model is None:
+        return {}
+    from transformers import AutoModelForCausalLM
+
+    from corolla.models.checkpoint import resolve_checkpoint
+
+    folder = resolve_checkpoint(args.draft_model).folder
+    return {"assistant_model": AutoModelForCausalLM.from_pretrained(folder).eval()}
 
 
 def _load(args):
@@ -126,7 +150,7 @@ def run_generate(args) -> int:
     streamer = TextStreamer(tokenizer, skip_prompt=not args.chat, skip_special_tokens=True)
     if not args.chat:
         print(args.prompt, end="", flush=True)
-    model.generate(ids, streamer=streamer, **_sampling(args))
+    model.generate(ids, streamer=streamer, **_sampling(args), **_draft(args))
     return 0
 
 
@@ -135,6 +159,7 @@ def run_chat(args) -> int:
 
     tokenizer, model = _load(args)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    draft = _draft(args)
     print("Chat through the swarm. Empty line or Ctrl-D to quit.", file=sys.stderr)
     with model.inference_session(max_length=args.max_length) as session:
         first = True
@@ -154,6 +179,6 @@ def run_chat(args) -> int:
             if not first and tokenizer.bos_token_id is not None and ids[0, 0] == tokenizer.bos_token_id:
                 ids = ids[:, 1:]
             print("model> ", end="", flush=True)
-            model.generate(ids, session=session, streamer=streamer, **_sampling(args))
+            model.generate(ids, session=session, streamer=streamer, **_sampling(args), **draft)
             first = False
     return 0
