@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -78,8 +79,8 @@ class RemoteSequential(nn.Module):
         return [slice(i, min(i + rows, batch)) for i in range(0, batch, rows)]
 
     async def _forward_all(self, hidden, mask, positions, prompts, *, keep: bool = False) -> tuple[torch.Tensor, list]:
-        """Outputs, and per sub-batch the (hop, input, activation id) records that backward needs. ``keep``: a
-        backward follows, so servers are asked to keep each call's activations for it."""
+        """Outputs, and per sub-batch the (hop, ``SentForward``) records that backward needs. ``keep``: a backward
+        follows, so servers are asked to keep each call's activations for it."""
         parts = self._sub_batches(hidden)
         results = await asyncio.gather(
             *(
@@ -112,8 +113,8 @@ class RemoteSequential(nn.Module):
 
     # ---- one sub-batch ----------------------------------------------------------------------------------------
     async def _forward_range(self, start: int, end: int, hidden, extra: SpanCallInputs, *, keep: bool = False):
-        """Through blocks start..end-1 hop by hop, re-routing around failed servers; (output, [(hop, input,
-        activation id or None)])."""
+        """Through blocks start..end-1 hop by hop, re-routing around failed servers; (output, [(hop,
+        SentForward)])."""
         block, records, route, failover = start, [], None, self.swarm.failover(start, end)
         while block < end:
             if not route:
@@ -130,15 +131,15 @@ class RemoteSequential(nn.Module):
                 route = None
                 continue
             self.swarm.forgive(hop.peer_id)
-            records.append((hop, hidden, activation_id))
+            records.append((hop, SentForward(hidden=hidden, activation_id=activation_id)))
             hidden, block = output, hop.end
         return hidden, records
 
     async def _backward_records(self, records, grad, extra: SpanCallInputs):
         """Backward through the hops of a forward pass, last first; a failed hop is redone elsewhere."""
         prompt_grads = []
-        for hop, hidden, activation_id in reversed(records):
-            grad, prompt_grad = await self._backward_range(hop, hidden, grad, extra, activation_id)
+        for hop, sent in reversed(records):
+            grad, prompt_grad = await self._backward_range(hop, sent.hidden, grad, extra, sent.activation_id)
             prompt_grads.insert(0, prompt_grad)
         return grad, None if extra.prompts is None else torch.cat(prompt_grads)
 
@@ -181,6 +182,15 @@ class RemoteSequential(nn.Module):
             return extra
         prompts = extra.prompts[hop.start - self.start : hop.end - self.start]
         return SpanCallInputs(attention_mask=extra.attention_mask, position_ids=extra.position_ids, prompts=prompts)
+
+
+@dataclass(frozen=True)
+class SentForward:
+    """What the backward of one hop needs from its forward call: the hidden states sent, and the id under which the
+    server may have kept the call's activations (None: not asked to)."""
+
+    hidden: torch.Tensor
+    activation_id: str | None
 
 
 def _extra(mask, positions, prompts, rows: slice) -> SpanCallInputs:
