@@ -57,18 +57,15 @@ def _swarm(path, spans, tmp_path, spare=()):
     return swarm
 
 
-def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FAIL_AFTER, session_stats=None, **kw):
+def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FAIL_AFTER):
     victim = []
 
     def fail():
         name = _server_on_block(session, swarm, block)
         victim.append(name)
-        if session_stats is not None:
-            session_stats["dropped_before_fault"] = session.dropped_tokens
         swarm.kill(name, sig)
 
-    room = kw.get("prompt_lookup_num_tokens", 0)  # prompt lookup may feed that many guesses past the end
-    with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS + room) as session:
+    with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
         out = model.generate(
             ids,
             max_new_tokens=NEW_TOKENS,
@@ -76,7 +73,6 @@ def _generate_with_fault(model, swarm, ids, block: int, sig: int, when: int = FA
             do_sample=False,
             session=session,
             streamer=_AfterTokens(when, fail),
-            **kw,
         )
         chain = [swarm.name_of(hop.peer_id) for hop in session.route]
     return out, victim, chain
@@ -103,17 +99,39 @@ def test_middle_server_dies_mid_generation(reference, tmp_path, spare, sig):
 
 def test_server_dies_during_speculative_generation(reference, tmp_path):
     """Prompt lookup: steps carry guesses, the rejected ones are dropped from the servers' caches and from what the
-    client keeps for replay. The replacement server is rebuilt from the accepted tokens only; output stays exact."""
-    path, ids, expected = reference
+    client keeps for replay. A server killed after a rejection: its replacement is rebuilt from the accepted tokens
+    only, and the output stays exact."""
+    path, _, _ = reference
+    pattern = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(12))
+    ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)  # prompt lookup guesses (wrongly) at once
+    local = AutoModelForCausalLM.from_pretrained(path).eval()
+    expected = local.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     swarm = _swarm(path, ["0:2", "2:4", "4:6"], tmp_path, spare=["2:4"])
     try:
         model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=swarm.initial_peers)
-        stats = {}
-        out, victim, chain = _generate_with_fault(
-            model, swarm, ids, block=2, sig=signal.SIGKILL, when=6, session_stats=stats, prompt_lookup_num_tokens=4
-        )
-        assert victim, "the fault was never injected"
-        assert stats["dropped_before_fault"] > 0, "no guess was rejected before the fault"
+        victim, rejected_at = [], []
+
+        class KillAfterARejection:
+            """Kills the server of block 2 two steps after the first rejection, so that the rejected guesses lie
+            inside the history the replacement is rebuilt from (at its end, the next step's rewind would hide them)."""
+
+            def put(self, value):
+                if not rejected_at and session.dropped_tokens > 0:
+                    rejected_at.append(session.steps)
+                if not victim and rejected_at and session.steps >= rejected_at[0] + 2:
+                    victim.append(_server_on_block(session, swarm, 2))
+                    swarm.kill(victim[0], signal.SIGKILL)
+
+            def end(self):
+                pass
+
+        with model.inference_session(max_length=ids.shape[1] + NEW_TOKENS) as session:
+            out = model.generate(
+                ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, session=session,
+                streamer=KillAfterARejection(), prompt_lookup_num_tokens=4,
+            )  # fmt: skip
+            chain = [swarm.name_of(hop.peer_id) for hop in session.route]
+        assert victim, "no guess was rejected, so the fault was never injected"
         assert out.tolist() == expected.tolist()
         assert victim[0] not in chain
         model.shutdown()

