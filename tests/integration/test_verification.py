@@ -103,3 +103,25 @@ def test_sampled_checks_cover_the_steps_between_them(swarm, local):
         _caught_only_the_liar(model, s)
     finally:
         model.shutdown()
+
+
+def test_speculative_steps_are_checked_too(swarm, local):
+    """Prompt lookup with sampled checks: a check's window may start inside a step whose guesses were partly
+    rejected (the client's history, the checked answers and the shadow's cache are all cut back); the tokens stay
+    exact and the liar is caught."""
+    mode, path, s = swarm
+    if mode != "noise":
+        pytest.skip("one liar is enough")
+    model = _client(path, s, verify=0.5)
+    try:
+        pattern = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(12))
+        ids = torch.cat([pattern, pattern, pattern[:, :3]], dim=1)
+        kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False)
+        expected = local.generate(ids, **kwargs)
+        with model.inference_session(max_length=ids.shape[1] + 20) as session:
+            got = model.generate(ids, session=session, prompt_lookup_num_tokens=4, **kwargs)
+            assert session.dropped_tokens > 0 and session.steps < 20
+        assert torch.equal(got, expected)
+        _caught_only_the_liar(model, s)
+    finally:
+        model.shutdown()
