@@ -381,6 +381,12 @@ def batching(d: dict) -> str:
     return table(d["results"])
 
 
+def speculative(d: dict) -> str:
+    from benchmarks.exp_speculative import table
+
+    return table(d["results"])
+
+
 def headline(results: dict[str, dict]) -> str:
     """README's short list of measured numbers, each with its ratio or range and preset."""
     lines = []
@@ -543,6 +549,20 @@ def headline(results: dict[str, dict]) -> str:
         return f"Continuous batching with {clients} concurrent sessions, " + "; ".join(parts)
 
     add("batching", batched)
+
+    def speculated(r: dict) -> str:
+        parts = []
+        for kind, label in (("copy", "answers that copy the prompt"), ("free", "answers written from scratch")):
+            rows = [s for s in r["summary"] if s["kind"] == kind]
+            parts.append(label + " " + ", ".join(f"{s['speedup']:.2f}x at {s['rtt_ms']:g} ms" for s in rows))
+        same = all(s["same_tokens"] for s in r["summary"])
+        return (
+            "Speculative decoding with prompt lookup, network lab, tokens/s vs plain greedy: "
+            + "; ".join(parts)
+            + f" (RTT; same tokens as plain greedy: {'yes' if same else 'NO'})"
+        )
+
+    add("speculative", speculated)
     return "\n".join(lines) + "\n"
 
 
@@ -570,6 +590,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "verification": verification,
     "span_loading": span_loading,
     "batching": batching,
+    "speculative": speculative,
 }
 
 
