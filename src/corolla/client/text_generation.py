@@ -44,10 +44,9 @@ async def generate_tokens(
 
     ``lookup_tokens`` > 0 (one row only): speculative decoding with prompt lookup. Each step also sends up to that
     many guessed tokens (what followed the latest earlier occurrence of the text's last tokens; fewer, and less
-    often, while guesses keep failing: ``GuessBudget``); the servers
-    compute them all at once, the guesses the model agrees with are kept (greedy: exactly greedy decoding's tokens;
-    sampling: speculative sampling, the model's own distribution) and the rest are dropped from their caches. The
-    tokens are still yielded one by one.
+    often, while guesses keep failing: ``GuessBudget``); the servers compute them all at once, the guesses the
+    model agrees with are kept (greedy: exactly greedy decoding's tokens; sampling: speculative sampling, the
+    model's own distribution) and the rest are dropped from their caches. Tokens are still yielded one by one.
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
