@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from corolla.errors import InvalidRequestError
 from corolla.net.tensors import combine_chunks, pack, unpack_metadata, unpack_tensors
 from corolla.protocol.records import PeerState, StagePeerInfo
 from corolla.protocol.stage_messages import StageStateRequest
-from corolla.training.stage_backup import BackupKeeper, backup_target, newest_backups
+from corolla.training.stage_backup import BackupKeeper, backup_target, download_stage_state, newest_backups
 from corolla.training.stage_handler import StageHandler
 from corolla.training.stage_worker import TrainingState
 
@@ -50,10 +51,11 @@ def _state(epoch: int, value: float = 1.0) -> TrainingState:
 
 
 class _Transport:
-    """Answers the ``state_stream`` RPC from a dict peer -> state (a missing peer: ConnectionError)."""
+    """Answers the ``state_stream`` RPC from a dict peer -> state (a missing peer: ConnectionError); a peer in
+    ``cut`` ends its answer after that many messages, as a peer killed mid-answer does."""
 
-    def __init__(self, states: dict[str, TrainingState]):
-        self.states, self.asked = states, []
+    def __init__(self, states: dict[str, TrainingState], cut: dict[str, int] | None = None):
+        self.states, self.asked, self.cut = states, [], cut or {}
 
     async def iterate(self, peer_id, handle, requests, response_type):
         self.asked.append(peer_id)
@@ -64,7 +66,16 @@ class _Transport:
             experiment="exp", current=lambda: None, executor=None, max_request_samples=1, status=None,
             state_of=lambda stage: _as_coroutine((self.states[peer_id], False)),
         )  # fmt: skip
-        return handler.rpc_state_stream(_one(request), None)
+        replies = handler.rpc_state_stream(_one(request), None)
+        return replies if peer_id not in self.cut else _first(replies, self.cut[peer_id])
+
+
+async def _first(messages, count: int):
+    async for message in messages:
+        if count <= 0:
+            return
+        count -= 1
+        yield message
 
 
 async def _as_coroutine(value):
@@ -106,6 +117,20 @@ def test_an_emptied_stage_is_restored_from_the_newest_copy_that_downloads():
     keeper.stage, keeper.state = 1, _state(7)  # this peer's own copy is newer than every one it can download
     assert asyncio.run(keeper.restore(records, 1, lambda *_: None))[1] == "this peer's own copy"
     assert asyncio.run(keeper.restore([[], [], []], 2, lambda *_: None)) is None
+
+
+def test_a_state_cut_short_never_replaces_a_copy():
+    """A peer killed while it answers ends the stream early, at a tensor boundary: the download must fail (the
+    reply says how many tensors follow) and the keeper must keep its older copy."""
+    transport = _Transport({"b": _state(4, 2.0), "c": _state(5, 3.0)}, cut={"c": 1})  # c's stream: one tensor
+    keeper = BackupKeeper(transport, experiment="exp", num_stages=2, timeout_s=5)
+    records = [[], [("b", _info(1))]]
+    assert asyncio.run(keeper.refresh(records, 0, random.Random(0)))
+    with pytest.raises(ValueError, match="sent 1 of the state's 2 tensors"):
+        asyncio.run(download_stage_state(transport, "c", experiment="exp", stage=1, timeout_s=5))
+    with pytest.raises(ValueError, match="sent 1 of the state's 2 tensors"):  # the refresh fails (and is retried)
+        asyncio.run(keeper.refresh([[], [("c", _info(1))]], 0, random.Random(0)))
+    assert keeper.epoch == 4 and torch.equal(keeper.copy_of(1).tensors[0], torch.full((2, 3), 2.0))
 
 
 async def _ask(handler: StageHandler, request) -> runtime_pb2.ExpertResponse:
