@@ -185,3 +185,30 @@ def test_servers_of_another_protocol_version_are_not_routed_through():
     view.refresh()
     with pytest.raises(MissingBlocksError):  # only a server of another version is left
         view.inference_route(0, 6)
+
+
+def test_a_rewind_cuts_the_replay_history_to_the_accepted_tokens():
+    """What a span keeps for replay after a rewind: whole steps before the position, the step it falls in cut,
+    nothing after; the answers kept for verification are cut alike, and a check that covered dropped steps counts
+    only the kept ones."""
+    from corolla.algorithms.routing import RouteHop
+    from corolla.client.inference_session import _Sent, _SpanState
+
+    def sent(start: int, length: int, with_output: bool) -> _Sent:
+        positions = torch.arange(start, start + length)[None]
+        hidden = positions[..., None].float().expand(1, length, 4)
+        return _Sent(hidden_states=hidden, position_ids=positions, output=-hidden if with_output else None)
+
+    span = _SpanState(hop=RouteHop(peer_id="p", start=0, end=2))
+    span.sent = [sent(0, 5, False), sent(5, 4, True), sent(9, 3, True)]  # a prompt, then two speculative steps
+    span.checked = 3
+    span.keep_tokens(7)
+    assert [entry.position_ids.tolist() for entry in span.sent] == [[[0, 1, 2, 3, 4]], [[5, 6]]]
+    assert span.sent[1].hidden_states.shape == (1, 2, 4) and torch.equal(
+        span.sent[1].output, -span.sent[1].hidden_states
+    )
+    assert span.checked == 2 and span.tokens(span.sent) == 7
+    span.keep_tokens(5)  # at a step boundary
+    assert len(span.sent) == 1 and span.tokens(span.sent) == 5
+    span.keep_tokens(0)
+    assert span.sent == [] and span.checked == 0
