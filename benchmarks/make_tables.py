@@ -381,6 +381,12 @@ def batching(d: dict) -> str:
     return table(d["results"])
 
 
+def step_overhead(d: dict) -> str:
+    from benchmarks.bench_step_overhead import table
+
+    return table(d["results"])
+
+
 def speculative(d: dict) -> str:
     from benchmarks.exp_speculative import table
 
@@ -591,6 +597,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "span_loading": span_loading,
     "batching": batching,
     "speculative": speculative,
+    "step_overhead": step_overhead,
 }
 
 
