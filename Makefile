@@ -62,6 +62,7 @@ BENCH_OUT ?= /tmp/corolla-bench-smoke
 bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench_routing.py --preset smoke --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_inference.py --preset smoke --out $(BENCH_OUT)
+	$(PY) benchmarks/bench_step_overhead.py --preset smoke --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
