@@ -292,3 +292,25 @@ def test_servers_push_outputs_to_the_next_server(family_swarm):
     expected = local.generate(ids, max_new_tokens=12, do_sample=False)
     assert model.generate(ids, max_new_tokens=12, do_sample=False).tolist() == expected.tolist()
     assert run_sync(pushed_steps(), timeout_s=30) > before
+
+
+def test_prompt_lookup_keeps_penalized_greedy_tokens(family_swarm):
+    """With frequency and presence penalties the distribution at each guess counts the guesses before it: greedy
+    tokens with prompt lookup equal those without it."""
+    import asyncio
+
+    from corolla.client.sampling import SamplingParams
+    from corolla.client.text_generation import generate_tokens
+
+    family, _, model, _ = family_swarm
+    if family != "llama":
+        pytest.skip("one family is enough: the penalties are client-side")
+    pattern = torch.randint(4, 400, (1, 5), generator=torch.Generator().manual_seed(13))
+    ids = torch.cat([pattern, pattern, pattern[:, :2]], dim=1)
+    params = SamplingParams(temperature=0, frequency_penalty=0.02, presence_penalty=0.01)
+
+    async def tokens(lookup_tokens: int) -> list[int]:
+        steps = generate_tokens(model, ids, max_new_tokens=32, params=params, lookup_tokens=lookup_tokens)
+        return [int(step.tokens[0]) async for step in steps]
+
+    assert asyncio.run(tokens(3)) == asyncio.run(tokens(0))

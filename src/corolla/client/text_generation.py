@@ -101,6 +101,7 @@ def _check_guesses(guesses: list[int], logits: torch.Tensor, params: SamplingPar
     """The tokens to keep of one speculative step (``logits`` [len(guesses) + 1, vocab], one row): the accepted
     guesses plus the model's next token. The distribution at guess i counts the guesses before it as generated."""
     rows = []
+    counts = None if counts is None else counts.clone()  # the guesses count here only, not in the caller's counts
     for i in range(len(guesses) + 1):
         if i and (params.frequency_penalty or params.presence_penalty):
             counts = _count(counts, torch.tensor([guesses[i - 1]]), logits.shape[-1])
@@ -123,6 +124,6 @@ def _logits(model, hidden: torch.Tensor, positions: int) -> torch.Tensor:
 
 
 def _count(counts: torch.Tensor | None, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
-    counts = torch.zeros(tokens.shape[0], vocab) if counts is None else counts.clone()
+    counts = torch.zeros(tokens.shape[0], vocab) if counts is None else counts
     counts[torch.arange(tokens.shape[0]), tokens] += 1
     return counts
