@@ -115,6 +115,10 @@ def read_tensors(
         stored = DTYPES.get(entries[key].dtype)
         return target is not None and stored is not None and stored.is_floating_point and stored != target
 
+    # a tensor to be cast is read into one scratch buffer, reused, and cast out of it: reading each into fresh
+    # memory of its own, then freeing it, leaves the allocator's heap holed and the process ~1.4x the span's bytes
+    cast_bytes = [entries[key].num_bytes for key in wanted if entries[key].dtype in DTYPES and needs_cast(key)]
+    scratch = _fresh_bytes(max(cast_bytes) + 3 * DIRECT_ALIGN) if cast_bytes else None
     tensors: dict[str, torch.Tensor] = {}
     with _File(path) as file, ThreadPoolExecutor(1, thread_name_prefix="corolla-prefault") as helper:
         ahead = None
@@ -123,14 +127,17 @@ def read_tensors(
             if entry.dtype not in DTYPES:
                 tensors[key] = _read_with_safetensors(path, key)
                 continue
-            target = file.prepare(entry) if ahead is None else ahead.result()
+            if needs_cast(key):
+                target = file.prepare(entry, into=scratch)
+            else:
+                target = file.prepare(entry) if ahead is None else ahead.result()
             ahead = None
             following = wanted[i + 1] if i + 1 < len(wanted) else None
             if following is not None and entries[following].dtype in DTYPES and not needs_cast(following):
                 ahead = helper.submit(file.prepare, entries[following], fault_in=True)
             tensor = file.fill(target)
             if needs_cast(key):
-                tensor = tensor.to(dtypes[key])
+                tensor = tensor.to(dtypes[key])  # out of the scratch buffer, into storage of its own
             tensors[key] = tensor
     return tensors
 
@@ -176,8 +183,9 @@ class _File:
             if fd is not None and fd >= 0:
                 os.close(fd)
 
-    def prepare(self, entry: TensorEntry, *, fault_in: bool = False) -> _Target:
-        """Allocate the memory ``entry`` is read into (faulted in now if ``fault_in``)."""
+    def prepare(self, entry: TensorEntry, *, fault_in: bool = False, into: torch.Tensor | None = None) -> _Target:
+        """Allocate the memory ``entry`` is read into (faulted in now if ``fault_in``), or use ``into``, a byte
+        buffer at least ``entry.num_bytes + 3 * DIRECT_ALIGN`` long."""
         if entry.end > self.size:
             raise ModelNotFoundError(
                 f"{self.path} is truncated (a tensor ends at byte {entry.end}, the file has {self.size}): "
@@ -186,10 +194,10 @@ class _File:
         if self.direct_fd is not None and not self._cached(entry):
             first = entry.begin - entry.begin % DIRECT_ALIGN
             length = -(-(entry.end - first) // DIRECT_ALIGN) * DIRECT_ALIGN  # past the end of the file is fine
-            buffer = _fresh_bytes(length + DIRECT_ALIGN, fault_in=fault_in)
+            buffer = _fresh_bytes(length + DIRECT_ALIGN, fault_in=fault_in) if into is None else into
             skip = -buffer.data_ptr() % DIRECT_ALIGN  # the aligned start of the buffer
             return _Target(entry, buffer, True, first, skip, length, skip + entry.begin - first)
-        buffer = _fresh_bytes(entry.num_bytes, fault_in=fault_in)
+        buffer = _fresh_bytes(entry.num_bytes, fault_in=fault_in) if into is None else into
         return _Target(entry, buffer, False, entry.begin, 0, entry.num_bytes, 0)
 
     def fill(self, target: _Target) -> torch.Tensor:
