@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import random
+import threading
 import time
 
 import torch
@@ -54,6 +55,7 @@ PROGRESS_PERIOD_S = 0.25  # how often a peer reads its stage's progress (and pub
 PROGRESS_REPUBLISH_S = 1.0  # republished at least this often
 PROGRESS_EXPIRATION_S = 5.0  # a dead peer's progress stops counting after this
 STATE_DOWNLOAD_TIMEOUT_S = 60.0
+ROUND_RESULT_GRACE_S = 10.0  # an averaging round's result is awaited this long past its deadline
 MIN_STAY_PERIODS = 3  # a peer moves for a gain only after serving its stage this many rebalancing periods
 
 
@@ -86,6 +88,9 @@ class StagePeer:
         self._averaging = False
         self._failed_rounds = 0
         self._shared_in_epoch: int | None = None  # an epoch whose round failed after this peer's gradients went out
+        self._round_lock = threading.Lock()
+        self._round = None  # the averaging round in flight (hivemind's StepControl), on the compute thread
+        self._rounds_closed = False  # leaving the stage: no new round starts, the one in flight is cancelled
         self._move_to: asyncio.Future | None = None
         self._moved: tuple[int, float] | None = None  # (stage left, DHT time) of this peer's last move
         self._serving_since = 0.0  # monotonic time since which this peer serves its current stage
@@ -196,6 +201,8 @@ class StagePeer:
             allow_state_sharing=False,
         )
         self._buffers = buffers
+        with self._round_lock:
+            self._rounds_closed = False
         announcer = Announcer(
             name=f"stage {stage} record",
             store=lambda info, expiration_s: declare_stage_peer(
@@ -239,6 +246,7 @@ class StagePeer:
             # the loops finish what they await (DHT calls, bounded by their timeouts) and return: a DHT call
             # cancelled half way makes hivemind's DHT process log errors about the cancelled future
             self._leaving.set()
+            self._cancel_averaging_round()
             done, running = await asyncio.wait(tasks, timeout=10)
             for task in running:
                 logger.warning("Stopping: %s did not finish within 10 s; cancelling it", task.get_coro().__name__)
@@ -418,9 +426,30 @@ class StagePeer:
                 for buffer, gradient in zip(buffers, mean):
                     buffer.copy_(gradient)
             # no retries inside hivemind: a retry would average the buffers a failed all-reduce left half averaged
-            gathered = averager.step(weight=float(samples), timeout=cfg.averaging_timeout_s, allow_retries=False)
+            control = averager.step(
+                weight=float(samples), timeout=cfg.averaging_timeout_s, allow_retries=False, wait=False
+            )
+            with self._round_lock:
+                self._round, closed = control, self._rounds_closed
+            if closed:  # the peer began leaving while this round started
+                control.cancel()
+            try:
+                # bounded even if the averager process is gone before it finishes the round (it is shut down
+                # when the peer leaves): hivemind ends a round by its deadline, a dead process never does
+                gathered = control.result(timeout=cfg.averaging_timeout_s + ROUND_RESULT_GRACE_S)
+            finally:
+                with self._round_lock:
+                    self._round = None
             if gathered is None:
                 raise RuntimeError("no group was found")
+        except concurrent.futures.CancelledError:
+            logger.info(
+                "Stage %d: averaging round of epoch %d cancelled: leaving the stage (%d accumulated samples)",
+                worker.stage.stage,
+                epoch,
+                samples,
+            )
+            return False
         except Exception as e:
             self._failed_rounds += 1
             if "Unable to run All-Reduce" in str(e):  # the group formed: groupmates may have used our gradients
@@ -447,6 +476,18 @@ class StagePeer:
         worker.apply_step(averaged)
         self._after_step(worker, samples, group_size=len(gathered))
         return True
+
+    def _cancel_averaging_round(self) -> None:
+        """Leaving the stage: no new averaging round starts, and one still looking for its group is cancelled
+        (its groupmates are leaving too, or go on without this peer). Without this, the compute thread would wait
+        for a round until its deadline, and forever if the averager process was shut down meanwhile: the
+        interpreter's exit joins that thread, so the stopped peer would never exit. A round whose all-reduce began
+        finishes (bounded by its timeout): cancelling it would fail it for the groupmates."""
+        with self._round_lock:
+            self._rounds_closed = True
+            control = self._round
+        if control is not None and not control.began_allreduce:
+            control.cancel()
 
     async def _download_state(self, worker, averager, *, why: str) -> bool:
         """Take the state of the stage's most advanced peer; False if none could be downloaded."""
