@@ -724,6 +724,39 @@ def test_pushes_are_taken_only_from_the_server_the_client_named(server, check_af
     assert accepted == "computed"
 
 
+def test_a_push_stream_drops_bad_pushes_alone_and_takes_only_the_named_servers(server, check_after):
+    """Servers push over one long-lived stream per session. On it, a malformed message and a push into a session
+    whose client named another peer are dropped alone (nothing answers on a push stream): the stream stays open,
+    and the push that follows them, into a session that named this peer, is computed (and only that one)."""
+
+    async def scenario():
+        me = (await server.view.p2p()).peer_id.to_base58()
+        ids, holds, sessions = {}, [], []
+        for pusher in ("QmSomeOtherServerThatTheClientNamedInsteadOfThisOne", me):
+            ids[pusher], hold = uuid.uuid4().hex, asyncio.Event()
+            first = opening(hidden(), max_length=8, session_id=ids[pusher], pusher=pusher)
+            holds.append(hold)
+            sessions.append(asyncio.create_task(server.inference_async([first], hold=hold)))
+        await _until(lambda: server.status().active_sessions == 3, "the sessions to open")
+        pushes = (await asyncio.to_thread(server.status)).steps_from_pushes
+        stream = await (await server.view.transport()).open_stream(
+            server.peer_id.to_base58(), BLOCK_SERVER.handle("push_stream"), timeout_s=10
+        )
+        await stream.send(message([hidden()], b"not msgpack"))
+        for session_id in ids.values():  # in order: the refused push is handled before the accepted one
+            meta = PushedStep(session_id=session_id, step_id=uuid.uuid4().hex, position=3).model_dump()
+            await stream.send(message([hidden()], meta))
+        await _until(lambda n=pushes + 1: server.status().steps_from_pushes >= n, "the accepted push")
+        computed = (await asyncio.to_thread(server.status)).steps_from_pushes - pushes
+        await stream.close()
+        for hold in holds:
+            hold.set()
+        await asyncio.gather(*sessions)
+        return computed
+
+    assert run_sync(scenario(), timeout_s=60) == 1
+
+
 # ---- sessions that go idle or vanish ----------------------------------------------------------------------------
 
 

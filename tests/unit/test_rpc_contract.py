@@ -35,7 +35,7 @@ def test_block_servicer_implements_every_rpc_with_the_declared_shape():
         handler = getattr(BlockServicer, f"rpc_{rpc.name}")
         assert inspect.isasyncgenfunction(handler) == rpc.stream_output, rpc.name
     assert {rpc.name for rpc in BLOCK_SERVER.rpcs} == {
-        "info", "forward", "forward_stream", "backward", "backward_stream", "inference", "push",
+        "info", "forward", "forward_stream", "backward", "backward_stream", "inference", "push", "push_stream",
     }  # fmt: skip
 
 

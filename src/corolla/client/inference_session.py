@@ -86,6 +86,7 @@ class _ServerStream:
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One step; ``pusher``: the server before this one, which may push this step's input here."""
+        mask, positions = _unless_default(mask, positions, position)
         step = InferenceStep(
             step_id=step_id or uuid.uuid4().hex,
             position=position,
@@ -537,6 +538,22 @@ class InferenceSession:
                 await asyncio.wait_for(span.close(), timeout=5)
             except Exception as e:
                 logger.debug("Closing a stream failed: %s", e)
+
+
+def _unless_default(
+    mask: torch.Tensor | None, positions: torch.Tensor | None, position: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The mask and position ids to send, without the ones a server would compute the same by itself: a mask of
+    all ones (no padding), positions that continue the cache in every row. A decoding step then carries its one
+    hidden state only, not a mask as long as the session."""
+    if mask is not None and bool(mask.all()):
+        mask = None
+    if positions is not None and positions.ndim == 2:
+        new = positions.shape[-1]
+        expected = torch.arange(position, position + new, dtype=positions.dtype, device=positions.device)
+        if bool((positions == expected).all()):
+            positions = None
+    return mask, positions
 
 
 def _joined(entries: list[_Sent]) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -178,6 +178,12 @@ class _FaultyStream:
     async def send(self, message) -> None:
         await self.inner.send(message)
 
+    def write(self, message) -> None:
+        self.inner.write(message)
+
+    async def drain(self) -> None:
+        await self.inner.drain()
+
     async def receive(self, response_type: type, timeout_s: float):
         call = Call(self.call.peer_id, self.call.rpc, self.call.index, self._received)
         self._received += 1

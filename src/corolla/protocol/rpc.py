@@ -70,6 +70,7 @@ BLOCK_SERVER = RpcContract(
         Rpc("backward_stream", _Request, _Response, stream_input=True, stream_output=True),
         Rpc("inference", _Request, _Response, stream_input=True, stream_output=True),  # InferenceOpen, steps
         Rpc("push", _Request, _Response),  # PushedStep from the previous server of a chain
+        Rpc("push_stream", _Request, _Response, stream_input=True, stream_output=True),  # PushedSteps, no answers
     ),
 )
 """What a block server serves (messages in ``corolla.protocol.messages``)."""
@@ -79,6 +80,12 @@ class MessageStream(Protocol):
     """A bidirectional stream of protobuf messages to one peer (an inference session)."""
 
     async def send(self, message) -> None: ...
+
+    def write(self, message) -> None:
+        """Queue ``message`` without waiting (then ``drain``); ``send`` is both."""
+        ...
+
+    async def drain(self) -> None: ...
 
     async def receive(self, response_type: type, timeout_s: float):
         """The next message; ConnectionError if the peer closed the stream, RemoteCallError for its error reply."""

@@ -37,12 +37,13 @@ from corolla.protocol.messages import (
     SpanRequest,
     StepResult,
 )
-from corolla.protocol.rpc import BLOCK_SERVER, RpcStub
+from corolla.protocol.rpc import BLOCK_SERVER
 from corolla.protocol.versions import PROTOCOL_VERSION
 from corolla.server.backend import SpanBackend
 from corolla.server.compute import ComputeQueue
 from corolla.server.config import ServerConfig
 from corolla.server.memory_cache import CacheBudget
+from corolla.server.push_sender import PushSender
 from corolla.server.sessions import CLIENT, Action, Session, SessionTable
 
 logger = get_logger(__name__)
@@ -56,7 +57,7 @@ class BlockServicer:
         self.sessions = SessionTable()
         self.backend = SpanBackend(span=span, config=config, compute=compute, sessions=self.sessions)
         self._p2p: P2P | None = None
-        self._pushes: set[asyncio.Task] = set()
+        self._transport: P2PTransport | None = None
 
     @property
     def span(self):
@@ -65,7 +66,7 @@ class BlockServicer:
     async def start(self, p2p: P2P, *, wrap: HandlerWrapper | None = None) -> None:
         """Register the handlers on ``p2p`` (also used to push outputs to the next servers); ``wrap`` wraps each
         handler (``corolla.net.faults.FaultPlan.wrap_handler`` makes a server misbehave on purpose)."""
-        self._p2p = p2p
+        self._p2p, self._transport = p2p, P2PTransport(p2p)
         await serve(p2p, BLOCK_SERVER, self, wrap=wrap)
 
     async def stop(self) -> None:
@@ -177,6 +178,7 @@ class BlockServicer:
         async with self.budget.reserve(tokens, timeout_s=self.config.limits.alloc_timeout_s):
             span, cache = self.backend.new_cache(opened)
             with self.sessions.open(opened, span=span, cache=cache) as session:
+                session.pushes = PushSender(self._transport, timeout_s=self.config.limits.request_timeout_s)
                 reader = asyncio.create_task(_read_client(requests, session.inbox))
                 logger.debug("Session %s opened for %d tokens", opened.session_id, tokens)
                 try:
@@ -191,25 +193,45 @@ class BlockServicer:
                         source, message = await session.inbox.get()
                 finally:
                     reader.cancel()
+                    await session.pushes.close()
                     logger.debug("Session %s closed", opened.session_id)
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """The previous server of a chain hands over its output for a step of one of our sessions."""
-        pushed, _ = _parse(PushedStep, request)
+        pushed, _ = _parse(PushedStep, request, tensors=False)
         self.sessions.deliver_push(pushed.session_id, context.remote_id.to_base58(), request)
         return runtime_pb2.ExpertResponse()
+
+    async def rpc_push_stream(
+        self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
+    ) -> AsyncIterator[runtime_pb2.ExpertResponse]:
+        """The previous server of a chain pushes the outputs of a session's steps, one message each (no answers).
+        A push that is malformed or not allowed is dropped alone; the stream goes on."""
+        sender = context.remote_id.to_base58()
+        try:
+            async for request in timed(requests, self.config.limits.session_timeout_s):
+                try:
+                    pushed, _ = _parse(PushedStep, request, tensors=False)
+                    self.sessions.deliver_push(pushed.session_id, sender, request)
+                except InvalidRequestError as e:
+                    logger.debug("Dropped a push from %s: %s", sender, e)
+        except InvalidRequestError:  # idle for a whole session timeout: the pushing session is gone
+            return
+        return
+        yield  # an async generator that answers nothing
 
     async def _step(
         self, session: Session, message: runtime_pb2.ExpertRequest, source: str
     ) -> runtime_pb2.ExpertResponse | None:
         """Run one step; None when it needs no answer (a second copy of a step already answered)."""
-        step, tensors = _parse(InferenceStep, message)
+        step, _ = _parse(InferenceStep, message, tensors=False)
         action = self.sessions.decide(session, step, source)
         if action is Action.SKIP:
-            return None
+            return None  # (its tensors are not even decoded)
         if action is Action.REPEAT:
             return session.last_output  # a repeated step is answered, not recomputed
         try:
+            tensors = _tensors(message, InferenceStep)
             output = await self.backend.step(session, step, tensors)
         except InvalidRequestError as e:
             if source == CLIENT:
@@ -220,14 +242,14 @@ class BlockServicer:
                 "Refused a step pushed by %s into session %s: %s", session.pusher, session.opened.session_id, e
             )
             return None
+        if step.push_chain:  # first: the next server waits for it, the client's answer is not on the critical path
+            self._push(session, step, output, tensors[1:])
         result = StepResult(step_id=step.step_id, position=session.length, cache_tokens_left=self.budget.tokens_left)
         response = pack_response([output], result.model_dump(), compression=session.opened.output_compression)
         self.sessions.record(session, step.step_id, source, response)
-        if step.push_chain:
-            self._push(step, output, tensors[1:])
         return response
 
-    def _push(self, step: InferenceStep, output: torch.Tensor, extras: list[torch.Tensor]) -> None:
+    def _push(self, session: Session, step: InferenceStep, output: torch.Tensor, extras: list[torch.Tensor]) -> None:
         """Send the step's output to the next server of the chain; failures only cost that speed-up."""
         target, rest = step.push_chain[0], step.push_chain[1:]
         pushed = PushedStep(
@@ -238,18 +260,7 @@ class BlockServicer:
             has_position_ids=step.has_position_ids,
             push_chain=rest,
         )
-        request = pack([output, *extras], pushed.model_dump())
-
-        async def send() -> None:
-            try:
-                stub = RpcStub(P2PTransport(self._p2p), target.peer_id, BLOCK_SERVER)
-                await stub.call("push", request, timeout_s=self.config.limits.request_timeout_s)
-            except Exception as e:
-                logger.debug("Push to %s failed: %s", target.peer_id, e)
-
-        task = asyncio.create_task(send())
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        session.pushes.push(target.peer_id, pack([output, *extras], pushed.model_dump()))
 
 
 async def _read_client(requests: AsyncIterator, inbox: asyncio.Queue) -> None:
@@ -264,14 +275,22 @@ async def _read_client(requests: AsyncIterator, inbox: asyncio.Queue) -> None:
         await inbox.put(("error", e))
 
 
-def _parse(schema, message) -> tuple:
-    """Metadata validated against ``schema`` plus decoded tensors; InvalidRequestError on anything malformed."""
+def _parse(schema, message, *, tensors: bool = True) -> tuple:
+    """Metadata validated against ``schema`` plus decoded tensors (None if not ``tensors``); InvalidRequestError on
+    anything malformed."""
     try:
         metadata = schema.model_validate(unpack_metadata(message))
-        tensors = unpack_tensors(message)
     except (ValueError, ValidationError) as e:
         raise InvalidRequestError(f"malformed {schema.__name__}: {_short(e)}") from None
-    return metadata, tensors
+    return metadata, _tensors(message, schema) if tensors else None
+
+
+def _tensors(message, schema) -> list[torch.Tensor]:
+    """The message's decoded tensors; InvalidRequestError if one cannot be decoded."""
+    try:
+        return unpack_tensors(message)
+    except ValueError as e:
+        raise InvalidRequestError(f"malformed {schema.__name__}: {_short(e)}") from None
 
 
 def _short(error: Exception) -> str:

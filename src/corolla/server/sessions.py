@@ -42,6 +42,7 @@ class Session:
     last_output: runtime_pb2.ExpertResponse | None = None
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (source, message) from the client and pushes
     answered: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # step id -> source
+    pushes: object = None  # the PushSender of this session's outputs to the next server of its chain
 
 
 class Action(enum.Enum):
