@@ -172,9 +172,11 @@ def binned_rates(
 class Throttle:
     """Makes some servers slow: a CPU share per server name (None: not throttled).
 
-    cgroup modes: ``prefix(name)`` is a command prefix that moves the process into its own cgroup before it execs
-    the server, so its children (DHT process, p2pd) are in it too; ``engage(name, pid)`` sets the quota (at once
-    when ``at_spawn``). sigstop mode: ``engage`` starts a thread that stops and continues the process group.
+    cgroup modes: when ``at_spawn``, ``prefix(name)`` is a command prefix that moves the process into its own cgroup
+    with its quota before it execs the server, so its children (DHT process, p2pd) are in it too; otherwise the
+    server starts like any other (forked by the warm spawner when LocalSwarm uses one) and ``engage(name, pid)``
+    moves its whole process tree (server, DHT process, p2pd) into its own cgroup with the quota.
+    sigstop mode: ``engage`` starts a thread that stops and continues the process group.
     ``release(name)`` lifts the throttle (so that a slow server shuts down quickly).
     """
 
@@ -206,22 +208,50 @@ class Throttle:
             (path / "cpu.cfs_period_us").write_text(f"{self.PERIOD_US}\n")
             (path / "cpu.cfs_quota_us").write_text(f"{quota}\n")
 
-    def prefix(self, name: str) -> list[str]:
-        if self.shares.get(name) is None or self.mode == "sigstop":
-            return []
+    def _make_cgroup(self, name: str) -> Path:
         root = Path("/sys/fs/cgroup") if self.mode == "cgroup-v2" else Path("/sys/fs/cgroup/cpu")
         path = root / f"corolla-hx-{os.getpid()}-{self.tag}{name}"
         path.mkdir()
         self.paths[name] = path
-        self._set(name, self.shares[name] if self.at_spawn else None)
+        self._set(name, self.shares[name])
+        return path
+
+    def prefix(self, name: str) -> list[str]:
+        if self.shares.get(name) is None or self.mode == "sigstop" or not self.at_spawn:
+            return []
+        path = self._make_cgroup(name)
         return ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(path / "cgroup.procs")]
+
+    def _move_tree(self, path: Path, pid: int) -> None:
+        """Move a running server and all its descendants into the cgroup at ``path``; rescan until none is left
+        outside (a process forked by one not yet moved would stay behind)."""
+        import psutil
+
+        moved: set[int] = set()
+        for _ in range(20):
+            try:
+                tree = {pid} | {child.pid for child in psutil.Process(pid).children(recursive=True)}
+            except psutil.NoSuchProcess:
+                return
+            if tree <= moved:
+                return
+            for member in sorted(tree - moved):
+                try:
+                    (path / "cgroup.procs").write_text(f"{member}\n")
+                except ProcessLookupError:
+                    pass
+                moved.add(member)
+        raise RuntimeError(f"could not move the process tree of {pid} into {path}")
 
     def engage(self, name: str, pid: int) -> None:
         share = self.shares.get(name)
         if share is None:
             return
         if self.mode != "sigstop":
-            self._set(name, share)
+            if name in self.paths:
+                self._set(name, share)
+            else:  # throttled once running: it was started outside any cgroup of ours
+                self._move_tree(self._make_cgroup(name), pid)
             return
         stop = self._stops[name] = threading.Event()
         thread = threading.Thread(target=self._duty_cycle, args=(pid, share, stop), daemon=True)
@@ -398,7 +428,7 @@ class Workload:
 class StrategyRun:
     """One strategy's swarm (its own bootstrap peer, servers, throttles and throughput cache) and its measurement."""
 
-    def __init__(self, strategy: str, preset: dict, model_path: str, args, log_root: Path):
+    def __init__(self, strategy: str, preset: dict, model_path: str, args, log_root: Path, cache: str):
         from transformers import AutoConfig
 
         from corolla.local_swarm import LocalSwarm
@@ -408,7 +438,11 @@ class StrategyRun:
         self.num_layers, self.vocab = config.num_hidden_layers, config.vocab_size
         at_spawn = preset["throttle_at"] == "spawn"
         self.throttle = Throttle(args.throttle, preset["servers"], at_spawn=at_spawn, tag=f"{strategy}-")
-        self.cache = tempfile.mkdtemp(prefix="corolla-hx-cache-")  # --throughput eval must not touch the shared one
+        # --throughput eval must not touch the shared cache, nor another strategy's measurements; explicit
+        # throughputs read nothing from it, so both strategies share ``cache``: one environment for their servers,
+        # one warm spawner forking them (a second one imports torch & co. again)
+        self.own_cache = preset["throughput"] == "eval"
+        self.cache = tempfile.mkdtemp(prefix="corolla-hx-cache-") if self.own_cache else cache
         env = dict(os.environ, COROLLA_CACHE=self.cache, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         common = [
             "--update-period", str(args.update_period),
@@ -538,7 +572,8 @@ class StrategyRun:
             self.watcher.shutdown()
         self.swarm.stop()
         self.throttle.cleanup()
-        shutil.rmtree(self.cache, ignore_errors=True)
+        if self.own_cache:
+            shutil.rmtree(self.cache, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -653,7 +688,8 @@ def main() -> int:
     model_path = resolve_model(preset["model"])
     log_root = args.log_dir or Path(tempfile.mkdtemp(prefix="corolla-hx-logs-"))
     print(f"throttle: {Throttle.detect() if args.throttle == 'auto' else args.throttle}; logs in {log_root}")
-    swarms = [StrategyRun(strategy, preset, model_path, args, log_root) for strategy in STRATEGIES]
+    cache = tempfile.mkdtemp(prefix="corolla-hx-cache-")  # the strategies' shared cache (see StrategyRun)
+    swarms = [StrategyRun(strategy, preset, model_path, args, log_root, cache) for strategy in STRATEGIES]
     try:
         # both swarms start together (start-up is the slow part, especially for throttled servers); the idle one
         # waits while the other is measured
@@ -669,6 +705,7 @@ def main() -> int:
     finally:
         for swarm in swarms:
             swarm.close()
+        shutil.rmtree(cache, ignore_errors=True)
     results = {swarm.strategy: swarm.result for swarm in swarms}
     run.save(params=_params(preset, args), results=results)
     md, png = write_outputs(results, args.preset, preset, run.out, args, run.started.date().isoformat(), run.command)
