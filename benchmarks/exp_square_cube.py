@@ -37,7 +37,7 @@ from benchmarks.netlab import Lab, LabError, LinkShape, unavailable_reason  # no
 from benchmarks.results import Run  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(hiddens=[64, 512], steps={64: 5, 512: 4}, repeats=1, rtt_ms=50.0, rate_mbit=100.0),
+    "smoke": dict(hiddens=[64, 256], steps={64: 5, 256: 4}, repeats=1, rtt_ms=50.0, rate_mbit=100.0),
     "full": dict(
         hiddens=[64, 256, 512, 1024], steps={64: 40, 256: 24, 512: 12, 1024: 6}, repeats=2, rtt_ms=50.0,
         rate_mbit=100.0,
