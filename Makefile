@@ -63,6 +63,7 @@ bench-smoke: $(STAMP)
 	$(PY) benchmarks/bench_routing.py --preset smoke --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_inference.py --preset smoke --out $(BENCH_OUT)
 	$(PY) benchmarks/bench_step_overhead.py --preset smoke --out $(BENCH_OUT)
+	$(PY) benchmarks/bench_step_timeline.py --preset smoke --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

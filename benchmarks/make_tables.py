@@ -387,6 +387,12 @@ def step_overhead(d: dict) -> str:
     return table(d["results"])
 
 
+def step_timeline(d: dict) -> str:
+    from benchmarks.bench_step_timeline import table
+
+    return table(d["results"])
+
+
 def speculative(d: dict) -> str:
     from benchmarks.exp_speculative import table
 
@@ -598,6 +604,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "batching": batching,
     "speculative": speculative,
     "step_overhead": step_overhead,
+    "step_timeline": step_timeline,
 }
 
 

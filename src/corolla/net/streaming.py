@@ -136,9 +136,10 @@ async def timed(iterator: AsyncIterator, timeout_s: float) -> AsyncIterator:
     iterator = aiter(iterator)
     while True:
         try:
-            item = await asyncio.wait_for(anext(iterator), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task per message, unlike wait_for
+                item = await anext(iterator)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise InvalidRequestError(f"no message within {timeout_s} s; closing the stream") from None
         yield item

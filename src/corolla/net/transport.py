@@ -48,7 +48,8 @@ class P2PMessageStream:
 
     async def receive(self, response_type: type, timeout_s: float):
         try:
-            response, error = await asyncio.wait_for(P2P.receive_protobuf(response_type, self._reader), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task per message, unlike wait_for
+                response, error = await P2P.receive_protobuf(response_type, self._reader)
         except asyncio.IncompleteReadError:
             if self._on_broken is not None:
                 self._on_broken()

@@ -318,8 +318,9 @@ class SpanBackend:
 
     async def _timed(self, awaitable):
         try:
-            return await asyncio.wait_for(awaitable, self.config.limits.request_timeout_s)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.config.limits.request_timeout_s):  # no extra task, unlike wait_for
+                return await awaitable
+        except TimeoutError:
             raise InvalidRequestError(
                 f"the request took over {self.config.limits.request_timeout_s} s and was cancelled"
             ) from None
