@@ -194,21 +194,26 @@ class LocalSwarm:
         self.peer_ids[name] = PeerID.from_identity(identity.read_bytes()).to_base58()
         return identity
 
-    def stage_peers(self, experiment: str, num_stages: int) -> dict[str, tuple[int, str]]:
+    def stage_peers(self, experiment: str, num_stages: int, *, dht=None) -> dict[str, tuple[int, str]]:
         """Stage peer name -> (stage, state name) as their records say now (peers this swarm started only)."""
-        records = self.stage_records(experiment, num_stages)
+        records = self.stage_records(experiment, num_stages, dht=dht)
         return {name: (info.stage, info.state.name) for name, info in records.items()}
 
-    def stage_records(self, experiment: str, num_stages: int) -> dict:
-        """Stage peer name -> its ``StagePeerInfo`` record as found now (peers this swarm started only)."""
+    def stage_records(self, experiment: str, num_stages: int, *, dht=None) -> dict:
+        """Stage peer name -> its ``StagePeerInfo`` record as found now (peers this swarm started only). ``dht``:
+        a client DHT peer to read them through (default: one started and shut down for this call, ~0.5 s of CPU
+        for its DHT process and p2pd: pass one to callers that poll)."""
         from corolla.net.dht_process import client_dht
         from corolla.net.dht_records import fetch_stage_peers
 
-        dht = client_dht(self.initial_peers)
+        own = dht is None
+        if own:
+            dht = client_dht(self.initial_peers)
         try:
             found = fetch_stage_peers(dht, experiment=experiment, num_stages=num_stages)
         finally:
-            dht.shutdown()
+            if own:
+                dht.shutdown()
         names = {peer: name for name, peer in self.peer_ids.items()}
         return {names[p.to_base58()]: info for stage in found for p, info in stage.items() if p.to_base58() in names}
 
@@ -216,15 +221,22 @@ class LocalSwarm:
         self, experiment: str, num_stages: int, *, peers: Sequence[str], timeout_s: float | None = None
     ) -> dict[str, int]:
         """Wait until each named stage peer is ONLINE (and every stage has one); name -> its stage."""
+        from corolla.net.dht_process import client_dht
+
+        dht = client_dht(self.initial_peers)  # one for the whole wait, as in wait_until_served
 
         def ready() -> bool:
             self._check_alive()
-            found = self.stage_peers(experiment, num_stages)
+            found = self.stage_peers(experiment, num_stages, dht=dht)
             online = {n: s for n, (s, state) in found.items() if state == "ONLINE"}
             return all(n in online for n in peers) and set(online.values()) >= set(range(num_stages))
 
-        wait_for(ready, timeout_s=timeout_s or self.start_timeout_s, what="stage peers to be ONLINE", poll_s=0.5)
-        return {n: s for n, (s, state) in self.stage_peers(experiment, num_stages).items() if state == "ONLINE"}
+        try:
+            wait_for(ready, timeout_s=timeout_s or self.start_timeout_s, what="stage peers to be ONLINE", poll_s=0.5)
+            found = self.stage_peers(experiment, num_stages, dht=dht)
+        finally:
+            dht.shutdown()
+        return {n: s for n, (s, state) in found.items() if state == "ONLINE"}
 
     def served_spans(self) -> dict[str, tuple[int, int]]:
         """Server name -> the span it currently announces as ONLINE (servers this swarm started only)."""
