@@ -40,11 +40,20 @@ from benchmarks.netlab import (  # noqa: E402
 )
 from benchmarks.results import Run  # noqa: E402
 
+# bandwidth_s: each of the lab's bandwidth checks (10 pairs of hosts, once per rate) transfers this long
 PRESETS = {
-    "smoke": dict(models=["smollm2"], rtts=[0, 40], rates=[100], steps={"smollm2": 6}, prefill=8, warmup=1),
+    "smoke": dict(
+        models=["smollm2"], rtts=[0, 40], rates=[100], steps={"smollm2": 6}, prefill=8, warmup=1, bandwidth_s=1.0
+    ),
     # SmolLM2 only, 8 rows: ~5 minutes on a 2-core machine (full: ~25)
     "medium": dict(
-        models=["smollm2"], rtts=[0, 50, 100, 200], rates=[1000, 20], steps={"smollm2": 20}, prefill=16, warmup=2
+        models=["smollm2"],
+        rtts=[0, 50, 100, 200],
+        rates=[1000, 20],
+        steps={"smollm2": 20},
+        prefill=16,
+        warmup=2,
+        bandwidth_s=2.0,
     ),  # fmt: skip
     "full": dict(
         models=["smollm2", "llama70b"],
@@ -53,6 +62,7 @@ PRESETS = {
         steps={"smollm2": 20, "llama70b": 6},
         prefill=16,
         warmup=2,
+        bandwidth_s=2.0,
     ),
 }
 HOSTS = ["client", "boot", "s1", "s2", "s3"]
@@ -297,7 +307,7 @@ def main() -> int:
     run = Run("inference_network", args)
     rows, labels = [], {}
     try:
-        with Lab(hosts=HOSTS) as lab:
+        with Lab(hosts=HOSTS, bandwidth_s=preset["bandwidth_s"]) as lab:
             lab.enter("client")  # this process is the client: its sockets and helpers live in the lab
             for key in preset["models"]:
                 labels[key] = model_setup(key)["label"]

@@ -33,8 +33,9 @@ from benchmarks.results import Run  # noqa: E402
 from benchmarks.streamers import FirstTokenClock  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(delay_ms=5, rate_mbit=100, new_tokens=8, rounds=1, pings=5),
-    "full": dict(delay_ms=5, rate_mbit=100, new_tokens=32, rounds=5, pings=30),
+    # bandwidth_s: each of the lab's bandwidth checks (6 pairs of hosts) transfers this long
+    "smoke": dict(delay_ms=5, rate_mbit=100, new_tokens=8, rounds=1, pings=5, bandwidth_s=1.0),
+    "full": dict(delay_ms=5, rate_mbit=100, new_tokens=32, rounds=5, pings=30, bandwidth_s=2.0),
 }
 HOSTS = ["boot", "pub", "home", "client"]
 MODEL = "smollm2-135m"
@@ -207,7 +208,8 @@ def main() -> int:
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="corolla-exp-nat-relay-"))
     shape = LinkShape(delay_ms=preset["delay_ms"], rate_mbit=preset["rate_mbit"])
     try:
-        with Lab(hosts=HOSTS, nat_hosts=["home"], shapes={h: shape for h in HOSTS}) as lab:
+        shapes = {h: shape for h in HOSTS}
+        with Lab(hosts=HOSTS, nat_hosts=["home"], shapes=shapes, bandwidth_s=preset["bandwidth_s"]) as lab:
             lab.enter("client")  # this process is the client: its sockets and helpers live in the lab
             results = run_experiment(lab, preset, log_dir)
     except LabError as e:

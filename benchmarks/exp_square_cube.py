@@ -37,10 +37,13 @@ from benchmarks.netlab import Lab, LabError, LinkShape, unavailable_reason  # no
 from benchmarks.results import Run  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(hiddens=[64, 256], steps={64: 5, 256: 4}, repeats=1, rtt_ms=50.0, rate_mbit=100.0),
+    # bandwidth_s: each of the lab's bandwidth checks (3 pairs of hosts, once per hidden size) transfers this long
+    "smoke": dict(
+        hiddens=[64, 256], steps={64: 5, 256: 4}, repeats=1, rtt_ms=50.0, rate_mbit=100.0, bandwidth_s=1.0,
+    ),
     "full": dict(
         hiddens=[64, 256, 512, 1024], steps={64: 40, 256: 24, 512: 12, 1024: 6}, repeats=2, rtt_ms=50.0,
-        rate_mbit=100.0,
+        rate_mbit=100.0, bandwidth_s=2.0,
     ),
 }  # fmt: skip
 COMMON = dict(
@@ -278,7 +281,7 @@ def main() -> int:
     shaped = LinkShape(delay_ms=preset["rtt_ms"] / 4, rate_mbit=preset["rate_mbit"])
     rows, checks = [], []
     try:
-        with Lab(hosts=HOSTS) as lab:
+        with Lab(hosts=HOSTS, bandwidth_s=preset["bandwidth_s"]) as lab:
             lab.enter("trainer")  # this process is the trainer: its sockets and helpers live in the lab
             for hidden in preset["hiddens"]:
                 t0 = time.monotonic()

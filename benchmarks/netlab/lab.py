@@ -164,6 +164,8 @@ class Lab:
     shapes: dict[str, LinkShape] = field(default_factory=dict)
     mode: str = "auto"  # auto (netem if the kernel has it, else nfqueue), netem, nfqueue
     nat_hosts: Sequence[str] = ()  # hosts behind a masquerading router (reachable by nobody)
+    # each bandwidth check is a transfer of at least this long (at least 30 RTTs), timed over its second half
+    bandwidth_s: float = 2.0
     _procs: dict[str, subprocess.Popen] = field(default_factory=dict, repr=False)
     _pids: dict[str, int] = field(default_factory=dict, repr=False)
     _home_netns: int | None = field(default=None, repr=False)
@@ -535,7 +537,7 @@ class Lab:
         if cap is None:
             return []
         rtt_s = shaping.expected_rtt_ms(self.shapes, ref, src) / 1e3
-        seconds = max(2.0, 30 * rtt_s)
+        seconds = max(self.bandwidth_s, 30 * rtt_s)
         measured = self._probe(ref, [src], "bw", "--seconds", f"{seconds:.2f}", timeout=seconds + 30)["mbit"]
         window_cap = 16e6 * 8 / max(rtt_s, 1e-3) / 1e6  # what a 16 MB TCP window sustains at this RTT
         low = bw_low * min(cap, window_cap)
