@@ -48,7 +48,7 @@ from benchmarks.results import Run  # noqa: E402
 
 PRESETS = {
     "smoke": dict(
-        stages=2, peers=3, window_s=15.0, kill_mean_s=5.0, restart_delay_s=2.0, repeats=1,
+        stages=2, peers=3, window_s=10.0, kill_mean_s=5.0, restart_delay_s=2.0, repeats=1,
         policies=["rebalance", "random stage"], rebalance_period_s=2.0, seed=1,
     ),
     "full": dict(
