@@ -103,7 +103,7 @@ class SpanModel(nn.Module):
         """
         start, end = self._range(start, end)
         first, last = start - self.start, end - self.start
-        with _deep_prompts(self.blocks[first:last], prompts):
+        with _deep_prompts(self.blocks[first:last] if prompts is not None else (), prompts):  # (slicing costs)
             if (start, end) == (self.start, self.end):
                 return self._run(self.base_model, inputs, cache)
             with self._sub_range(first, last) as view:
