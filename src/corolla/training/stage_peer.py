@@ -55,7 +55,7 @@ PROGRESS_PERIOD_S = 0.25  # how often a peer reads its stage's progress (and pub
 PROGRESS_REPUBLISH_S = 1.0  # republished at least this often
 PROGRESS_EXPIRATION_S = 5.0  # a dead peer's progress stops counting after this
 STATE_DOWNLOAD_TIMEOUT_S = 60.0
-ROUND_RESULT_GRACE_S = 10.0  # an averaging round's result is awaited this long past its deadline
+ROUND_RESULT_GRACE_S = 10.0  # an averaging round's result is awaited this long past hivemind's bounds
 MIN_STAY_PERIODS = 3  # a peer moves for a gain only after serving its stage this many rebalancing periods
 
 
@@ -435,8 +435,9 @@ class StagePeer:
                 control.cancel()
             try:
                 # bounded even if the averager process is gone before it finishes the round (it is shut down
-                # when the peer leaves): hivemind ends a round by its deadline, a dead process never does
-                gathered = control.result(timeout=cfg.averaging_timeout_s + ROUND_RESULT_GRACE_S)
+                # when the peer leaves): hivemind ends a round by then (matchmaking by the step's deadline, the
+                # all-reduce within allreduce_timeout, both averaging_timeout_s), a dead process never does
+                gathered = control.result(timeout=2 * cfg.averaging_timeout_s + ROUND_RESULT_GRACE_S)
             finally:
                 with self._round_lock:
                     self._round = None
