@@ -78,7 +78,7 @@ PRESETS = {
         # they are ONLINE and gives all servers explicit throughputs instead of letting them measure
         throttle_at="online",
         throughput={"fast0": 1000.0, "slow0": 100.0, "slow1": 100.0},
-        phases=[Phase("steady", 12.0)],
+        phases=[Phase("steady", 8.0)],
         batch=(4, 32),
         clients=4,
         balance_period=2.0,
