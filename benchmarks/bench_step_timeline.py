@@ -54,6 +54,7 @@ def main() -> None:
     add_output_args(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
+    run = None if args.raw_json is not None else Run("step_timeline", args)  # (times the whole run)
     timelines = []
     if args.before:
         timelines.append(_timeline_of_revision(args.before, args.preset))
@@ -63,7 +64,6 @@ def main() -> None:
         args.raw_json.write_text(json.dumps(timeline))
         return
     timelines.append(timeline)
-    run = Run("step_timeline", args)
     run.save(params=dict(preset, spans=SPANS, prompt=PROMPT, before=args.before), results=dict(timelines=timelines))
     _plot(timelines, run, args)
     print(table(dict(timelines=timelines)))
