@@ -37,11 +37,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 if __package__ in (None, ""):  # run as a script: make `benchmarks.results` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_step_overhead import PRESETS, PROMPT, SPANS  # noqa: E402  (the same swarm and prompt)
 from benchmarks.results import ROOT, Run, add_output_args, save_figure  # noqa: E402
 
-PRESETS = {"smoke": dict(new_tokens=8, rounds=1), "full": dict(new_tokens=48, rounds=5)}
-PROMPT = "Tell me one interesting fact about the ocean."
-SPANS = ["0:10", "10:20", "20:30"]
 PROBE = Path(__file__).resolve().parent / "timeline_probe"
 
 

@@ -127,7 +127,8 @@ def read_tensors(
             if entry.dtype not in DTYPES:
                 tensors[key] = _read_with_safetensors(path, key)
                 continue
-            if needs_cast(key):
+            cast = needs_cast(key)
+            if cast:
                 target = file.prepare(entry, into=scratch)
             else:
                 target = file.prepare(entry) if ahead is None else ahead.result()
@@ -136,7 +137,7 @@ def read_tensors(
             if following is not None and entries[following].dtype in DTYPES and not needs_cast(following):
                 ahead = helper.submit(file.prepare, entries[following], fault_in=True)
             tensor = file.fill(target)
-            if needs_cast(key):
+            if cast:
                 tensor = tensor.to(dtypes[key])  # out of the scratch buffer, into storage of its own
             tensors[key] = tensor
     return tensors

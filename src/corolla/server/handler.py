@@ -198,8 +198,7 @@ class BlockServicer:
 
     async def rpc_push(self, request: runtime_pb2.ExpertRequest, context: P2PContext) -> runtime_pb2.ExpertResponse:
         """The previous server of a chain hands over its output for a step of one of our sessions."""
-        pushed, _ = _parse(PushedStep, request, tensors=False)
-        self.sessions.deliver_push(pushed.session_id, context.remote_id.to_base58(), request)
+        self._deliver_push(request, context.remote_id.to_base58())
         return runtime_pb2.ExpertResponse()
 
     async def rpc_push_stream(
@@ -211,20 +210,24 @@ class BlockServicer:
         try:
             async for request in timed(requests, self.config.limits.session_timeout_s):
                 try:
-                    pushed, _ = _parse(PushedStep, request, tensors=False)
-                    self.sessions.deliver_push(pushed.session_id, sender, request)
+                    self._deliver_push(request, sender)
                 except InvalidRequestError as e:
                     logger.debug("Dropped a push from %s: %s", sender, e)
         except InvalidRequestError:  # idle for a whole session timeout: the pushing session is gone
-            return
+            pass
         return
         yield  # an async generator that answers nothing
+
+    def _deliver_push(self, request: runtime_pb2.ExpertRequest, sender: str) -> None:
+        """Queue a pushed step into its session (its tensors are decoded only if the step runs)."""
+        pushed = _metadata(PushedStep, request)
+        self.sessions.deliver_push(pushed.session_id, sender, request)
 
     async def _step(
         self, session: Session, message: runtime_pb2.ExpertRequest, source: str
     ) -> runtime_pb2.ExpertResponse | None:
         """Run one step; None when it needs no answer (a second copy of a step already answered)."""
-        step, _ = _parse(InferenceStep, message, tensors=False)
+        step = _metadata(InferenceStep, message)
         action = self.sessions.decide(session, step, source)
         if action is Action.SKIP:
             return None  # (its tensors are not even decoded)
@@ -275,14 +278,17 @@ async def _read_client(requests: AsyncIterator, inbox: asyncio.Queue) -> None:
         await inbox.put(("error", e))
 
 
-def _parse(schema, message, *, tensors: bool = True) -> tuple:
-    """Metadata validated against ``schema`` plus decoded tensors (None if not ``tensors``); InvalidRequestError on
-    anything malformed."""
+def _parse(schema, message) -> tuple:
+    """Metadata validated against ``schema`` plus decoded tensors; InvalidRequestError on anything malformed."""
+    return _metadata(schema, message), _tensors(message, schema)
+
+
+def _metadata(schema, message):
+    """The message's metadata validated against ``schema``; InvalidRequestError if malformed."""
     try:
-        metadata = schema.model_validate(unpack_metadata(message))
+        return schema.model_validate(unpack_metadata(message))
     except (ValueError, ValidationError) as e:
         raise InvalidRequestError(f"malformed {schema.__name__}: {_short(e)}") from None
-    return metadata, _tensors(message, schema) if tensors else None
 
 
 def _tensors(message, schema) -> list[torch.Tensor]:
