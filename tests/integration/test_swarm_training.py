@@ -160,7 +160,9 @@ def test_training_goes_on_when_a_stage_peer_is_killed_or_frozen(sig, tmp_path):
                 victim["pid"] = swarm.processes[victim["name"]].pid
                 swarm.kill(victim["name"], sig)
 
-        # averaging rounds (up to 4 s here) keep a peer's compute thread busy: the calls' timeouts must be longer
+        # averaging rounds keep a peer's compute thread busy: up to 4 s here, but a round whose groupmate froze can
+        # hold the survivor for matchmaking plus all-reduce (~8 s; CI saw both peers time out at step 3): the calls
+        # then time out at both, and the trainer waits for the survivor's ban to end instead of failing them
         config = trainer_config(
             model, swarm, "faults", 2, steps=14, samples_per_step=8, forward_timeout_s=6, backward_timeout_s=8
         )

@@ -198,7 +198,8 @@ class TrainerConfig:
     """seconds an ONLINE peer stays callable after a read of the records missed it (a DHT read can come back
     without a record while a node near the key is frozen; a peer that left says so, a dead one fails its calls)"""
     wait_for_peers_s: float = 120.0
-    """seconds to wait for every stage to have a peer before giving up"""
+    """seconds to wait for every stage to have a peer before giving up (at the start, and whenever a call finds
+    no callable peer at its stage)"""
     loss_log: str | None = None
     """write one JSON line per step (step, loss, samples/s, failures, retries, peers per stage, calls per peer) here"""
     seed: int = 0

@@ -6,7 +6,9 @@ them. Calls go trainer -> peer -> trainer (the trainer keeps every stage's input
 peer of the stage: it recomputes the forward). A call that times out is retried on another peer of the stage
 (the slow peer gets no new work for as long as it kept the call waiting); a call that fails otherwise also bans
 the peer for ``BAN_S``. A micro-batch whose call fails ``max_retries`` + 1
-times at one stage is reported as failed; no micro-batch is sent twice after it succeeded.
+times at one stage is reported as failed; no micro-batch is sent twice after it succeeded. A call that finds no
+callable peer at its stage (all gone or banned for now) waits for one, up to ``wait_for_peers_s``, without spending
+its retries.
 """
 
 from __future__ import annotations
@@ -120,6 +122,14 @@ class _Stages:
             wiring.update_peers(online, now=now)
         self.refreshed.set()
 
+    async def next_refresh(self, timeout_s: float) -> None:
+        """Return after the next ``update`` (or after ``timeout_s``)."""
+        self.refreshed.clear()
+        try:
+            await asyncio.wait_for(self.refreshed.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
     def ban(self, stage: int, peer: str, now: float, duration_s: float = BAN_S) -> None:
         """No work for ``peer`` at ``stage`` for ``duration_s`` (at other stages it may still serve)."""
         self.banned[(stage, peer)] = max(self.banned.get((stage, peer), 0.0), now + duration_s)
@@ -219,11 +229,7 @@ class Trainer:
                     f"{self.config.wait_for_peers_s:.0f} s: start them with `corolla stage MODEL --stage N "
                     f"--experiment {self.config.run.experiment} --initial-peers ...`"
                 )
-            self._stages.refreshed.clear()
-            try:
-                await asyncio.wait_for(self._stages.refreshed.wait(), self.config.refresh_period_s * 2)
-            except TimeoutError:
-                pass
+            await self._stages.next_refresh(timeout_s=self.config.refresh_period_s * 2)
 
     # ---- steps ---------------------------------------------------------------------------------------------
     async def _train(self, batches: Iterator[torch.Tensor]) -> None:
@@ -324,14 +330,23 @@ class Trainer:
         samples = tensors[0].shape[0]
         tried: set[str] = set()
         errors: list[str] = []
-        for attempt in range(cfg.max_retries + 1):
+        attempts, waiting_since = 0, None
+        while attempts <= cfg.max_retries:
             peer = await self._choose(stage, samples, backward, tried)
             if peer is None:
-                errors.append("no peer of the stage is available")
-                await asyncio.sleep(min(1.0, cfg.refresh_period_s))
+                # every peer of the stage is gone or banned for now (e.g. the only survivor kept a call waiting
+                # while it averaged): wait for one instead of spending the retries, as at the start
+                now = time.monotonic()
+                waiting_since = now if waiting_since is None else waiting_since
+                if now - waiting_since > cfg.wait_for_peers_s:
+                    errors.append(f"no peer of the stage was available for {cfg.wait_for_peers_s:g} s")
+                    break
+                await self._stages.next_refresh(timeout_s=cfg.refresh_period_s * 2)
                 continue
-            if attempt:
+            waiting_since = None
+            if attempts:
                 self._retried += 1
+            attempts += 1
             try:
                 stub = RpcStub(self._transport, peer, STAGE_PEER)
                 response = await call_maybe_streamed(stub, rpc, request, timeout_s=timeout_s)
@@ -359,8 +374,7 @@ class Trainer:
             self._answered[peer] += 1
             return outputs, reply
         raise MicrobatchFailed(
-            f"micro-batch {microbatch_id}: stage {stage} {rpc} failed {cfg.max_retries + 1} times "
-            f"({'; '.join(errors)})"
+            f"micro-batch {microbatch_id}: stage {stage} {rpc} failed {attempts} time(s) ({'; '.join(errors)})"
         )
 
     async def _choose(self, stage: int, samples: int, backward: bool, tried: set[str]) -> str | None:
