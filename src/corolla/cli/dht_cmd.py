@@ -1,6 +1,6 @@
 """``corolla dht``: a lightweight bootstrap peer that prints the multiaddrs others pass as --initial-peers. It also
-dials joining peers back (so they learn whether they are reachable) and, like every libp2p peer here, relays
-connections to peers behind NAT that reserved a slot at it."""
+dials joining peers back (so they learn whether they are reachable), forwards calls to peers behind NAT that keep a
+connection to it (``net.forwarding``) and, like every libp2p peer here, relays libp2p circuits to them."""
 
 from __future__ import annotations
 
@@ -31,11 +31,13 @@ async def _serve(config: PeerConfig) -> None:
     from corolla.net.peer import Peer
 
     logger = get_logger("corolla.cli.dht")
+    from corolla.net.forwarding import ForwardingService
     from corolla.net.reachability import DialBackService
 
     async with Peer(config, role="bootstrap peer") as peer:
         await peer.joined()
         await DialBackService(await peer.p2p()).start()  # tells joining peers whether they need relays
+        await ForwardingService(await peer.p2p()).start()  # forwards calls to peers behind NAT connected to it
         maddrs = [str(m) for m in await asyncio.to_thread(peer.dht.get_visible_maddrs)]
         print("Bootstrap peer is running. Pass these to servers and clients:", flush=True)
         print("  --initial-peers " + " ".join(maddrs), flush=True)

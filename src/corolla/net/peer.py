@@ -30,6 +30,8 @@ from corolla.net.peer_config import PeerConfig
 
 logger = get_logger(__name__)
 
+RELAY_CHECK_S = 10.0  # how often a peer behind NAT checks its connections to its relays
+
 __all__ = ["Peer", "PeerConfig", "quiet_lost_daemon"]
 
 
@@ -113,6 +115,31 @@ class Peer:
         if self.config.reachability == "auto" and self._may_be_behind_nat():
             await self._settle_reachability()
         self._forget_throwaway_identity()  # the daemon has read it
+        if self.relayed:
+            self._keep_relays_connected()
+
+    def _keep_relays_connected(self) -> None:
+        """Others reach a peer behind NAT through the connections it keeps to its relays (they forward calls over
+        them, ``net.forwarding``): re-dial a relay whose connection dropped, every ``RELAY_CHECK_S``."""
+        from corolla.net.periodic import PeriodicTask
+        from corolla.net.reachability import connect_through_relays, relay_of
+
+        relays = [relay for relay in map(relay_of, self.config.relays or self.config.initial_peers) if relay]
+
+        async def check() -> None:
+            p2p = await self.p2p()
+            connected = {info.peer_id for info in await p2p.list_peers()}
+            for relay, direct in relays:
+                if relay not in connected:
+                    try:
+                        await asyncio.wait_for(connect_through_relays(p2p, relay, [direct]), RELAY_CHECK_S)
+                        logger.info("Reconnected to relay %s", relay)
+                    except Exception as e:
+                        logger.debug("Relay %s is unreachable: %s", relay, e)
+
+        keeper = PeriodicTask("keeping relays connected", check, lambda: RELAY_CHECK_S)
+        keeper.start()
+        self.on_shutdown("stop keeping relays connected", keeper.stop)
 
     def _may_be_behind_nat(self) -> bool:
         """A peer that joins others and listens beyond loopback (a loopback swarm is always reachable)."""

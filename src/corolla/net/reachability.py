@@ -31,6 +31,19 @@ def circuit_addrs(relays) -> list[str]:
     return [f"{relay}/p2p-circuit" for relay in relays if "/p2p/" in relay and "p2p-circuit" not in relay]
 
 
+def relay_of(addr: str) -> tuple[PeerID, str] | None:
+    """The relay of a circuit address ``.../p2p/RELAY/p2p-circuit`` (or of a relay's own ``.../p2p/RELAY``): its
+    peer id and its direct address (without the ``/p2p`` part); None for any other address."""
+    head = addr.split("/p2p-circuit", 1)[0]
+    if "/p2p/" not in head:
+        return None
+    direct, relay = head.rsplit("/p2p/", 1)
+    try:
+        return PeerID.from_base58(relay), direct
+    except Exception:
+        return None
+
+
 async def connect_through_relays(p2p: P2P, peer: PeerID, addrs) -> None:
     """Open a connection to ``peer`` at ``addrs`` (direct ones, or relay ones ``.../p2p/RELAY/p2p-circuit``);
     raises if none works."""

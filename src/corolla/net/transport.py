@@ -7,12 +7,19 @@ inject faults (``corolla.net.faults``) instead of patching private methods.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-from hivemind.p2p import P2P, PeerID
+from hivemind.p2p import P2P, P2PHandlerError, PeerID
 
 from corolla.errors import RemoteCallError
+from corolla.log import get_logger
+from corolla.net.forwarding import ForwardingError, forwarded_unary_call, iterate_stream, open_forwarded_stream
 from corolla.protocol.rpc import Handler, MessageStream, Rpc, RpcContract
+
+logger = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class P2PMessageStream:
@@ -73,15 +80,62 @@ class P2PMessageStream:
 class P2PTransport:
     """``corolla.protocol.rpc.Transport`` over a hivemind ``P2P`` instance (peer ids as base58 strings).
 
-    ``relay_addrs(peer_id)``: the relay addresses a peer behind NAT announced (its DHT record); the transport
-    connects through them before its first call to that peer, so reaching it does not depend on libp2p finding
-    them by itself.
+    ``relay_addrs(peer_id)``: the relay addresses a peer behind NAT announced (its DHT record). Calls to such a peer
+    are forwarded by its relays (``corolla.net.forwarding``: libp2p's own circuits are cut after 128 KiB); a relay
+    that does not forward is used as a libp2p circuit, connected before the first call, so reaching the peer does
+    not depend on libp2p finding its relays by itself.
     """
 
     def __init__(self, p2p: P2P, *, relay_addrs: Callable[[str], tuple[str, ...]] | None = None):
         self.p2p, self._relay_addrs = p2p, relay_addrs
         self._good_relay: dict[str, str] = {}  # peer id -> the relay address that worked last
+        self._good_forwarder: dict[str, PeerID] = {}  # peer id -> the relay that forwarded its last call
         self._broken: set[str] = set()  # peers whose last call or stream broke: reconnect them (if relayed)
+        self._warned_circuits: set[str] = set()
+
+    def _forwarders(self, peer_id: str) -> list[tuple[PeerID, str]]:
+        """The relays of a peer behind NAT (peer id, direct address), the one that forwarded last first."""
+        from corolla.net.reachability import relay_of
+
+        addrs = self._relay_addrs(peer_id) if self._relay_addrs is not None else ()
+        relays = [relay for relay in map(relay_of, addrs) if relay is not None]
+        good = self._good_forwarder.get(peer_id)
+        relays.sort(key=lambda relay: relay[0] != good)
+        return relays
+
+    async def _forwarded(self, peer_id: str, action: Callable[[PeerID, PeerID], Awaitable[T]]) -> T | None:
+        """``action(relay, peer)`` through the first of the peer's relays that forwards it; None if none did (the
+        caller then uses libp2p circuits). The target's own errors (an error reply, a timeout) propagate."""
+        from corolla.net.reachability import connect_through_relays
+
+        forwarders = self._forwarders(peer_id)
+        if not forwarders:
+            return None
+        peer, errors = PeerID.from_base58(peer_id), []
+        for relay, direct in forwarders:
+            for attempt in range(2):
+                try:
+                    if attempt:  # the relay may not be connected yet: dial it, then try once more
+                        await asyncio.wait_for(connect_through_relays(self.p2p, relay, [direct]), 10)
+                    result = await action(relay, peer)
+                except (P2PHandlerError, TimeoutError):
+                    raise
+                except Exception as e:
+                    error = e
+                    if isinstance(e, ForwardingError):
+                        break  # the relay answered: it cannot reach the peer
+                    continue
+                self._good_forwarder[peer_id] = relay
+                return result
+            errors.append(f"{relay}: {type(error).__name__}: {error}")
+        if peer_id not in self._warned_circuits:
+            self._warned_circuits.add(peer_id)
+            logger.warning(
+                "No relay forwarded a call to %s (%s); trying libp2p circuits, which p2pd's relays cut after 128 KiB",
+                peer_id,
+                "; ".join(errors)[:500],
+            )
+        return None
 
     async def _reach(self, peer_id: str, timeout_s: float) -> PeerID:
         """The peer's id, connected through one of its relays first if it announced any and no connection is open
@@ -116,6 +170,12 @@ class P2PTransport:
 
     async def call(self, peer_id: str, handle: str, request, response_type: type, *, timeout_s: float):
         async def call():
+            def forward(relay: PeerID, peer: PeerID):
+                return forwarded_unary_call(self.p2p, relay, peer, handle, request, response_type)
+
+            forwarded = await self._forwarded(peer_id, forward)
+            if forwarded is not None:
+                return forwarded
             peer = await self._reach(peer_id, timeout_s)
             return await self.p2p.call_protobuf_handler(peer, handle, request, response_type)
 
@@ -126,15 +186,26 @@ class P2PTransport:
             raise
 
     async def iterate(self, peer_id: str, handle: str, requests: AsyncIterator, response_type: type) -> AsyncIterator:
+        forwarded = await self._forwarded(
+            peer_id, lambda relay, peer: asyncio.wait_for(open_forwarded_stream(self.p2p, relay, peer, handle), 30.0)
+        )
+        if forwarded is not None:
+            return await iterate_stream(*forwarded, requests, response_type, f"{handle} at {peer_id}")
         peer = await self._reach(peer_id, 30.0)
         return await self.p2p.iterate_protobuf_handler(peer, handle, requests, response_type)
 
     async def open_stream(self, peer_id: str, handle: str, *, timeout_s: float) -> MessageStream:
         async def opening():
+            forwarded = await self._forwarded(
+                peer_id, lambda relay, peer: open_forwarded_stream(self.p2p, relay, peer, handle)
+            )
+            if forwarded is not None:
+                return forwarded
             peer = await self._reach(peer_id, timeout_s)
-            return await self.p2p.call_binary_stream_handler(peer, handle)
+            _, reader, writer = await self.p2p.call_binary_stream_handler(peer, handle)
+            return reader, writer
 
-        _, reader, writer = await asyncio.wait_for(opening(), timeout_s)
+        reader, writer = await asyncio.wait_for(opening(), timeout_s)
         return P2PMessageStream(peer_id, reader, writer, on_broken=lambda: self._broken.add(peer_id))
 
 
