@@ -6,7 +6,9 @@ Hosts (each its own namespace, every link the same one-way delay): ``boot`` (the
 masquerading router with no inbound port: it finds out it cannot be dialed and is reached through relays) and
 ``client`` (this process). The client generates greedy tokens of SmolLM2 through one server at a time
 (``allowed_servers``), alternating round by round, checks both against local transformers, and times them; it also
-times the info RPC (a round trip) to each server.
+times the info RPC (a round trip) to each server. Calls to the home server are forwarded by the `corolla dht` peers
+(``corolla.net.forwarding``); the relays' logs say how many bytes each forwarded inference session moved (past the
+128 KiB after which libp2p's own circuits are reset, in both presets).
 
     sudo .venv/bin/python benchmarks/exp_nat_relay.py --preset smoke --out /tmp/exp
     sudo .venv/bin/python benchmarks/exp_nat_relay.py --preset full            # -> docs/results/nat_relay.*
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -34,7 +37,7 @@ from benchmarks.streamers import FirstTokenClock  # noqa: E402
 
 PRESETS = {
     # bandwidth_s: each of the lab's bandwidth checks (6 pairs of hosts) transfers this long
-    "smoke": dict(delay_ms=5, rate_mbit=100, new_tokens=8, rounds=1, pings=5, bandwidth_s=1.0),
+    "smoke": dict(delay_ms=5, rate_mbit=100, new_tokens=32, rounds=1, pings=5, bandwidth_s=1.0),
     "full": dict(delay_ms=5, rate_mbit=100, new_tokens=32, rounds=5, pings=30, bandwidth_s=2.0),
 }
 HOSTS = ["boot", "pub", "home", "client"]
@@ -145,7 +148,7 @@ def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
                         continue
                     try:
                         tokens[path], per_token = generate(models[path], ids, preset["new_tokens"])
-                    except Exception as e:  # recorded: relayed inference streams are not reliable yet
+                    except Exception as e:  # recorded, not hidden
                         errors[path] = f"{type(e).__name__}: {e}"[:500]
                         continue
                     rows[path].append(per_token * 1e3)
@@ -154,7 +157,10 @@ def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
                 model.shutdown()
     finally:
         swarm.stop()
+    forwarded = forwarded_sessions(log_dir, home)
     return {
+        "forwarded_inference_sessions": len(forwarded),
+        "forwarded_session_bytes_max": max(forwarded, default=None),
         "served_after_s": served_s,
         "announced_relayed": relayed,
         "tokens_equal_local": {path: tokens[path] == expected if path in tokens else None for path in rows},
@@ -168,6 +174,24 @@ def run_experiment(lab: Lab, preset: dict, log_dir: Path) -> dict:
     }
 
 
+FORWARDED = re.compile(r"Forwarded a stream \S+ -> (\S+) \((\S+)\): (\d+) bytes there, (\d+) back")
+
+
+def forwarded_sessions(log_dir: Path, peer_id: str) -> list[tuple[int, int]]:
+    """(bytes to the server, bytes back) of every inference stream the relays forwarded to ``peer_id``."""
+    sessions = []
+    for log in sorted(log_dir.glob("*.log")):
+        if log.name.startswith(("bootstrap", "relay")):
+            for match in FORWARDED.finditer(log.read_text(errors="replace")):
+                if match[1] == peer_id and match[2].endswith("/inference"):
+                    sessions.append((int(match[3]), int(match[4])))
+    return sessions
+
+
+def _ms(value) -> str:
+    return "failed" if value is None else f"{value:.1f}"
+
+
 def table(r: dict) -> str:
     delay = r["link"]["one_way_delay_ms"]
     lines = [
@@ -178,18 +202,25 @@ def table(r: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for path, host in (("direct", "pub"), ("relayed", "home")):
-        ms = r["ms_per_token"][path]
         lines.append(
             f"| {path} ({host}) | {r['announced_relayed'][host]} | {r['tokens_equal_local'][path]} | "
-            f"{'failed' if ms is None else f'{ms:.1f}'} | {r['info_rtt_ms'][path]:.1f} ms |"
+            f"{_ms(r['ms_per_token'][path])} | {_ms(r['info_rtt_ms'][path])} ms |"
         )
+    rtt = r["info_rtt_ms"]
+    extra = "unknown" if None in (rtt["relayed"], rtt["direct"]) else f"{rtt['relayed'] - rtt['direct']:.1f} ms"
+    most = r.get("forwarded_session_bytes_max")
     lines += [
         "",
-        f"The relayed hop adds {r['info_rtt_ms']['relayed'] - r['info_rtt_ms']['direct']:.1f} ms per round trip "
-        f"(median of {len(r['info_rtt_ms_all']['relayed'])} info calls); the server behind NAT was ONLINE "
-        f"{r['served_after_s']:.0f} s after the swarm's start. Generation rounds completed: "
-        + ", ".join(f"{path} {n}" for path, n in r["rounds_completed"].items())
-        + ".",
+        f"The relayed hop adds {extra} per round trip (median of {len(r['info_rtt_ms_all']['relayed'])} info "
+        f"calls); the server behind NAT was ONLINE {r['served_after_s']:.0f} s after the swarm's start. Generation "
+        "rounds completed: " + ", ".join(f"{path} {n}" for path, n in r["rounds_completed"].items()) + ". "
+        f"The relays forwarded {r.get('forwarded_inference_sessions', 0)} inference session(s) to the home server"
+        + (
+            "."
+            if most is None
+            else f", the largest moving {most[0] / 1024:.0f} KiB there and {most[1] / 1024:.0f} "
+            "KiB back (libp2p's circuits are reset after 128 KiB each way)."
+        ),
     ]
     for path, error in r.get("generation_errors", {}).items():
         lines.append(f"Generation through the {path} server failed: `{error[:200]}`.")
@@ -233,9 +264,9 @@ def plot(r: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3))
     paths = ["direct", "relayed"]
-    left.bar(paths, [r["ms_per_token"][p] for p in paths], color=["C0", "C1"])
+    left.bar(paths, [r["ms_per_token"][p] or 0.0 for p in paths], color=["C0", "C1"])  # 0: failed
     left.set_ylabel("ms per token")
-    right.bar(paths, [r["info_rtt_ms"][p] for p in paths], color=["C0", "C1"])
+    right.bar(paths, [r["info_rtt_ms"][p] or 0.0 for p in paths], color=["C0", "C1"])
     right.set_ylabel("info RPC round trip (ms)")
     fig.suptitle(f"server behind NAT via a relay, links {r['link']['one_way_delay_ms']:g} ms one way", fontsize=9)
     save_figure(fig, path)

@@ -192,9 +192,9 @@ def test_inference_network_smoke(tmp_path):
 
 def test_server_behind_nat_is_reached_through_a_relay(tmp_path):
     """A server behind a masquerading router (no inbound port) finds out that it cannot be dialed, rejoins through
-    relays, checks that it can be dialed through them, announces itself relayed, and answers a client's calls
-    through a relay. (Generation through the relay is measured by the experiment but not asserted here: its streams
-    are sometimes reset by libp2p, see docs/benchmarks.md.)"""
+    relays, checks that it can be dialed through them, announces itself relayed, answers a client's calls through a
+    relay, and generates 32 tokens equal to local transformers' through a session the relays forward (past the 128 KiB
+    after which p2pd's libp2p circuits are reset: the cause of the unreliable relayed generation before forwarding)."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "exp_nat_relay.py"), "--preset", "smoke", "--out", str(tmp_path),
          "--log-dir", str(tmp_path / "logs")],
@@ -214,6 +214,8 @@ def test_server_behind_nat_is_reached_through_a_relay(tmp_path):
     results = json.loads((tmp_path / "nat_relay_smoke.json").read_text())["results"]
     assert results["announced_relayed"] == {"home": True, "pub": False}
     assert len(results["info_rtt_ms_all"]["relayed"]) == 5  # every call through the relay answered
-    assert results["tokens_equal_local"]["direct"] is True
+    assert results["tokens_equal_local"] == {"relayed": True, "direct": True}, results["generation_errors"]
+    assert results["forwarded_inference_sessions"] >= 1
+    assert min(results["forwarded_session_bytes_max"]) > 128 * 1024  # beyond a libp2p circuit's budget each way
     log = (tmp_path / "logs" / "server_home.log").read_text()
     assert "cannot be reached directly" in log and "Reachable through relays" in log

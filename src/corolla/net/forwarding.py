@@ -179,10 +179,16 @@ class ForwardingService:
             await _answer(writer, {"error": f"could not open {handle} at {peer} ({type(e).__name__}: {e})"[:500]})
             return
         self.forwarded_streams += 1
+        started = time.monotonic()
         with closing(target_writer):
             await _answer(writer, {"ok": True})
-            await pipe(reader, writer, target_reader, target_writer, idle_timeout_s=self.config.idle_timeout_s)
-        logger.debug("Forwarded stream %s -> %s (%s) ended", caller, peer, handle)
+            sent, received = await pipe(
+                reader, writer, target_reader, target_writer, idle_timeout_s=self.config.idle_timeout_s
+            )
+        logger.info(
+            "Forwarded a stream %s -> %s (%s): %d bytes there, %d back in %.1f s",
+            caller, peer, handle, sent, received, time.monotonic() - started,
+        )  # fmt: skip
 
 
 async def _read_header(reader: asyncio.StreamReader) -> runtime_pb2.ExpertInfo:
@@ -214,16 +220,18 @@ async def pipe(
     b_writer: asyncio.StreamWriter,
     *,
     idle_timeout_s: float,
-) -> None:
-    """Copy a -> b and b -> a until either side ends or fails, or no byte moved for ``idle_timeout_s``."""
-    last = [time.monotonic()]
+) -> tuple[int, int]:
+    """Copy a -> b and b -> a until either side ends or fails, or no byte moved for ``idle_timeout_s``; the bytes
+    copied each way."""
+    last, moved = [time.monotonic()], [0, 0]
 
-    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, way: int) -> None:
         while True:
             data = await reader.read(COPY_CHUNK_BYTES)
             if not data:
                 return
             last[0] = time.monotonic()
+            moved[way] += len(data)
             writer.write(data)
             await writer.drain()
 
@@ -231,7 +239,7 @@ async def pipe(
         while time.monotonic() - last[0] < idle_timeout_s:
             await asyncio.sleep(min(idle_timeout_s, 5.0))
 
-    tasks = [asyncio.create_task(copy(a_reader, b_writer)), asyncio.create_task(copy(b_reader, a_writer))]
+    tasks = [asyncio.create_task(copy(a_reader, b_writer, 0)), asyncio.create_task(copy(b_reader, a_writer, 1))]
     tasks.append(asyncio.create_task(watchdog()))
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -239,6 +247,7 @@ async def pipe(
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return moved[0], moved[1]
 
 
 # ---- the caller's side ----------------------------------------------------------------------------------------
