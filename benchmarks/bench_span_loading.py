@@ -248,9 +248,14 @@ def worker(folder: str, start: int, end: int, measure_speed: bool) -> dict:
         load_s=load_s, span_bytes=span_bytes, rss_after_imports=rss_before, peak_rss=peak,
         peak_growth=peak - rss_before, read_bytes=read, first_step_s=first_step_s,
     )  # fmt: skip
-    if measure_speed:  # what a server does before ONLINE when no speed for this shape is cached yet
+    if measure_speed:  # a first start (no speed cached for this shape): the provisional speed before ONLINE, the
+        # full measurement after it, in the background
         from corolla.server.throughput import measure_speed as measure
+        from corolla.server.throughput import provisional_speed
 
+        started = time.perf_counter()
+        provisional_speed(span)
+        result["provisional_speed_s"] = time.perf_counter() - started
         started = time.perf_counter()
         measure(span)
         result["measure_speed_s"] = time.perf_counter() - started
@@ -345,6 +350,7 @@ def summarize(rounds: list[dict], span_bytes: int, whole_shard_bytes: int) -> di
         whole_shards_over_span=whole_shard_bytes / span_bytes,
         first_step_s=median("first_step_s"), load_s=median("load_s"),
         measure_speed_s=next((r["measure_speed_s"] for r in rounds if "measure_speed_s" in r), None),
+        provisional_speed_s=next((r["provisional_speed_s"] for r in rounds if "provisional_speed_s" in r), None),
         rounds=rounds,
     )  # fmt: skip
 
@@ -372,10 +378,15 @@ def table(r: dict, params: dict) -> str:
         f"| first forward step (1 token) after loading | {r['first_step_s']:.2f} s | {_span_of(r, 'first_step_s')} s |"
         " |",
     ]
-    if r.get("measure_speed_s") is not None:
+    if r.get("provisional_speed_s") is not None:
         lines.append(
-            f"| the server's throughput measurement (first start of this shape only, before ONLINE) | "
-            f"{r['measure_speed_s']:.1f} s | | |"
+            f"| first start of this shape: the provisional speed measured before ONLINE | "
+            f"{r['provisional_speed_s']:.1f} s | | |"
+        )
+    if r.get("measure_speed_s") is not None:
+        where = "after ONLINE, in the background" if r.get("provisional_speed_s") is not None else "before ONLINE"
+        lines.append(
+            f"| first start of this shape: the full speed measurement ({where}) | {r['measure_speed_s']:.1f} s | | |"
         )
     return "\n".join(lines) + "\n"
 

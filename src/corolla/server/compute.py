@@ -21,6 +21,7 @@ logger = get_logger(__name__)
 
 PRIORITY_INFERENCE = 0
 PRIORITY_FORWARD = 1  # forward and backward passes of training
+PRIORITY_BACKGROUND = 2  # the server's own work (measuring its speed): after every request
 
 
 class ComputeQueue:

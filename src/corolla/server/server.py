@@ -254,7 +254,7 @@ class Server:
         # JOINING is stored while the speed is looked up (or measured) and the handlers start; ONLINE follows it
         joining = asyncio.ensure_future(announcer.set_state(ServerState.JOINING))
         try:
-            serving.speed = await loop.run_in_executor(None, self._speed, span)
+            serving.speed, provisional = await loop.run_in_executor(None, self._speed, span)
             compute = ComputeQueue()
             peer.on_shutdown("stop the compute thread", compute.shutdown)
             servicer = BlockServicer(span=span, config=cfg, budget=serving.budget, compute=compute)
@@ -278,6 +278,9 @@ class Server:
         rebalancer = self._rebalancer(peer, dht_prefix, serving, servicer, announcer)
         if rebalancer is not None:
             peer.on_shutdown("stop rebalancing", rebalancer.stop)
+        if provisional:
+            measuring = asyncio.create_task(self._measure_in_background(serving, compute, announcer))
+            peer.on_shutdown("stop measuring the speed", lambda: _cancel(measuring))
         logger.info(
             "Serving blocks %d:%d of %s (%s, %s) as peer %s; ready in %.2f s",
             span.start,
@@ -340,11 +343,45 @@ class Server:
         rebalancer.start()
         return rebalancer
 
-    def _speed(self, span) -> SpeedReport:
-        from corolla.server.throughput import SpeedReport, get_speed
+    def _speed(self, span) -> tuple[SpeedReport, bool]:
+        """The speed to announce, and whether it is provisional: a server's first start on this hardware (nothing
+        cached, ``--throughput auto``) serves at once with a quick lower bound; the full measurement, which took 159
+        s for a 70B-shaped span on 2 cores, runs in the background (``_measure_in_background``)."""
+        from corolla.server.throughput import SpeedReport, cached_speed, get_speed, provisional_speed
 
         cfg = self.config
         value = cfg.announce.fixed_throughput()
         if value is not None:
-            return SpeedReport(inference_rps=value, forward_rps=value, network_rps=None)
-        return get_speed(span, quant=cfg.span.quant, force_eval=cfg.announce.throughput == "eval")
+            return SpeedReport(inference_rps=value, forward_rps=value, network_rps=None), False
+        if cfg.announce.throughput == "eval":
+            return get_speed(span, quant=cfg.span.quant, force_eval=True), False
+        cached = cached_speed(span, quant=cfg.span.quant)
+        if cached is not None:
+            return cached, False
+        return provisional_speed(span), True
+
+    async def _measure_in_background(self, serving: ServingState, compute, announcer: Announcer) -> None:
+        """Measure the speed on the compute thread after every request (a request waits for at most one piece: one
+        call of the span), cache it for the next start, and announce it."""
+        from corolla.server.compute import PRIORITY_BACKGROUND
+        from corolla.server.throughput import measure_speed_on, store_speed
+
+        span = serving.span
+        try:
+            report = await measure_speed_on(compute, PRIORITY_BACKGROUND, span)
+            await asyncio.to_thread(store_speed, span, report, quant=self.config.span.quant)
+        except Exception as e:  # the provisional speed stays announced; the next start measures again
+            error = f"{type(e).__name__}: {e}"
+            logger.warning("Measuring this server's speed failed (%s); keeping the provisional one", error)
+            return
+        if serving.span is span:  # not moved meanwhile (speeds are per block, but the shape may differ)
+            serving.speed = report
+            try:
+                await announcer.announce_now(timeout_s=10)
+            except Exception as e:  # the next periodic announcement carries it
+                logger.debug("Could not announce the measured speed now: %s", e)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
