@@ -71,14 +71,21 @@ class Swarm:
         await self.target.add_binary_stream_handler(RAW, _raw)
         self.caller = await P2P.create(initial_peers=relay_addrs, dht_mode="client")
         self.target_id = self.target.peer_id.to_base58()
-        circuit = f"{relay_addrs[0]}/p2p-circuit"
+        self.circuits = [f"{relay_addrs[0]}/p2p-circuit"]
         self.transport = P2PTransport(
-            self.caller, relay_addrs=lambda peer: (circuit,) if peer == self.target_id else ()
+            self.caller, relay_addrs=lambda peer: tuple(self.circuits) if peer == self.target_id else ()
         )
+        self.others: list[P2P] = []
+
+        async def target_connected() -> None:  # it dials the relay as it starts: wait until the relay sees it
+            while not any(i.peer_id == self.target.peer_id for i in await self.relay.list_peers()):
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(target_connected(), 30)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        for p2p in (self.caller, self.target, self.relay):
+        for p2p in (self.caller, self.target, self.relay, *self.others):
             await p2p.shutdown()
 
 
@@ -151,5 +158,37 @@ def test_the_forwarder_refuses_bad_requests_alone_and_keeps_serving():
                 swarm.target_id, UNARY, request, runtime_pb2.ExpertResponse, timeout_s=30
             )
             assert response.metadata == request.metadata[::-1]
+
+    asyncio.run(scenario())
+
+
+def test_relays_that_cannot_be_dialed_or_do_not_forward_are_passed_over():
+    """The target's record lists a relay that is gone and one that does not serve forwarding before the one that
+    does: the calls go through the third, and the one that does not forward is not asked again for a while."""
+
+    async def scenario():
+        async with Swarm() as swarm:
+            gone = await P2P.create()
+            gone_addr = f"{(await gone.get_visible_maddrs())[0]}/p2p-circuit"
+            await gone.shutdown()
+            plain = await P2P.create()  # a libp2p relay that does not forward calls
+            swarm.others.append(plain)
+            plain_addr = f"{(await plain.get_visible_maddrs())[0]}/p2p-circuit"
+            swarm.circuits[:0] = [gone_addr, plain_addr]
+            request = _request(BIG)
+            response = await swarm.transport.call(
+                swarm.target_id, UNARY, request, runtime_pb2.ExpertResponse, timeout_s=60
+            )
+            assert response.metadata == request.metadata[::-1]
+            assert plain.peer_id in swarm.transport._not_forwarding
+            swarm.transport._not_forwarding.clear()  # the stream goes through the same relays in the same order
+            swarm.transport._good_forwarder.clear()
+            stream = await swarm.transport.open_stream(swarm.target_id, RAW, timeout_s=60)
+            await stream.send(request)
+            answer = await stream.receive(runtime_pb2.ExpertResponse, timeout_s=30)
+            await stream.close()
+            assert answer.metadata == request.metadata[:64]
+            assert swarm.forwarder.forwarded_calls == 1 and swarm.forwarder.forwarded_streams == 1
+            assert plain.peer_id in swarm.transport._not_forwarding
 
     asyncio.run(scenario())

@@ -22,14 +22,18 @@ forwarded streams per caller and ``max_streams`` in all; streams idle for ``idle
 request fails alone, with a message, and the forwarder keeps serving.
 
 Trust: the forwarder terminates both libp2p connections, so it sees, and could alter, the forwarded bytes (a libp2p
-circuit is end-to-end encrypted, but unusable here). Relays are the initial peers the swarm's operator names, trusted
-as bootstrap peers are; a client that trusts no relay checks answers with ``verify=``.
+circuit is end-to-end encrypted, but unusable here). A server names its relays in its signed record (its
+``--relays``, by default its initial peers: the swarm's bootstrap peers), so a client trusts them as far as it trusts
+that server's answers; a client that trusts no one checks answers with ``verify=``. The target sees the relay, not
+the caller, as the remote peer: a server behind NAT cannot check who pushes to it through a relay (it drops such
+pushes and uses the client's copy of the step), and a forwarder must not run on a server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import resource
 import time
 from collections.abc import AsyncIterator
 from contextlib import closing
@@ -56,21 +60,28 @@ COPY_CHUNK_BYTES = 2**16
 class ForwardingConfig:
     """Limits of a forwarding peer."""
 
-    max_streams_per_caller: int = 64
-    max_streams: int = 1024
+    max_streams_per_caller: int = 32
+    max_streams: int = 256  # each takes two sockets of this process (its file limit is raised at start)
+    max_calls_per_caller: int = 32  # unary calls in flight
+    max_calls: int = 256
     idle_timeout_s: float = 600.0  # a forwarded stream with no bytes either way for this long is closed
     open_timeout_s: float = 15.0  # reading the header and opening the stream to the target
-    unary_timeout_s: float = 300.0
+    unary_timeout_s: float = 120.0
 
     def __post_init__(self):
-        for name in ("max_streams_per_caller", "max_streams", "idle_timeout_s", "open_timeout_s", "unary_timeout_s"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, value in vars(self).items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
 
 
 class ForwardingError(ConnectionError):
-    """The forwarder could not reach the target (or refused the request): for the caller, the target is unreachable
-    through this forwarder."""
+    """A forwarded call failed outside the target's handler. ``sent``: the request may have reached the target (it
+    must not be sent again through another relay); otherwise the forwarder refused it or could not reach the target,
+    and another relay may try."""
+
+    def __init__(self, message: str, *, sent: bool = False):
+        super().__init__(message)
+        self.sent = sent
 
 
 def parse_request(body: object) -> tuple[PeerID, str]:
@@ -108,30 +119,50 @@ class ForwardingService:
 
     def __init__(self, p2p: P2P, config: ForwardingConfig = ForwardingConfig()):
         self.p2p, self.config = p2p, config
-        self._open: collections.Counter[PeerID] = collections.Counter()
+        self._open: collections.Counter[PeerID] = collections.Counter()  # streams per caller
+        self._calls: collections.Counter[PeerID] = collections.Counter()  # unary calls in flight per caller
         self.forwarded_streams = 0  # opened so far (for logs and tests)
         self.forwarded_calls = 0
 
     async def start(self) -> None:
+        _raise_file_limit()
         await self.p2p.add_binary_stream_handler(FORWARD_STREAM, self._handle_stream)
         await self.p2p.add_protobuf_handler(FORWARD_UNARY, self._handle_unary, runtime_pb2.ExpertInfo)
 
-    async def _target(self, body: object) -> tuple[PeerID, str]:
+    async def _target(self, body: object, caller: PeerID) -> tuple[PeerID, str]:
         peer, handle = parse_request(body)
+        if peer == caller:
+            raise ValueError("a peer does not need a forwarder to reach itself")
         if not any(info.peer_id == peer for info in await self.p2p.list_peers()):
             raise ForwardingError(f"peer {peer} is not connected to this forwarder")
         return peer, handle
 
     # ---- unary ------------------------------------------------------------------------------------------------
     async def _handle_unary(self, request: runtime_pb2.ExpertInfo, context: P2PContext) -> runtime_pb2.ExpertInfo:
+        caller = context.remote_id
+        if self._calls[caller] >= self.config.max_calls_per_caller or sum(self._calls.values()) >= (
+            self.config.max_calls
+        ):
+            return _message({"error": "too many forwarded calls are running; retry later"})
+        self._calls[caller] += 1
+        try:
+            return await self._forward_unary(caller, request)
+        finally:
+            self._calls[caller] -= 1
+            if self._calls[caller] <= 0:
+                del self._calls[caller]
+
+    async def _forward_unary(self, caller: PeerID, request: runtime_pb2.ExpertInfo) -> runtime_pb2.ExpertInfo:
         try:
             body = _body(request)
-            peer, handle = await self._target(body)
+            peer, handle = await self._target(body, caller)
             data = body.get("data")
             if not isinstance(data, bytes):
                 raise ValueError("'data' must be the serialized request (bytes)")
         except (ValueError, ForwardingError) as e:
             return _message({"error": str(e)})
+        except Exception as e:  # e.g. this peer's daemon failing: not the target's doing
+            return _message({"error": f"this forwarder failed ({type(e).__name__}: {e})"[:500]})
         try:
             response = await asyncio.wait_for(
                 self.p2p._client.call_unary_handler(peer, handle, data), self.config.unary_timeout_s
@@ -139,7 +170,7 @@ class ForwardingService:
         except P2PHandlerError as e:  # the target's handler failed: the caller sees it as from the target itself
             return _message({"error": str(e), "handler": True})
         except Exception as e:
-            return _message({"error": f"the call to {peer} failed ({type(e).__name__}: {e})"[:500]})
+            return _message({"error": f"the call to {peer} failed ({type(e).__name__}: {e})"[:500], "sent": True})
         self.forwarded_calls += 1
         return _message({"data": response})
 
@@ -163,14 +194,18 @@ class ForwardingService:
     async def _forward(self, caller: PeerID, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(self.config.open_timeout_s):
-                peer, handle = await self._target(_body(await _read_header(reader)))
+                peer, handle = await self._target(_body(await _read_header(reader)), caller)
         except (ValueError, ForwardingError) as e:
             await _answer(writer, {"error": str(e)})
             return
         except TimeoutError:
             await _answer(writer, {"error": f"no whole header in {self.config.open_timeout_s:g} s"})
             return
-        except asyncio.IncompleteReadError:  # the caller hung up before its header
+        except (asyncio.IncompleteReadError, ConnectionError):  # the caller hung up before its header
+            return
+        except Exception as e:  # e.g. this peer's daemon failing
+            logger.debug("Forwarding a stream for %s failed: %s: %s", caller, type(e).__name__, e)
+            await _answer(writer, {"error": f"this forwarder failed ({type(e).__name__})"})
             return
         try:
             async with asyncio.timeout(self.config.open_timeout_s):
@@ -189,6 +224,17 @@ class ForwardingService:
             "Forwarded a stream %s -> %s (%s): %d bytes there, %d back in %.1f s",
             caller, peer, handle, sent, received, time.monotonic() - started,
         )  # fmt: skip
+
+
+def _raise_file_limit() -> None:
+    """Every forwarded stream holds two sockets of this process: take the hard file limit, not the soft one (often
+    1024, which ``max_streams`` would reach before anything else)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as e:
+            logger.debug("Could not raise the open-file limit from %d: %s", soft, e)
 
 
 async def _read_header(reader: asyncio.StreamReader) -> runtime_pb2.ExpertInfo:
@@ -266,7 +312,7 @@ async def open_forwarded_stream(
     if not isinstance(body, dict) or not body.get("ok"):
         writer.close()
         error = body.get("error") if isinstance(body, dict) else None
-        raise ForwardingError(f"forwarder {forwarder} could not reach {peer}: {error or 'no reason given'}")
+        raise ForwardingError(f"relay {forwarder} could not reach {peer}: {error or 'no reason given'}")
     return reader, writer
 
 
@@ -274,15 +320,22 @@ async def forwarded_unary_call(p2p: P2P, forwarder: PeerID, peer: PeerID, handle
     """A unary call to ``handle`` of ``peer`` through ``forwarder``. The target's handler error comes back as
     P2PHandlerError (as from a direct call); the forwarder's as ForwardingError."""
     wrapped = _message({"peer": peer.to_base58(), "handle": handle, "data": request.SerializeToString()})
-    answer = await p2p.call_protobuf_handler(forwarder, FORWARD_UNARY, wrapped, runtime_pb2.ExpertInfo)
-    body = _body(answer)
-    if not isinstance(body, dict):
-        raise ForwardingError(f"forwarder {forwarder} sent an unreadable answer")
-    if "data" in body and isinstance(body["data"], bytes):
-        return response_type.FromString(body["data"])
+    try:
+        answer = await p2p.call_protobuf_handler(forwarder, FORWARD_UNARY, wrapped, runtime_pb2.ExpertInfo)
+    except P2PHandlerError as e:  # the forwarding handler itself failed, or this relay does not forward
+        raise ForwardingError(f"relay {forwarder} did not forward the call ({e})") from None
+    try:
+        body = _body(answer)
+        if not isinstance(body, dict):
+            raise ValueError("not a map")
+        if isinstance(body.get("data"), bytes):
+            return response_type.FromString(body["data"])
+    except Exception as e:  # the call did reach the target: it must not be sent again elsewhere
+        raise ForwardingError(f"relay {forwarder} sent an unreadable answer ({e})", sent=True) from None
     if body.get("handler"):
         raise P2PHandlerError(str(body.get("error")))
-    raise ForwardingError(f"forwarder {forwarder} could not reach {peer}: {body.get('error') or 'no reason given'}")
+    error = body.get("error") or "no reason given"
+    raise ForwardingError(f"relay {forwarder} could not reach {peer}: {error}", sent=bool(body.get("sent")))
 
 
 async def iterate_stream(

@@ -7,10 +7,11 @@ inject faults (``corolla.net.faults``) instead of patching private methods.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from hivemind.p2p import P2P, P2PHandlerError, PeerID
+from hivemind.p2p import P2P, P2PDaemonError, PeerID
 
 from corolla.errors import RemoteCallError
 from corolla.log import get_logger
@@ -20,6 +21,17 @@ from corolla.protocol.rpc import Handler, MessageStream, Rpc, RpcContract
 logger = get_logger(__name__)
 
 T = TypeVar("T")
+
+RELAY_DIAL_TIMEOUT_S = 10.0
+NOT_FORWARDING_S = 300.0  # a relay that does not serve forwarding is not asked again for this long
+
+
+class _RelayPassedOver(Exception):
+    """A forwarded call did not reach its target through this relay (another relay may try)."""
+
+    def __init__(self, message: str, *, unsupported: bool = False):
+        super().__init__(message)
+        self.unsupported = unsupported
 
 
 class P2PMessageStream:
@@ -92,6 +104,7 @@ class P2PTransport:
         self._good_forwarder: dict[str, PeerID] = {}  # peer id -> the relay that forwarded its last call
         self._broken: set[str] = set()  # peers whose last call or stream broke: reconnect them (if relayed)
         self._warned_circuits: set[str] = set()
+        self._not_forwarding: dict[PeerID, float] = {}  # relay -> until when it is not asked to forward
 
     def _forwarders(self, peer_id: str) -> list[tuple[PeerID, str]]:
         """The relays of a peer behind NAT (peer id, direct address), the one that forwarded last first."""
@@ -105,29 +118,27 @@ class P2PTransport:
 
     async def _forwarded(self, peer_id: str, action: Callable[[PeerID, PeerID], Awaitable[T]]) -> T | None:
         """``action(relay, peer)`` through the first of the peer's relays that forwards it; None if none did (the
-        caller then uses libp2p circuits). The target's own errors (an error reply, a timeout) propagate."""
-        from corolla.net.reachability import connect_through_relays
-
-        forwarders = self._forwarders(peer_id)
+        caller then uses libp2p circuits). A relay is passed over only when the call cannot have reached the peer
+        through it (it could not be dialed, does not forward, or could not reach the peer); any other failure
+        propagates (the target's error reply as P2PHandlerError, a broken call as ConnectionError), so a call is
+        never run twice by the target."""
+        now = time.monotonic()
+        forwarders = [r for r in self._forwarders(peer_id) if self._not_forwarding.get(r[0], 0.0) <= now]
         if not forwarders:
             return None
         peer, errors = PeerID.from_base58(peer_id), []
         for relay, direct in forwarders:
-            for attempt in range(2):
-                try:
-                    if attempt:  # the relay may not be connected yet: dial it, then try once more
-                        await asyncio.wait_for(connect_through_relays(self.p2p, relay, [direct]), 10)
-                    result = await action(relay, peer)
-                except (P2PHandlerError, TimeoutError):
-                    raise
-                except Exception as e:
-                    error = e
-                    if isinstance(e, ForwardingError):
-                        break  # the relay answered: it cannot reach the peer
-                    continue
-                self._good_forwarder[peer_id] = relay
-                return result
-            errors.append(f"{relay}: {type(error).__name__}: {error}")
+            try:
+                result = await self._through(relay, direct, peer, action)
+            except _RelayPassedOver as e:
+                errors.append(f"{relay}: {e}")
+                if self._good_forwarder.get(peer_id) == relay:
+                    del self._good_forwarder[peer_id]
+                if e.unsupported:
+                    self._not_forwarding[relay] = time.monotonic() + NOT_FORWARDING_S
+                continue
+            self._good_forwarder[peer_id] = relay
+            return result
         if peer_id not in self._warned_circuits:
             self._warned_circuits.add(peer_id)
             logger.warning(
@@ -136,6 +147,29 @@ class P2PTransport:
                 "; ".join(errors)[:500],
             )
         return None
+
+    async def _through(self, relay: PeerID, direct: str, peer: PeerID, action) -> T:
+        from corolla.net.reachability import connect_through_relays
+
+        for attempt in range(2):
+            if attempt:  # the relay may not be connected yet: dial it, then try once more
+                try:
+                    await asyncio.wait_for(connect_through_relays(self.p2p, relay, [direct]), RELAY_DIAL_TIMEOUT_S)
+                except Exception as e:
+                    raise _RelayPassedOver(f"could not dial the relay ({type(e).__name__}: {e})") from None
+            try:
+                return await action(relay, peer)
+            except ForwardingError as e:
+                if e.sent:
+                    raise
+                raise _RelayPassedOver(str(e), unsupported="did not forward" in str(e)) from None
+            except TimeoutError:  # only opening a forwarded stream has its own timeout: nothing reached the peer
+                raise _RelayPassedOver("the relay did not answer in time") from None
+            except P2PDaemonError as e:  # the daemon could not open the stream or call to the relay
+                if "protocol" in str(e).lower():
+                    raise _RelayPassedOver(f"the relay does not forward ({e})", unsupported=True) from None
+                last = e
+        raise _RelayPassedOver(f"{type(last).__name__}: {last}")
 
     async def _reach(self, peer_id: str, timeout_s: float) -> PeerID:
         """The peer's id, connected through one of its relays first if it announced any and no connection is open
