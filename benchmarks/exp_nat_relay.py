@@ -243,17 +243,23 @@ def main() -> int:
         with Lab(hosts=HOSTS, nat_hosts=["home"], shapes=shapes, bandwidth_s=preset["bandwidth_s"]) as lab:
             lab.enter("client")  # this process is the client: its sockets and helpers live in the lab
             results = run_experiment(lab, preset, log_dir)
+            # written before the lab is torn down: after that, this process has aborted (a native thread's
+            # "std::system_error: Broken pipe") before its plot was drawn
+            write_outputs(run, args, preset, results)
     except LabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+def write_outputs(run: Run, args, preset: dict, results: dict) -> None:
     print(json.dumps(results, indent=1))
     text = f"## A server behind NAT through a relay ({args.preset})\n\n- machine: {machine_line(args.machine)}\n\n"
     text += table(results)
     print(text)
     run.path(".md").write_text(text)
-    run.save(params=dict(preset, model=MODEL, hosts=HOSTS), results=results)
     plot(results, run.path(".png"))
-    return 0
+    run.save(params=dict(preset, model=MODEL, hosts=HOSTS), results=results)
 
 
 def plot(r: dict, path: Path) -> None:
