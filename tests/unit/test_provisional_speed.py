@@ -84,3 +84,21 @@ def test_a_cached_speed_is_read_back_and_an_unreadable_cache_is_ignored(span, tm
     (path,) = (tmp_path / "throughput").glob("*.json")
     path.write_text("{not json")
     assert throughput.cached_speed(span, quant="none", cache_root=tmp_path) is None
+
+
+def test_a_task_that_raises_stop_iteration_fails_instead_of_hanging():
+    """asyncio refuses StopIteration as a future's exception: without the compute thread's conversion the awaiting
+    request (or a measurement piece) would never resume."""
+
+    def stops():
+        raise StopIteration("out of pieces")
+
+    async def scenario():
+        compute = ComputeQueue(name="test-compute")
+        try:
+            with pytest.raises(RuntimeError, match="StopIteration: out of pieces"):
+                await asyncio.wait_for(compute.submit(PRIORITY_BACKGROUND, stops), 10)
+        finally:
+            compute.shutdown()
+
+    asyncio.run(scenario())

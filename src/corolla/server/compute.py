@@ -66,6 +66,8 @@ def _outcome(fn: Callable[[], Any], grad: bool) -> tuple[Callable, Any]:
     try:
         with torch.enable_grad() if grad else torch.inference_mode():
             return _set_result, fn()
+    except StopIteration as e:  # a future cannot hold StopIteration (asyncio refuses it): it would never resolve
+        return _set_exception, RuntimeError(f"the task raised StopIteration: {e}")
     except BaseException as e:  # handed to the awaiting request, which reports it
         return _set_exception, e
 

@@ -369,17 +369,19 @@ class Server:
         span = serving.span
         try:
             report = await measure_speed_on(compute, PRIORITY_BACKGROUND, span)
-            await asyncio.to_thread(store_speed, span, report, quant=self.config.span.quant)
         except Exception as e:  # the provisional speed stays announced; the next start measures again
             error = f"{type(e).__name__}: {e}"
             logger.warning("Measuring this server's speed failed (%s); keeping the provisional one", error)
             return
-        if serving.span is span:  # not moved meanwhile (speeds are per block, but the shape may differ)
-            serving.speed = report
-            try:
-                await announcer.announce_now(timeout_s=10)
-            except Exception as e:  # the next periodic announcement carries it
-                logger.debug("Could not announce the measured speed now: %s", e)
+        serving.speed = report  # per block: still right if the server moved to other blocks meanwhile
+        try:
+            await asyncio.to_thread(store_speed, span, report, quant=self.config.span.quant)
+        except OSError as e:  # announced anyway; the next start measures again
+            logger.warning("Could not cache the measured speed (%s: %s)", type(e).__name__, e)
+        try:
+            await announcer.announce_now(timeout_s=10)
+        except Exception as e:  # the next periodic announcement carries it
+            logger.debug("Could not announce the measured speed now: %s", e)
 
 
 async def _cancel(task: asyncio.Task) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass
@@ -84,31 +85,38 @@ def measurement(span: SpanModel, *, steps: int = 8, forward_tokens: int = 128) -
     def warm_up() -> float:
         state["cache"] = span.new_cache()
         state["x"] = torch.randn(1, 1, hidden, device=param.device, dtype=param.dtype)
-        return _timed(lambda: span(SpanInputs(hidden_states=state["x"]), state["cache"]))
+        return _timed(lambda: span(SpanInputs(hidden_states=state["x"]), state["cache"]), param.device)
 
     def step() -> float:
-        return _timed(lambda: span(SpanInputs(hidden_states=state["x"]), state["cache"]))
+        return _timed(lambda: span(SpanInputs(hidden_states=state["x"]), state["cache"]), param.device)
 
     def forward() -> float:
         x = torch.randn(1, forward_tokens, hidden, device=param.device, dtype=param.dtype)
-        return _timed(lambda: span(SpanInputs(hidden_states=x)))
+        return _timed(lambda: span(SpanInputs(hidden_states=x)), param.device)
 
     yield warm_up
-    step_s = 0.0
+    # the fastest of the timed calls: a background measurement shares the machine with the server's requests (their
+    # network and event-loop work, other processes), which can only slow a call down
+    step_s = math.inf
     for _ in range(steps):
-        step_s += yield step
+        step_s = min(step_s, (yield step))
     state.clear()
-    inference_rps = num_blocks * steps / step_s
+    inference_rps = num_blocks / step_s
     forward_rps = inference_rps
     if forward_tokens:
-        yield forward  # warm-up
-        forward_rps = forward_tokens * num_blocks / (yield forward)
+        forward_s = min((yield forward), (yield forward))  # the first includes its warm-up
+        forward_rps = forward_tokens * num_blocks / forward_s
     return SpeedReport(inference_rps=inference_rps, forward_rps=forward_rps, network_rps=_network_rps(hidden))
 
 
-def _timed(fn: Callable[[], object]) -> float:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of ``fn()``, including the GPU work it queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     started = time.perf_counter()
     fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - started
 
 
@@ -130,7 +138,8 @@ def measure_speed(
 
 async def measure_speed_on(compute, priority: int, span: SpanModel, **kwargs) -> SpeedReport:
     """``measure_speed`` with each piece queued on the server's compute thread at ``priority``: with a priority
-    below every request's, a request that arrives meanwhile waits for at most the piece in progress."""
+    below every request's, a request that arrives meanwhile waits for at most the piece in progress (the longest is
+    one ``forward_tokens``-token forward through the span)."""
     pieces = measurement(span, **kwargs)
     try:
         piece = next(pieces)
