@@ -20,7 +20,7 @@ UPDATE_PERIOD_S = 1.0
 
 def _spans_of(swarm, count: int, *, what: str, timeout_s: float = 60, without: str | None = None) -> dict:
     """``served_spans()`` (without the server ``without``) from the first read that sees ``count`` servers: one DHT
-    read from a fresh node can miss a record (CI saw 2 of 3 right after all 3 were served)."""
+    read from a fresh node can miss a record (a loaded run saw 2 of 3 right after all 3 were served)."""
     seen: dict = {}
 
     def enough() -> bool:
