@@ -60,6 +60,11 @@ class RemoteCallError(CorollaError):
     """A server refused or failed a request."""
 
 
+class UnsignedAnswerError(RemoteCallError):
+    """A server's answer lacked a valid signature over what was asked and answered (a verifying client refuses it
+    and never uses that server again: libp2p already protects the bytes in transit, so the server sent it so)."""
+
+
 class ServerBusyError(RemoteCallError):
     """A server had no attention-cache room for a session within its allocation timeout."""
 

@@ -6,6 +6,11 @@ lying to the first client only (honest with the next). A client with ``verify=1`
 server of the same blocks and settles disagreements with a third: the liar is caught and never used again, no honest
 server is blamed, and greedy tokens and gradients still equal local transformers. With ``verify=0.3`` a sampled check
 covers every step since the previous one, so the liar is caught within a few steps.
+
+The liar signs its answers (as a real one would), so the first client that catches it publishes a proof to the DHT;
+a later client that verifies nothing itself reads that proof, recomputes the one answer from its own copy of the
+weights, and never uses the liar. A false proof (an honest server's right answer, "reported") is recognised as such.
+The tests that show a client catching the liar by itself turn reading proofs off (``check_proofs=False``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.local_swarm import LocalSwarm
+from corolla.algorithms.routing import RouteHop
+from corolla.client.span_calls import SpanCallInputs, call_forward
+from corolla.local_swarm import LocalSwarm, wait_for
+from corolla.net.loop import run_sync
 from tests.fixtures.zoo import zoo_checkpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -43,7 +51,14 @@ def local():
 
 
 def _client(path, s, **kwargs):
+    kwargs = {"check_proofs": False} | kwargs  # by default a client catches the liar by itself
     return AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=s.initial_peers, seed=0, **kwargs)
+
+
+def _published(model) -> None:
+    """Wait until the client's proof against the liar is stored in the DHT (it is stored in the background)."""
+    reports = model.remote_blocks.swarm.lie_reports
+    wait_for(lambda: reports.stats.published >= 1, timeout_s=20, what="the proof to be published")
 
 
 def _caught_only_the_liar(model, s) -> None:
@@ -64,6 +79,54 @@ def test_every_step_checked_gives_exact_tokens_and_catches_the_liar(swarm, local
             assert s.peer_ids["liar"] not in {hop.peer_id for hop in session.route}
         assert torch.equal(got, expected)
         _caught_only_the_liar(model, s)
+        _published(model)
+    finally:
+        model.shutdown()
+
+
+def test_a_client_that_checks_nothing_avoids_the_liar_from_the_published_proof(swarm, local):
+    mode, path, s = swarm
+    model = _client(path, s, check_proofs=True)  # verify=0: it compares nothing with other servers
+    try:
+        swarm_view = model.remote_blocks.swarm
+        assert set(swarm_view.distrusted()) == {s.peer_ids["liar"]}, swarm_view.distrusted()
+        assert swarm_view.lie_reports.stats.proven == 1 and swarm_view.lie_reports.stats.false == 0
+        ids = torch.randint(4, 400, (1, 8), generator=torch.Generator().manual_seed(3))
+        expected = local.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        with model.inference_session(max_length=14) as session:
+            got = model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, session=session)
+            assert s.peer_ids["liar"] not in {hop.peer_id for hop in session.route}
+        assert torch.equal(got, expected)
+    finally:
+        model.shutdown()
+
+
+def test_a_false_proof_against_an_honest_server_is_recognised(swarm, local):
+    mode, path, s = swarm
+    if mode != "noise":
+        pytest.skip("the liar does not matter here")
+    reporter = _client(path, s, verify=1.0)  # a hostile client: it "reports" an honest server's right answer
+    try:
+        honest = s.peer_ids["server0"]
+        hidden = local.get_input_embeddings()(torch.randint(4, 400, (1, 6))).detach()
+        evidence = []
+        call = call_forward(
+            reporter.remote_blocks.swarm,
+            RouteHop(peer_id=honest, start=0, end=3),
+            hidden,
+            SpanCallInputs(),
+            evidence=evidence,
+        )
+        run_sync(call, timeout_s=30)
+        reporter.remote_blocks.swarm.report_lie(evidence[0].proof())
+        _published(reporter)
+    finally:
+        reporter.shutdown()
+    model = _client(path, s, check_proofs=True)
+    try:
+        reports = model.remote_blocks.swarm.lie_reports
+        assert reports.stats.false == 1 and reports.stats.proven == 1  # the false proof, and the first client's
+        assert set(model.remote_blocks.swarm.distrusted()) == {s.peer_ids["liar"]}
     finally:
         model.shutdown()
 

@@ -9,12 +9,14 @@ import weakref
 
 import pytest
 import torch
+from hivemind.utils.crypto import RSAPrivateKey
 
 from corolla.cli.flags import parse_flags
 from corolla.errors import InvalidRequestError
 from corolla.models.checkpoint import resolve_checkpoint
 from corolla.models.span import SpanInputs, load_span
 from corolla.net.tensors import pack
+from corolla.protocol.answer_signing import AnswerSigner
 from corolla.protocol.messages import BackwardRequest, SpanRequest
 from corolla.server.activation_cache import ActivationCache, KeptForward, SavedBytes
 from corolla.server.backend import SpanBackend
@@ -243,7 +245,8 @@ def test_kept_forwards_expire_on_the_backend_clock(span, compute):
 
 @pytest.mark.parametrize("bad", ["short", "has space in it", "x" * 65, "émoji-or-not"])
 def test_a_malformed_activation_id_is_refused_clearly(span, compute, bad):
-    servicer = BlockServicer(span=span, config=_config(), budget=CacheBudget(16), compute=compute)
+    signer = AnswerSigner(RSAPrivateKey(), dht_prefix="test", dtype="float32", quant="none")
+    servicer = BlockServicer(span=span, config=_config(), budget=CacheBudget(16), compute=compute, signer=signer)
     meta = SpanRequest.model_construct(start_block=START, end_block=END, activation_id=bad).model_dump()
     request = pack([_tensor(1, 4, span.config.hidden_size, seed=10)], meta)
     with pytest.raises(InvalidRequestError, match="activation_id must be 8 to 64 characters"):

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from corolla.errors import InvalidRequestError, ServerBusyError
+from corolla.protocol import input_checks as validation
 from corolla.protocol.server_info import ServerInfo, ServerState
-from corolla.server import validation
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
 from corolla.server.memory_cache import CacheBudget
 

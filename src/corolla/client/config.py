@@ -33,6 +33,9 @@ class ClientConfig:
     # compared (0: off, 1: every one); a disagreement is decided by a third server, and the liar is never used again
     verify: float = 0.0
     verify_tolerance: float | None = None  # per-token relative error allowed; None: from the servers' dtypes
+    # check the proofs of lies other clients published about the servers in view (one span computation with the
+    # model's weights per new proof) and never use a proven liar; this client publishes its own proofs regardless
+    check_proofs: bool = True
 
     def __post_init__(self):
         if not self.initial_peers:

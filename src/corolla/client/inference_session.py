@@ -15,11 +15,12 @@ from hivemind.proto import runtime_pb2
 
 from corolla.algorithms.output_check import token_error
 from corolla.algorithms.routing import RouteHop
+from corolla.client.answer_evidence import SessionLog
 from corolla.client.failover import describe
 from corolla.client.span_calls import check_finite_reply
 from corolla.client.swarm import SwarmView
 from corolla.client.verification import WrongValuesError
-from corolla.errors import MissingBlocksError, RemoteCallError
+from corolla.errors import MissingBlocksError, RemoteCallError, UnsignedAnswerError
 from corolla.log import get_logger
 from corolla.net.loop import background_loop, run_sync
 from corolla.net.tensors import pack, unpack_metadata, unpack_tensors
@@ -36,6 +37,7 @@ class _Sent:
     hidden_states: torch.Tensor
     position_ids: torch.Tensor | None
     output: torch.Tensor | None = None  # the server's answer, kept until a check covers it (verification on)
+    signed_step: int | None = None  # which step of the stream's SessionLog answered it (verification on)
 
     def first(self, tokens: int) -> _Sent:
         """The same step cut to its first ``tokens`` tokens."""
@@ -43,6 +45,7 @@ class _Sent:
             hidden_states=self.hidden_states[:, :tokens],
             position_ids=None if self.position_ids is None else self.position_ids[:, :tokens],
             output=None if self.output is None else self.output[:, :tokens],
+            signed_step=self.signed_step,
         )
 
 
@@ -62,12 +65,20 @@ class _ServerStream:
         compression: str,
         timeout_s: float,
         active_adapter: str | None = None,
+        dht_prefix: str | None = None,
     ):
+        """With a ``dht_prefix`` (verification on), every answer's signature is checked and kept in ``log``."""
         self.hop, self.max_length, self.batch_size = hop, max_length, batch_size
         self.compression, self.timeout_s, self.active_adapter = compression, timeout_s, active_adapter
         self._stream: MessageStream | None = None
         self._opened = False
         self.session_id = uuid.uuid4().hex
+        self.log: SessionLog | None = None
+        if dht_prefix is not None:
+            self.log = SessionLog(
+                peer_id=hop.peer_id, session_id=self.session_id, start_block=hop.start, end_block=hop.end,
+                adapter=active_adapter, dht_prefix=dht_prefix,
+            )  # fmt: skip
 
     async def open(self, swarm: SwarmView) -> None:
         stub = RpcStub(await swarm.transport(), self.hop.peer_id, BLOCK_SERVER)
@@ -113,7 +124,8 @@ class _ServerStream:
         tensors = [hidden] + [t for t in (mask, positions, prompts) if t is not None]
         if self._stream is None:
             raise ConnectionError(f"the stream to {self.hop.peer_id} is closed")
-        await self._stream.send(pack(tensors, step, compression=self.compression))
+        request = pack(tensors, step, compression=self.compression)
+        await self._stream.send(request)
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
             response = await self._receive(deadline)
@@ -127,6 +139,9 @@ class _ServerStream:
         if len(outputs) != 1 or outputs[0].shape != hidden.shape:
             raise RemoteCallError(f"server {self.hop.peer_id} returned a malformed step result")
         check_finite_reply(self.hop.peer_id, "step result", outputs[0], hidden)
+        if self.log is not None:
+            flags = (mask is not None, positions is not None, prompts is not None)
+            self.log.record(position, flags, request, response, meta)
         return outputs[0]
 
     def _decode(self, decode, response: runtime_pb2.ExpertResponse):
@@ -306,6 +321,8 @@ class InferenceSession:
             except Exception as e:
                 if check is not None:
                     check.cancel()
+                if isinstance(e, UnsignedAnswerError):
+                    self.swarm.distrust(span.hop.peer_id, str(e))
                 await span.close()
                 blocks = (span.hop.start, span.hop.end)
                 failover = failovers.setdefault(blocks, self.swarm.failover(*blocks))
@@ -321,7 +338,8 @@ class InferenceSession:
                 step_ids = step_ids[:index] + [uuid.uuid4().hex for _ in self._spans[index:]]
                 continue  # retry this step on the replacement chain
             kept = output if self.swarm.verifier.enabled and span.checked <= len(span.sent) else None
-            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions, output=kept))
+            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions, output=kept,
+                                   signed_step=_last_signed(span.stream)))  # fmt: skip
             self.swarm.forgive(span.hop.peer_id)
             hidden = output
             index += 1
@@ -407,7 +425,15 @@ class InferenceSession:
             verifier.stats.undecided += 1
             raise WrongValuesError(f"servers disagree on {what}; the third server failed") from e
         hops = [span.hop.peer_id, shadow.hop.peer_id, third_hop.peer_id]
-        winner = verifier.settle(span.hop, hops, [answered, checked, settled], what)  # distrusts the liars
+        answers = [answered, checked, settled]
+        winner = verifier.settle(span.hop, hops, answers, what)  # distrusts the liars
+        tol = verifier.tolerance(span.hop, *hops)
+        pending_outputs = [*(entry.output for entry in pending[:-1]), output]
+        lying_step = _first_wrong(pending, pending_outputs, answers[winner], tol, last=_last_signed(span.stream))
+        for stream, step, value in ((span.stream, lying_step, answered), (shadow, _last_signed(shadow), checked),
+                                    (third, _last_signed(third), settled)):  # fmt: skip
+            if stream.log is not None and step is not None and token_error(value, answers[winner]) > tol:
+                self.swarm.report_lie(stream.log.proof(step))
         if span.hop.peer_id in self.swarm.distrusted():
             await third.close()
             raise WrongValuesError(f"server {span.hop.peer_id} returned wrong values for {what}")
@@ -486,6 +512,7 @@ class InferenceSession:
             compression=self.swarm.config.compression,
             timeout_s=self.swarm.config.step_timeout_s,
             active_adapter=self.swarm.config.active_adapter,
+            dht_prefix=self.swarm.dht_prefix if self.swarm.verifier.enabled else None,
         )
 
     async def _replay(self, failed: _SpanState, replacement: list[_SpanState], mask: torch.Tensor | None) -> None:
@@ -506,7 +533,9 @@ class InferenceSession:
                 del replacement[i + 1 :]
                 raise
             kept = output if self.swarm.verifier.enabled else None
-            span.sent.append(_Sent(hidden_states=hidden, position_ids=positions, output=kept))
+            span.sent.append(
+                _Sent(hidden_states=hidden, position_ids=positions, output=kept, signed_step=_last_signed(span.stream))
+            )
             hidden = output
 
     def close(self) -> None:
@@ -554,6 +583,25 @@ def _unless_default(
         if bool((positions == expected).all()):
             positions = None
     return mask, positions
+
+
+def _last_signed(stream: _ServerStream | None) -> int | None:
+    """The index of the last step in ``stream``'s signed log (None without one)."""
+    if stream is None or stream.log is None or not stream.log.steps:
+        return None
+    return len(stream.log.steps) - 1
+
+
+def _first_wrong(entries: list[_Sent], outputs, reference: torch.Tensor, tol: float, *, last: int | None):
+    """The signed step that answered the first of ``entries`` whose ``outputs`` disagree with ``reference`` (the
+    majority's answer for the same tokens); the last entry (this step) has no ``signed_step`` yet: ``last``."""
+    offset = 0
+    for i, (entry, output) in enumerate(zip(entries, outputs)):
+        tokens = output.shape[1]
+        if token_error(output, reference[:, offset : offset + tokens]) > tol:
+            return last if i == len(entries) - 1 else entry.signed_step
+        offset += tokens
+    return None
 
 
 def _joined(entries: list[_Sent]) -> tuple[torch.Tensor, torch.Tensor | None]:

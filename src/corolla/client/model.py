@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import (
 from corolla.client.config import ClientConfig
 from corolla.client.inference_session import InferenceSession
 from corolla.client.lookup_candidates import LookupCandidates
+from corolla.client.proof_check import ProofChecker
 from corolla.client.ptune import TUNING_MODES, PromptTuning
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.client.swarm import SwarmView
@@ -269,9 +270,11 @@ class _AutoDistributedModel:
         prefix = client_config.dht_prefix or default_dht_prefix(model_name)
         model = _build_local_parts(cls._mapping[type(hf_config)], hf_config, family, dtype)
         _load_local_weights(model, checkpoint, family, new_prefixes=cls._new_head_prefixes)
+        checker = ProofChecker(checkpoint, dht_prefix=prefix, num_blocks=hf_config.num_hidden_layers)
         swarm = SwarmView.connect(
-            config=client_config, num_blocks=hf_config.num_hidden_layers, model_name=model_name, dht_prefix=prefix
-        )
+            config=client_config, num_blocks=hf_config.num_hidden_layers, model_name=model_name, dht_prefix=prefix,
+            proof_checker=checker,
+        )  # fmt: skip
         base = getattr(model, family.base_model_attr)
         setattr(base, family.layers_attr, RemoteSequential(swarm, seed=swarm.config.seed))
         if tuning_mode is not None:

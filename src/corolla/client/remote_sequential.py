@@ -123,8 +123,11 @@ class RemoteSequential(nn.Module):
             activation_id = self._activation_id() if keep else None
             try:
                 call_inputs = self._slice(extra, hop)
-                output = await call_forward(self.swarm, hop, hidden, call_inputs, activation_id=activation_id)
-                output = await self.swarm.verifier.forward(hop, hidden, call_inputs, output)
+                signed = []  # the answer's signed evidence (verification on), should it prove a lie
+                output = await call_forward(
+                    self.swarm, hop, hidden, call_inputs, activation_id=activation_id, evidence=signed
+                )
+                output = await self.swarm.verifier.forward(hop, hidden, call_inputs, output, signed)
             except Exception as e:
                 # raises for a client bug, or when the budget is spent
                 await failover.failed(hop.peer_id, e, blocks=(hop.start, hop.end))
@@ -154,13 +157,19 @@ class RemoteSequential(nn.Module):
                 inputs = [hidden]
                 for current, kept_id in zip(route[:-1], ids):
                     call_inputs = self._slice(extra, current)
-                    output = await call_forward(self.swarm, current, inputs[-1], call_inputs, activation_id=kept_id)
-                    inputs.append(await self.swarm.verifier.forward(current, inputs[-1], call_inputs, output))
+                    signed = []
+                    output = await call_forward(
+                        self.swarm, current, inputs[-1], call_inputs, activation_id=kept_id, evidence=signed
+                    )
+                    inputs.append(await self.swarm.verifier.forward(current, inputs[-1], call_inputs, output, signed))
                 result, prompt_grads = grad, []
                 for current, x, kept_id in reversed(list(zip(route, inputs, ids))):
                     call_inputs = self._slice(extra, current)
-                    answer = await call_backward(self.swarm, current, x, result, call_inputs, activation_id=kept_id)
-                    answer = await self.swarm.verifier.backward(current, x, result, call_inputs, answer)
+                    signed = []
+                    answer = await call_backward(
+                        self.swarm, current, x, result, call_inputs, activation_id=kept_id, evidence=signed
+                    )
+                    answer = await self.swarm.verifier.backward(current, x, result, call_inputs, answer, signed)
                     result, prompt_grad = answer
                     prompt_grads.insert(0, prompt_grad)
                 for used in route:

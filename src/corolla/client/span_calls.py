@@ -8,7 +8,8 @@ import torch
 from hivemind.proto import runtime_pb2
 
 from corolla.algorithms.routing import RouteHop
-from corolla.errors import RemoteCallError
+from corolla.client.answer_evidence import SignedCall
+from corolla.errors import RemoteCallError, UnsignedAnswerError
 from corolla.net.streaming import call_maybe_streamed
 from corolla.net.tensors import pack, unpack_tensors
 from corolla.protocol.messages import BackwardRequest, SpanRequest
@@ -39,10 +40,12 @@ class SpanCallInputs:
 
 
 async def call_forward(
-    swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCallInputs, *, activation_id: str | None = None
-) -> torch.Tensor:
+    swarm, hop: RouteHop, hidden: torch.Tensor, extra: SpanCallInputs, *, activation_id: str | None = None,
+    evidence: list[SignedCall] | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Hidden states through blocks ``hop.start..hop.end-1`` on ``hop.peer_id``; with an ``activation_id`` the
-    server may keep the activations for the backward call that passes the same id."""
+    server may keep the activations for the backward call that passes the same id. With verification on, the
+    answer's signature is checked, and the call's ``SignedCall`` is appended to ``evidence`` if one is given."""
     compression = swarm.config.compression
     meta = SpanRequest(
         start_block=hop.start,
@@ -53,7 +56,7 @@ async def call_forward(
         **extra.flags(),
     )
     request = pack([hidden, *extra.extras()], meta.model_dump(), compression=compression)
-    outputs = await _call(swarm, hop, request, "forward")
+    outputs = await _call(swarm, hop, meta, request, "forward", evidence)
     if len(outputs) != 1 or outputs[0].shape != hidden.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned a malformed forward result")
     check_finite_reply(hop.peer_id, "forward result", outputs[0], hidden)
@@ -62,10 +65,11 @@ async def call_forward(
 
 async def call_backward(
     swarm, hop: RouteHop, hidden: torch.Tensor, grad_outputs: torch.Tensor, extra: SpanCallInputs,
-    *, activation_id: str | None = None,
+    *, activation_id: str | None = None, evidence: list[SignedCall] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
     """(grad of ``hidden``, grad of ``extra.prompts`` or None) for blocks ``hop.start..hop.end-1``;
-    ``activation_id`` names the forward call whose kept activations the server may reuse (else it recomputes)."""
+    ``activation_id`` names the forward call whose kept activations the server may reuse (else it recomputes);
+    ``evidence`` as in ``call_forward``."""
     compression = swarm.config.compression
     meta = BackwardRequest(
         start_block=hop.start,
@@ -76,7 +80,7 @@ async def call_backward(
         **extra.flags(),
     )
     request = pack([hidden, grad_outputs, *extra.extras()], meta.model_dump(), compression=compression)
-    outputs = await _call(swarm, hop, request, "backward")
+    outputs = await _call(swarm, hop, meta, request, "backward", evidence)
     expected = 1 + int(extra.prompts is not None)
     if len(outputs) != expected or outputs[0].shape != hidden.shape:
         raise RemoteCallError(f"server {hop.peer_id} returned a malformed backward result")
@@ -99,9 +103,17 @@ def check_finite_reply(peer_id: str, what: str, output: torch.Tensor, *inputs: t
         raise RemoteCallError(f"server {peer_id} returned a {what} with NaN or Inf values for finite inputs")
 
 
-async def _call(swarm, hop: RouteHop, request: runtime_pb2.ExpertRequest, rpc: str) -> list[torch.Tensor]:
+async def _call(swarm, hop: RouteHop, meta, request: runtime_pb2.ExpertRequest, rpc: str, evidence):
     stub = RpcStub(await swarm.transport(), hop.peer_id, BLOCK_SERVER)
     response = await call_maybe_streamed(stub, rpc, request, timeout_s=swarm.config.request_timeout_s)
+    if swarm.verifier.enabled:  # only a verifying client can catch a lie, and prove it with the signed answer
+        try:
+            signed = SignedCall.checked(hop.peer_id, rpc, meta, request, response, dht_prefix=swarm.dht_prefix)
+        except UnsignedAnswerError as e:
+            swarm.distrust(hop.peer_id, str(e))
+            raise
+        if evidence is not None:
+            evidence.append(signed)
     try:
         return unpack_tensors(response)
     except Exception as e:  # undecodable bytes are the server's fault, not a client bug

@@ -13,15 +13,18 @@ from collections.abc import Callable
 
 from hivemind.dht import DHT
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.crypto import RSAPrivateKey
 
 from corolla.algorithms.routing import NoRouteError, RouteHop, find_inference_route, split_by_throughput
 from corolla.client.config import ClientConfig
 from corolla.client.failover import Failover
+from corolla.client.lie_reports import LieReports
 from corolla.client.verification import Verifier
 from corolla.errors import MissingAdapterError, MissingBlocksError, SwarmConnectionError
 from corolla.log import get_logger
 from corolla.net.dht_process import client_dht
 from corolla.net.dht_records import collect_servers, fetch_block_records, to_spans
+from corolla.net.identity import owner_marker
 from corolla.net.loop import run_sync
 from corolla.net.ping import RttTracker, ping_many
 from corolla.net.transport import P2PTransport
@@ -49,10 +52,13 @@ class SwarmView:
         records: Callable[[], list[dict[PeerID, ServerInfo]]] | None = None,
         transport: Transport | None = None,
         rng: random.Random | None = None,
+        owner: bytes | None = None,
+        proof_checker=None,
     ):
         """``clock`` (seconds), ``records`` (the per-block server records; default: read from ``dht``) and
         ``transport`` (default: libp2p through ``dht``'s daemon) and ``rng`` (retry jitter) are the view's seams:
-        tests pass their own."""
+        tests pass their own. ``owner`` (this client's owner marker in the DHT) lets it publish proofs of the lies it
+        catches; ``proof_checker`` (a ``ProofChecker`` of the model) lets it check the proofs others published."""
         self.config, self.dht, self.num_blocks, self.model_name = config, dht, num_blocks, model_name
         self.dht_prefix, self.clock = dht_prefix, clock
         self.rng = rng or random.Random(config.seed)
@@ -68,13 +74,22 @@ class SwarmView:
         self.transport_wrapper: Callable[[Transport], Transport] | None = None  # e.g. a FaultyTransport in tests
         self.rtt = RttTracker()  # this client's round trips to servers, for latency-aware routing
         self.verifier = Verifier(self)  # checks a share of the answers against other servers (config.verify)
+        self.lie_reports = LieReports(
+            dht=dht, dht_prefix=dht_prefix, owner=owner, checker=proof_checker if config.check_proofs else None,
+            distrust=self.distrust, timeout_s=config.connect_timeout_s,
+        )  # fmt: skip
 
     @classmethod
-    def connect(cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str) -> SwarmView:
-        """Join the DHT through ``config.initial_peers`` (client mode); SwarmConnectionError if none answers."""
+    def connect(
+        cls, *, config: ClientConfig, num_blocks: int, model_name: str, dht_prefix: str, proof_checker=None
+    ) -> SwarmView:
+        """Join the DHT through ``config.initial_peers`` (client mode); SwarmConnectionError if none answers.
+        ``proof_checker``: see ``__init__``."""
+        key = RSAPrivateKey()  # this client's identity in the DHT (it signs the proofs of lies it publishes)
         try:
             dht = client_dht(
                 config.initial_peers,
+                key=key,
                 startup_timeout=config.connect_timeout_s,
                 bootstrap_timeout=config.connect_timeout_s,
             )
@@ -84,7 +99,10 @@ class SwarmView:
                 f"({type(e).__name__}: {e}). Check the addresses (copy them from `corolla dht` or a server's log) "
                 f"and that those peers are running and reachable."
             ) from e
-        view = cls(config=config, dht=dht, num_blocks=num_blocks, model_name=model_name, dht_prefix=dht_prefix)
+        view = cls(
+            config=config, dht=dht, num_blocks=num_blocks, model_name=model_name, dht_prefix=dht_prefix,
+            owner=owner_marker(key), proof_checker=proof_checker,
+        )  # fmt: skip
         view.refresh()
         return view
 
@@ -127,6 +145,10 @@ class SwarmView:
         with self._lock:
             self.servers = servers
             self._updated_at = self.clock()
+        try:  # proofs others published against these servers: a proven liar is never used
+            self.lie_reports.read(p.to_base58() for p in servers)
+        except Exception as e:
+            logger.debug("Reading proofs of lies failed: %s", e)
         try:
             self.rtt.update(run_sync(self._ping(list(servers)), timeout_s=PING_TIMEOUT_S + 5))
         except Exception as e:  # routing falls back to default delays for peers without a measurement
@@ -157,6 +179,13 @@ class SwarmView:
             self._distrusted[peer_id] = reason
         logger.warning("Server %s returned wrong values (%s): it is banned for good", peer_id, reason)
         return True
+
+    def report_lie(self, proof) -> None:
+        """Publish a ``LieProof`` this client made (it caught the accused lying) for the other clients."""
+        try:
+            self.lie_reports.publish(proof)
+        except Exception as e:  # publishing is a courtesy to others: it never fails this client's work
+            logger.warning("Could not publish the proof against %s: %s", proof.accused, e)
 
     def distrusted(self) -> dict[str, str]:
         with self._lock:

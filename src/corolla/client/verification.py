@@ -101,19 +101,22 @@ class Verifier:
         return group[0]
 
     # ---- forward and backward -----------------------------------------------------------------------------
-    async def forward(self, hop: RouteHop, hidden: torch.Tensor, extra: SpanCallInputs, output: torch.Tensor):
-        """``output`` (``hop``'s answer to a forward call), or the majority's answer if ``hop`` lied."""
+    async def forward(self, hop: RouteHop, hidden, extra: SpanCallInputs, output: torch.Tensor, signed=()):
+        """``output`` (``hop``'s answer to a forward call, ``signed`` its evidence), or the majority's answer if
+        ``hop`` lied."""
 
-        async def compute(other: RouteHop) -> torch.Tensor:
-            return await call_forward(self.swarm, other, hidden, extra)
+        async def compute(other: RouteHop, evidence: list) -> torch.Tensor:
+            return await call_forward(self.swarm, other, hidden, extra, evidence=evidence)
 
-        return await self._check(hop, hidden, output, compute, f"forward of blocks {hop.start}:{hop.end}")
+        what = f"forward of blocks {hop.start}:{hop.end}"
+        return await self._check(hop, hidden, output, list(signed), compute, what)
 
-    async def backward(self, hop, hidden, grad, extra: SpanCallInputs, result: tuple):
-        """``result`` (``hop``'s (grad input, grad prompts)), or the majority's if ``hop`` lied."""
+    async def backward(self, hop, hidden, grad, extra: SpanCallInputs, result: tuple, signed=()):
+        """``result`` (``hop``'s (grad input, grad prompts), ``signed`` its evidence), or the majority's if ``hop``
+        lied."""
 
-        async def compute(other: RouteHop):
-            return await call_backward(self.swarm, other, hidden, grad, extra)
+        async def compute(other: RouteHop, evidence: list):
+            return await call_backward(self.swarm, other, hidden, grad, extra, evidence=evidence)
 
         def joined(answer) -> torch.Tensor:  # both gradients compared at once
             grad_input, grad_prompts = answer
@@ -122,9 +125,10 @@ class Verifier:
                 parts.append(grad_prompts.reshape(-1, grad_prompts.shape[-1]))
             return torch.cat(parts)
 
-        return await self._check(hop, hidden, result, compute, f"backward of blocks {hop.start}:{hop.end}", key=joined)
+        what = f"backward of blocks {hop.start}:{hop.end}"
+        return await self._check(hop, hidden, result, list(signed), compute, what, key=joined)
 
-    async def _check(self, hop: RouteHop, hidden, answer, compute, what: str, key=lambda x: x):
+    async def _check(self, hop: RouteHop, hidden, answer, signed: list, compute, what: str, key=lambda x: x):
         if not self.sample():
             return answer
         second = self.checker(hop, exclude=set())
@@ -132,7 +136,7 @@ class Verifier:
             self.stats.unverifiable += 1
             return answer
         try:
-            other = await compute(second)
+            other = await compute(second, signed)
         except Exception as e:  # the checker failed: an ordinary failure of that server, the check is skipped
             self.checker_failed(second, e)
             return answer
@@ -149,7 +153,7 @@ class Verifier:
             )
         self.stats.count(hidden)
         try:
-            answers = [answer, other, await compute(third)]
+            answers = [answer, other, await compute(third, signed)]
         except Exception as e:
             self.checker_failed(third, e)
             self.stats.undecided += 1
@@ -157,6 +161,11 @@ class Verifier:
                 f"servers {hop.peer_id} and {second.peer_id} disagree on {what}; the third server failed"
             ) from e
         winner = self.settle(hop, [hop.peer_id, second.peer_id, third.peer_id], [key(a) for a in answers], what)
+        if len(signed) == 3:  # every answer's evidence: publish the proofs against the liars
+            tol = self.tolerance(hop, hop.peer_id, second.peer_id, third.peer_id)
+            for evidence, value in zip(signed, answers):
+                if token_error(key(value), key(answers[winner])) > tol:
+                    self.swarm.report_lie(evidence.proof())
         if winner != 0:
             logger.info("Using the majority's %s instead of %s's", what, hop.peer_id)
         return answers[winner]

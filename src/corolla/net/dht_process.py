@@ -70,8 +70,9 @@ class ParentBoundDHT(DHT):
             self.join(KILL_AFTER_TERM_S)
 
 
-def client_dht(initial_peers, **kwargs) -> ParentBoundDHT:
-    """A client-mode DHT peer (stores nothing) that validates records like every corolla node."""
+def client_dht(initial_peers, *, key=None, **kwargs) -> ParentBoundDHT:
+    """A client-mode DHT peer (stores nothing for others) that validates records like every corolla node; ``key``
+    (an RSAPrivateKey, default a fresh one) signs the records it writes under its ``owner_marker``."""
     from hivemind.utils.crypto import RSAPrivateKey
 
     from corolla.net.identity import swarm_validators
@@ -80,6 +81,6 @@ def client_dht(initial_peers, **kwargs) -> ParentBoundDHT:
         initial_peers=list(initial_peers),
         start=True,
         client_mode=True,
-        record_validators=swarm_validators(RSAPrivateKey()),
+        record_validators=swarm_validators(key or RSAPrivateKey()),
         **kwargs,
     )

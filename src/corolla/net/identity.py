@@ -54,8 +54,12 @@ def peer_id_from_owner_marker(marker: bytes) -> PeerID:
     found = RSASignatureValidator._PUBLIC_KEY_RE.findall(marker)
     if len(found) != 1:
         raise ValueError("expected exactly one owner key in the subkey")
-    public_key = RSAPublicKey.from_bytes(found[0])._public_key
-    der = public_key.public_bytes(
+    return peer_id_of_rsa_key(RSAPublicKey.from_bytes(found[0]))
+
+
+def peer_id_of_rsa_key(key: RSAPublicKey) -> PeerID:
+    """The libp2p peer id of an RSA public key (the sha2-256 multihash of its protobuf encoding)."""
+    der = key._public_key.public_bytes(
         encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
     )
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.RSA, data=der).SerializeToString()

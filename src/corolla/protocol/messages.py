@@ -124,11 +124,15 @@ class PushedStep(InferenceStep):
 
 
 class StepResult(_Message):
-    """The server's answer to a step: position after it and the free cache tokens left."""
+    """The server's answer to a step: position after it and the free cache tokens left, with the server's signed
+    receipt for the answer (``corolla.protocol.answer_signing.Receipt.to_list``) and, with the session's first
+    answer, the certificate of the key that signs them."""
 
     step_id: str
     position: int
     cache_tokens_left: int
+    receipt: list | None = None
+    certificate: list | None = None
 
 
 class ServerStatus(_Message):

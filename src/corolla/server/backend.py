@@ -19,8 +19,8 @@ from corolla.log import get_logger
 from corolla.models.batched_step import SessionStep, run_merged
 from corolla.models.lora import use_adapter
 from corolla.models.span import SpanInputs, SpanModel
+from corolla.protocol import input_checks as validation
 from corolla.protocol.messages import BackwardRequest, InferenceOpen, InferenceStep, SpanRequest
-from corolla.server import validation
 from corolla.server.activation_cache import ActivationCache, GraphChunk, KeptForward, SavedBytes
 from corolla.server.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, ComputeQueue
 from corolla.server.config import ServerConfig

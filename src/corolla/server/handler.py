@@ -3,7 +3,9 @@
 Requests are parsed here and handed to the compute backend (``corolla.server.backend``); inference sessions live in
 the session table (``corolla.server.sessions``). A bad request fails alone with a message saying what was wrong, and
 the server keeps serving everyone else. A session's reservation of attention-cache tokens is released whatever way
-the session ends (done, error, timeout, client gone).
+the session ends (done, error, timeout, client gone). Every answer is signed (``corolla.protocol.answer_signing``):
+forward and backward answers carry a receipt and the server's certificate, an inference step's answer a receipt of
+the session's chained inputs (the certificate with its first answer).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from corolla.net.tensors import (
     unpack_tensors,
 )
 from corolla.net.transport import HandlerWrapper, P2PTransport, serve, unserve
+from corolla.protocol.answer_signing import AnswerSigner, SessionChain, call_digest, span_fields
 from corolla.protocol.messages import (
     BackwardRequest,
     InferenceOpen,
@@ -52,8 +55,11 @@ logger = get_logger(__name__)
 class BlockServicer:
     """The ``BLOCK_SERVER`` RPCs of one server, hosting blocks ``span.start..span.end-1``."""
 
-    def __init__(self, *, span, config: ServerConfig, budget: CacheBudget, compute: ComputeQueue):
-        self.config, self.budget = config, budget
+    def __init__(
+        self, *, span, config: ServerConfig, budget: CacheBudget, compute: ComputeQueue, signer: AnswerSigner
+    ):
+        """``signer`` signs every answer with this server's answer key (certified by its identity)."""
+        self.config, self.budget, self.signer = config, budget, signer
         self.sessions = SessionTable()
         self.backend = SpanBackend(span=span, config=config, compute=compute, sessions=self.sessions)
         self._p2p: P2P | None = None
@@ -128,7 +134,7 @@ class BlockServicer:
         """Run hidden states through a sub-range of the hosted blocks (no cache)."""
         meta, tensors = _parse(SpanRequest, request)
         output = await self.backend.forward(meta, tensors)
-        return pack_response([output], {}, compression=meta.output_compression)
+        return self._signed("forward", meta, request, pack_response([output], {}, compression=meta.output_compression))
 
     async def rpc_forward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -144,7 +150,18 @@ class BlockServicer:
         """Gradients of a sub-range's inputs (and deep prompts) given the gradient of its outputs."""
         meta, tensors = _parse(BackwardRequest, request)
         grads = await self.backend.backward(meta, tensors)
-        return pack_response(grads, {}, compression=meta.output_compression)
+        return self._signed("backward", meta, request, pack_response(grads, {}, compression=meta.output_compression))
+
+    def _signed(self, kind: str, meta: SpanRequest, request, response: runtime_pb2.ExpertResponse):
+        """``response`` with this server's receipt for it (and its certificate) in the metadata."""
+        flags = (meta.has_attention_mask, meta.has_position_ids, meta.has_prompts)
+        inputs = call_digest(kind, span_fields(meta.start_block, meta.end_block, meta.active_adapter, flags),
+                             request.tensors)  # fmt: skip
+        receipt = self.signer.sign(kind, inputs, response.tensors)
+        response.metadata = MSGPackSerializer.dumps(
+            {"receipt": receipt.to_list(), "certificate": self.signer.certificate_list}
+        )
+        return response
 
     async def rpc_backward_stream(
         self, requests: AsyncIterator[runtime_pb2.ExpertRequest], context: P2PContext
@@ -178,6 +195,9 @@ class BlockServicer:
         async with self.budget.reserve(tokens, timeout_s=self.config.limits.alloc_timeout_s):
             span, cache = self.backend.new_cache(opened)
             with self.sessions.open(opened, span=span, cache=cache) as session:
+                session.chain = SessionChain(
+                    opened.session_id, opened.start_block, opened.end_block, opened.active_adapter
+                )
                 session.pushes = PushSender(self._transport, timeout_s=self.config.limits.request_timeout_s)
                 reader = asyncio.create_task(_read_client(requests, session.inbox))
                 logger.debug("Session %s opened for %d tokens", opened.session_id, tokens)
@@ -247,8 +267,15 @@ class BlockServicer:
             return None
         if step.push_chain:  # first: the next server waits for it, the client's answer is not on the critical path
             self._push(session, step, output, tensors[1:])
-        result = StepResult(step_id=step.step_id, position=session.length, cache_tokens_left=self.budget.tokens_left)
-        response = pack_response([output], result.model_dump(), compression=session.opened.output_compression)
+        flags = (step.has_attention_mask, step.has_position_ids, step.has_prompts)
+        inputs = session.chain.add(step.position, flags, message.tensors)
+        response = pack_response([output], {}, compression=session.opened.output_compression)
+        receipt = self.signer.sign("step", inputs, response.tensors, step=session.chain.steps)
+        result = StepResult(
+            step_id=step.step_id, position=session.length, cache_tokens_left=self.budget.tokens_left,
+            receipt=receipt.to_list(), certificate=self.signer.certificate_list if session.chain.steps == 1 else None,
+        )  # fmt: skip
+        response.metadata = MSGPackSerializer.dumps(result.model_dump())
         self.sessions.record(session, step.step_id, source, response)
         return response
 

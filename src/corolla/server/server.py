@@ -228,6 +228,7 @@ class Server:
         return start, start + num_blocks
 
     async def _serve(self, peer: Peer, span, dht_prefix: str, started: float) -> None:
+        from corolla.protocol.answer_signing import AnswerSigner
         from corolla.server.handler import BlockServicer
 
         cfg = self.config
@@ -257,7 +258,11 @@ class Server:
             serving.speed, provisional = await loop.run_in_executor(None, self._speed, span)
             compute = ComputeQueue()
             peer.on_shutdown("stop the compute thread", compute.shutdown)
-            servicer = BlockServicer(span=span, config=cfg, budget=serving.budget, compute=compute)
+            signer = AnswerSigner(
+                peer.key, dht_prefix=dht_prefix, dtype=str(next(span.parameters()).dtype).removeprefix("torch."),
+                quant=cfg.span.quant,
+            )  # fmt: skip
+            servicer = BlockServicer(span=span, config=cfg, budget=serving.budget, compute=compute, signer=signer)
             await servicer.start(await peer.p2p(), wrap=self.handler_wrapper)
             peer.on_shutdown("stop serving RPCs", servicer.stop)
         except BaseException:

@@ -43,6 +43,7 @@ class Session:
     inbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # (source, message) from the client and pushes
     answered: collections.OrderedDict = field(default_factory=collections.OrderedDict)  # step id -> source
     pushes: object = None  # the PushSender of this session's outputs to the next server of its chain
+    chain: object = None  # the SessionChain of the steps computed (their receipts sign its head)
 
 
 class Action(enum.Enum):

@@ -1,4 +1,5 @@
-"""Checks of untrusted request tensors. Each failure raises InvalidRequestError saying what was wrong."""
+"""Checks of untrusted span-call tensors (by servers on requests, by clients on proofs they check). Each failure
+raises InvalidRequestError saying what was wrong."""
 
 from __future__ import annotations
 

@@ -1,0 +1,131 @@
+"""What a verifying client keeps of each signed answer, so that a lie it catches becomes a proof for everyone.
+
+With verification on (``ClientConfig.verify`` > 0) every answer's receipt is checked as it arrives: the certificate
+must be signed by the server's identity (and be that server's), the receipt by the certificate's answer key, over
+the digest of exactly what the client sent (for a session: the chain of every step it sent to that server) and of
+exactly the tensors that came back. An answer that fails this is a failed call of its server, like a malformed one,
+since without a valid receipt a lie could not be proven. The client keeps the requests and answers (references to
+the messages it holds anyway, no copies) until the session or the call ends; ``proof`` turns one of them into a
+``LieProof``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hivemind.proto import runtime_pb2
+
+from corolla.errors import UnsignedAnswerError
+from corolla.net.tensors import unpack_metadata
+from corolla.protocol.answer_signing import (
+    Certificate,
+    ForgedAnswer,
+    Receipt,
+    SessionChain,
+    call_digest,
+    outputs_digest,
+    span_fields,
+)
+from corolla.protocol.lie_proofs import LieProof, ProvenStep
+
+
+def _certificate(peer_id: str, fields: object, dht_prefix: str) -> Certificate:
+    certificate = Certificate.from_list(fields)
+    certificate.check()
+    if certificate.peer_id != peer_id:
+        raise ForgedAnswer(f"the answer carries the certificate of {certificate.peer_id}")
+    if certificate.dht_prefix != dht_prefix:
+        raise ForgedAnswer(f"the certificate is for model {certificate.dht_prefix!r}, not {dht_prefix!r}")
+    return certificate
+
+
+def _raw(tensors) -> tuple[bytes, ...]:
+    return tuple(tensor.SerializeToString() for tensor in tensors)
+
+
+@dataclass(frozen=True)
+class SignedCall:
+    """A forward or backward call and its server's signed answer."""
+
+    kind: str
+    certificate: Certificate
+    receipt: Receipt
+    request: runtime_pb2.ExpertRequest
+    response: runtime_pb2.ExpertResponse
+    start_block: int
+    end_block: int
+    adapter: str | None
+    flags: tuple[bool, bool, bool]
+
+    @classmethod
+    def checked(cls, peer_id: str, kind: str, meta, request, response, *, dht_prefix: str) -> SignedCall:
+        """The call's evidence; UnsignedAnswerError if the server's signature does not cover this answer."""
+        try:
+            signed = unpack_metadata(response)
+            certificate = _certificate(peer_id, signed.get("certificate"), dht_prefix)
+            receipt = Receipt.from_list(signed.get("receipt"))
+            flags = (meta.has_attention_mask, meta.has_position_ids, meta.has_prompts)
+            fields = span_fields(meta.start_block, meta.end_block, meta.active_adapter, flags)
+            if receipt.kind != kind or receipt.inputs != call_digest(kind, fields, request.tensors):
+                raise ForgedAnswer("the receipt is not for this call")
+            if receipt.outputs != outputs_digest(response.tensors):
+                raise ForgedAnswer("the receipt is not for these outputs")
+            receipt.check(certificate)
+        except (ForgedAnswer, ValueError) as e:
+            raise UnsignedAnswerError(f"server {peer_id} sent a {kind} answer with no valid signature: {e}") from None
+        return cls(kind, certificate, receipt, request, response, meta.start_block, meta.end_block,
+                   meta.active_adapter, flags)  # fmt: skip
+
+    def proof(self) -> LieProof:
+        return LieProof(
+            certificate=self.certificate, receipt=self.receipt, start_block=self.start_block,
+            end_block=self.end_block, adapter=self.adapter, session_id="",
+            steps=(ProvenStep(0, self.flags, _raw(self.request.tensors)),), outputs=_raw(self.response.tensors),
+        )  # fmt: skip
+
+
+@dataclass
+class SessionLog:
+    """Every step one inference stream sent, with the server's signed answers (the receipts chain them)."""
+
+    peer_id: str
+    session_id: str
+    start_block: int
+    end_block: int
+    adapter: str | None
+    dht_prefix: str
+    certificate: Certificate | None = None
+    steps: list[tuple[int, tuple[bool, bool, bool], list]] = field(default_factory=list)  # position, flags, tensors
+    answers: list[tuple[Receipt, list]] = field(default_factory=list)  # receipt, output tensors
+    chain: SessionChain | None = None
+
+    def __post_init__(self):
+        self.chain = SessionChain(self.session_id, self.start_block, self.end_block, self.adapter)
+
+    def record(self, position: int, flags, request: runtime_pb2.ExpertRequest, response, meta: dict) -> None:
+        """Check and keep one step's answer (UnsignedAnswerError if its signature does not cover it)."""
+        try:
+            if self.certificate is None:
+                self.certificate = _certificate(self.peer_id, meta.get("certificate"), self.dht_prefix)
+            receipt = Receipt.from_list(meta.get("receipt"))
+            head = self.chain.add(position, flags, request.tensors)
+            if receipt.kind != "step" or receipt.step != self.chain.steps or receipt.inputs != head:
+                raise ForgedAnswer("the receipt is not for the steps this client sent")
+            if receipt.outputs != outputs_digest(response.tensors):
+                raise ForgedAnswer("the receipt is not for these outputs")
+            receipt.check(self.certificate)
+        except (ForgedAnswer, ValueError) as e:
+            what = f"server {self.peer_id} sent a step answer with no valid signature"
+            raise UnsignedAnswerError(f"{what}: {e}") from None
+        self.steps.append((position, tuple(flags), list(request.tensors)))
+        self.answers.append((receipt, list(response.tensors)))
+
+    def proof(self, index: int) -> LieProof:
+        """The proof that the answer to step ``index`` (0-based) is what this server signed after these steps."""
+        receipt, outputs = self.answers[index]
+        sent = self.steps[: index + 1]
+        steps = tuple(ProvenStep(position, flags, _raw(tensors)) for position, flags, tensors in sent)
+        return LieProof(
+            certificate=self.certificate, receipt=receipt, start_block=self.start_block, end_block=self.end_block,
+            adapter=self.adapter, session_id=self.session_id, steps=steps, outputs=_raw(outputs),
+        )  # fmt: skip
