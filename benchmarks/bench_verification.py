@@ -70,8 +70,9 @@ def detection(model_name: str, initial_peers, ids: torch.Tensor, preset: dict) -
         caught = []
         for trial in range(preset["trials"]):
             model = AutoDistributedModelForCausalLM.from_pretrained(
-                model_name, initial_peers=initial_peers, verify=rate, seed=1000 * trial + int(rate * 100)
-            )
+                model_name, initial_peers=initial_peers, verify=rate, seed=1000 * trial + int(rate * 100),
+                check_proofs=False,  # each client must catch the liar by itself (the first one publishes a proof)
+            )  # fmt: skip
             try:
                 stop = _StopWhenCaught(model.remote_blocks.swarm)
                 model.generate(

@@ -369,6 +369,12 @@ def verification(d: dict) -> str:
     return table(d["results"], d["params"])
 
 
+def answer_signing(d: dict) -> str:
+    from benchmarks.bench_answer_signing import table
+
+    return table(d["results"])
+
+
 def span_loading(d: dict) -> str:
     from benchmarks.bench_span_loading import table
 
@@ -549,6 +555,18 @@ def headline(results: dict[str, dict]) -> str:
 
     add("verification", checked)
 
+    def signing(r: dict) -> str:
+        step = next(row for row in r["per_answer"] if row["tokens"] == 1)
+        longest = max((row for row in r["proofs"] if row["fits_dht"]), key=lambda row: row["session_tokens"])
+        return (
+            f"Signed answers: signing a decode step costs the server {step['sign_us']:.0f} µs "
+            f"({100 * step['sign_share']:.1f} % of its compute), checking its receipt a verifying client "
+            f"{step['check_us']:.0f} µs; the proof of a lie at token {longest['session_tokens']} is "
+            f"{longest['proof_bytes'] / 1024:.0f} KiB and takes {longest['check_s']:.1f} s to check"
+        )
+
+    add("answer_signing", signing)
+
     def batched(r: dict) -> str:
         parts = []
         for layout, result in r["layouts"].items():
@@ -600,6 +618,7 @@ TABLES: dict[str, Callable[[dict], str]] = {
     "api": api,
     "nat_relay": nat_relay,
     "verification": verification,
+    "answer_signing": answer_signing,
     "span_loading": span_loading,
     "batching": batching,
     "speculative": speculative,

@@ -17,6 +17,7 @@ from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
 from corolla.client.answer_evidence import SessionLog, SignedCall
+from corolla.client.lie_reports import LieReports
 from corolla.client.proof_check import ProofChecker
 from corolla.errors import UnsignedAnswerError
 from corolla.models.checkpoint import resolve_checkpoint
@@ -213,3 +214,18 @@ def test_a_session_answer_that_does_not_continue_the_signed_chain_is_refused(ser
     response = runtime_pb2.ExpertResponse(tensors=outputs)
     with pytest.raises(UnsignedAnswerError, match="not for the steps"):  # the first answer again, as the third
         log.record(0, (False, False, False), request, response, {"receipt": receipt.to_list()})
+
+
+# ---- proofs read from others ---------------------------------------------------------------------------------------
+def test_reports_distrust_a_proven_liar_and_ignore_a_false_reporter(servicer, checker):
+    distrusted = {}
+    reports = LieReports(
+        dht=None, dht_prefix=PREFIX, owner=None, checker=checker, distrust=lambda p, why: distrusted.setdefault(p, why)
+    )
+    lie = LieProofRecord.of(_forward(servicer, seed=11, lie=True).proof())
+    honest = LieProofRecord.of(_forward(servicer, seed=12).proof())
+    assert reports._check("hostile-client", honest) and reports.stats.false == 1 and not distrusted
+    assert not reports._check("hostile-client", lie)  # a false reporter's other proofs are not even checked
+    assert reports._check("client", lie) and reports.stats.proven == 1
+    assert list(distrusted) == [servicer.signer.certificate.peer_id] and "client" in distrusted[lie.accused]
+    assert not reports._check("another-client", lie)  # one proof is checked once, whoever publishes it

@@ -28,10 +28,17 @@ from corolla.protocol.answer_signing import (
 )
 from corolla.protocol.lie_proofs import LieProof, ProvenStep
 
+_CHECKED: dict[bytes, Certificate] = {}  # certificates whose RSA signature held, by signature (one per server start)
+_MAX_CHECKED = 1024
+
 
 def _certificate(peer_id: str, fields: object, dht_prefix: str) -> Certificate:
     certificate = Certificate.from_list(fields)
-    certificate.check()
+    if _CHECKED.get(certificate.signature) != certificate:  # an RSA check costs ~0.4 ms: once per certificate
+        certificate.check()
+        if len(_CHECKED) >= _MAX_CHECKED:
+            _CHECKED.clear()
+        _CHECKED[certificate.signature] = certificate
     if certificate.peer_id != peer_id:
         raise ForgedAnswer(f"the answer carries the certificate of {certificate.peer_id}")
     if certificate.dht_prefix != dht_prefix:

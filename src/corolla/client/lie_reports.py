@@ -5,6 +5,11 @@ owner subkey (``corolla.protocol.lie_proofs``). Every client that refreshes its 
 about the servers it sees; each proof it has not seen is checked once (``ProofChecker``: signatures, then one span
 computation with the model's weights). A proven liar is distrusted for good, as if this client had caught it
 itself; a false proof is logged, and its reporter's other proofs are ignored from then on.
+
+Forging a proof is impossible without the accused's keys, and a forged one costs no computation (its signatures
+fail first). A "proof" made of an honest server's genuine signed answer costs one span computation to refute, and
+reporters are cheap to create, so each read checks at most ``MAX_CHECKS_PER_READ`` new proofs: a flood of false
+proofs delays the checks of real ones, it does not stall the client.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from corolla.protocol.lie_proofs import (
 )
 
 logger = get_logger(__name__)
+
+MAX_CHECKS_PER_READ = 4  # new proofs recomputed per refresh of the swarm view (the rest wait for the next one)
 
 
 @dataclass
@@ -96,21 +103,24 @@ class LieReports:
         if not keys:
             return
         found = fetch_records(self.dht, list(keys), LieProofRecord, timeout_s=self.timeout_s)
+        budget = MAX_CHECKS_PER_READ
         for records in found.values():
             for reporter, record in records.items():
-                self._check(reporter.to_base58(), record)
+                if budget > 0 and self._check(reporter.to_base58(), record):
+                    budget -= 1
 
-    def _check(self, reporter: str, record: LieProofRecord) -> None:
+    def _check(self, reporter: str, record: LieProofRecord) -> bool:
+        """Check one published proof unless seen before; whether it was recomputed now."""
         if reporter in self._false_reporters:
-            return
+            return False
         try:
             proof = record.parsed()
         except InvalidProof as e:
             self._false(reporter, record.accused, f"malformed: {e}")
-            return
+            return False
         with self._lock:
             if proof.digest in self._seen:
-                return
+                return False
             self._seen.add(proof.digest)
         verdict = self.checker.check(proof)
         if verdict.proven:
@@ -120,6 +130,7 @@ class LieReports:
             logger.info("Could not check %s's proof against server %s: %s", reporter, proof.accused, verdict.reason)
         else:
             self._false(reporter, proof.accused, verdict.reason)
+        return True
 
     def _false(self, reporter: str, accused: str, reason: str) -> None:
         self.stats.false += 1
