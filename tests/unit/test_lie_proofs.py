@@ -16,6 +16,7 @@ from hivemind.proto import runtime_pb2
 from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 
+from corolla.client import answer_evidence
 from corolla.client.answer_evidence import SessionLog, SignedCall
 from corolla.client.lie_reports import LieReports
 from corolla.client.proof_check import ProofChecker
@@ -229,3 +230,34 @@ def test_reports_distrust_a_proven_liar_and_ignore_a_false_reporter(servicer, ch
     assert reports._check("client", lie) and reports.stats.proven == 1
     assert list(distrusted) == [servicer.signer.certificate.peer_id] and "client" in distrusted[lie.accused]
     assert not reports._check("another-client", lie)  # one proof is checked once, whoever publishes it
+
+
+def test_what_a_checker_cannot_judge_fairly_is_left_unchecked(servicer, checker):
+    meta = SpanRequest(start_block=START, end_block=END, output_compression="UNIFORM_8BIT")
+    request = pack([_hidden(1, 4, servicer.span.config.hidden_size, seed=13)], meta.model_dump())
+    response = asyncio.run(servicer.rpc_forward(request, None))  # the client asked for a lossy answer
+    peer_id = servicer.signer.certificate.peer_id
+    coded = SignedCall.checked(peer_id, "forward", meta, request, response, dht_prefix=PREFIX)
+    verdict = checker.check(coded.proof())
+    assert not verdict.checked and not verdict.refuted and "lossy codec" in verdict.reason
+    small = ProofChecker(checker.checkpoint, dht_prefix=PREFIX, num_blocks=6, max_span_bytes=1000)
+    verdict = small.check(_forward(servicer, seed=14, lie=True).proof())
+    assert not verdict.checked and "GiB here" in verdict.reason
+
+
+def test_a_certificate_must_state_the_format_the_server_announces(servicer):
+    meta = SpanRequest(start_block=START, end_block=END)
+    request = pack([_hidden(1, 2, servicer.span.config.hidden_size, seed=15)], meta.model_dump())
+    response = asyncio.run(servicer.rpc_forward(request, None))
+    peer_id = servicer.signer.certificate.peer_id
+    SignedCall.checked(peer_id, "forward", meta, request, response, dht_prefix=PREFIX, announced=("float32", "none"))
+    with pytest.raises(UnsignedAnswerError, match="the server announces bfloat16/none"):
+        SignedCall.checked(
+            peer_id, "forward", meta, request, response, dht_prefix=PREFIX, announced=("bfloat16", "none")
+        )
+
+
+def test_a_session_too_long_to_prove_keeps_only_its_chain(servicer, monkeypatch):
+    monkeypatch.setattr(answer_evidence, "MAX_PROOF_BYTES", 2000)  # the prompt alone is 5 tokens x 64 x 4 bytes
+    log = _session(servicer, STEPS)
+    assert log.too_long and log.proof(len(STEPS) - 1) is None and all(not tensors for *_, tensors in log.steps)

@@ -4,9 +4,11 @@ With verification on (``ClientConfig.verify`` > 0) every answer's receipt is che
 must be signed by the server's identity (and be that server's), the receipt by the certificate's answer key, over
 the digest of exactly what the client sent (for a session: the chain of every step it sent to that server) and of
 exactly the tensors that came back. An answer that fails this is a failed call of its server, like a malformed one,
-since without a valid receipt a lie could not be proven. The client keeps the requests and answers (references to
-the messages it holds anyway, no copies) until the session or the call ends; ``proof`` turns one of them into a
-``LieProof``.
+since without a valid receipt a lie could not be proven. A certificate must also certify the number format the
+server announces in the DHT (a liar that certified a coarser one would get a looser tolerance from proof checkers).
+The client keeps the serialized requests and answers of each stream until the session ends, up to what one proof
+may hold (``MAX_PROOF_BYTES``): past that only the chain is kept, since no proof of a later step could be published;
+``proof`` turns one of them into a ``LieProof``.
 """
 
 from __future__ import annotations
@@ -26,14 +28,18 @@ from corolla.protocol.answer_signing import (
     outputs_digest,
     span_fields,
 )
-from corolla.protocol.lie_proofs import LieProof, ProvenStep
+from corolla.protocol.lie_proofs import MAX_PROOF_BYTES, LieProof, ProvenStep
 
 _CHECKED: dict[bytes, Certificate] = {}  # certificates whose RSA signature held, by signature (one per server start)
 _MAX_CHECKED = 1024
 
 
-def _certificate(peer_id: str, fields: object, dht_prefix: str) -> Certificate:
+def _certificate(peer_id: str, fields: object, dht_prefix: str, announced: tuple | None) -> Certificate:
+    """The answer's certificate, checked: signed by ``peer_id``, for this model and the format it announced."""
     certificate = Certificate.from_list(fields)
+    if announced is not None and None not in announced and (certificate.dtype, certificate.quant) != announced:
+        raise ForgedAnswer(f"the certificate says {certificate.dtype}/{certificate.quant}, the server announces "
+                           f"{announced[0]}/{announced[1]}")  # fmt: skip
     if _CHECKED.get(certificate.signature) != certificate:  # an RSA check costs ~0.4 ms: once per certificate
         certificate.check()
         if len(_CHECKED) >= _MAX_CHECKED:
@@ -65,11 +71,14 @@ class SignedCall:
     flags: tuple[bool, bool, bool]
 
     @classmethod
-    def checked(cls, peer_id: str, kind: str, meta, request, response, *, dht_prefix: str) -> SignedCall:
-        """The call's evidence; UnsignedAnswerError if the server's signature does not cover this answer."""
+    def checked(
+        cls, peer_id: str, kind: str, meta, request, response, *, dht_prefix: str, announced: tuple | None = None
+    ) -> SignedCall:
+        """The call's evidence; UnsignedAnswerError if the server's signature does not cover this answer.
+        ``announced``: the (dtype, quantization) the server announces, which its certificate must state."""
         try:
             signed = unpack_metadata(response)
-            certificate = _certificate(peer_id, signed.get("certificate"), dht_prefix)
+            certificate = _certificate(peer_id, signed.get("certificate"), dht_prefix, announced)
             receipt = Receipt.from_list(signed.get("receipt"))
             flags = (meta.has_attention_mask, meta.has_position_ids, meta.has_prompts)
             fields = span_fields(meta.start_block, meta.end_block, meta.active_adapter, flags)
@@ -101,7 +110,10 @@ class SessionLog:
     end_block: int
     adapter: str | None
     dht_prefix: str
+    announced: tuple | None = None  # the (dtype, quantization) the server announces
     certificate: Certificate | None = None
+    kept_bytes: int = 0  # serialized tensors kept so far
+    too_long: bool = False  # over what one proof may hold: tensors are no longer kept
     steps: list[tuple[int, tuple[bool, bool, bool], list]] = field(default_factory=list)  # position, flags, tensors
     answers: list[tuple[Receipt, list]] = field(default_factory=list)  # receipt, output tensors
     chain: SessionChain | None = None
@@ -113,7 +125,7 @@ class SessionLog:
         """Check and keep one step's answer (UnsignedAnswerError if its signature does not cover it)."""
         try:
             if self.certificate is None:
-                self.certificate = _certificate(self.peer_id, meta.get("certificate"), self.dht_prefix)
+                self.certificate = _certificate(self.peer_id, meta.get("certificate"), self.dht_prefix, self.announced)
             receipt = Receipt.from_list(meta.get("receipt"))
             head = self.chain.add(position, flags, request.tensors)
             if receipt.kind != "step" or receipt.step != self.chain.steps or receipt.inputs != head:
@@ -124,11 +136,21 @@ class SessionLog:
         except (ForgedAnswer, ValueError) as e:
             what = f"server {self.peer_id} sent a step answer with no valid signature"
             raise UnsignedAnswerError(f"{what}: {e}") from None
+        self.kept_bytes += sum(t.ByteSize() for t in (*request.tensors, *response.tensors))
+        if self.kept_bytes > MAX_PROOF_BYTES:
+            self.too_long = True
+        if self.too_long:  # keep counting steps (indices stay valid), not their tensors
+            self.steps.append((position, tuple(flags), []))
+            self.answers.append((receipt, []))
+            return
         self.steps.append((position, tuple(flags), list(request.tensors)))
         self.answers.append((receipt, list(response.tensors)))
 
-    def proof(self, index: int) -> LieProof:
-        """The proof that the answer to step ``index`` (0-based) is what this server signed after these steps."""
+    def proof(self, index: int) -> LieProof | None:
+        """The proof that the answer to step ``index`` (0-based) is what this server signed after these steps;
+        None once the session is too long for a proof to be published."""
+        if self.too_long:
+            return None
         receipt, outputs = self.answers[index]
         sent = self.steps[: index + 1]
         steps = tuple(ProvenStep(position, flags, _raw(tensors)) for position, flags, tensors in sent)

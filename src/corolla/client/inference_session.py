@@ -66,6 +66,7 @@ class _ServerStream:
         timeout_s: float,
         active_adapter: str | None = None,
         dht_prefix: str | None = None,
+        announced: tuple | None = None,
     ):
         """With a ``dht_prefix`` (verification on), every answer's signature is checked and kept in ``log``."""
         self.hop, self.max_length, self.batch_size = hop, max_length, batch_size
@@ -77,7 +78,7 @@ class _ServerStream:
         if dht_prefix is not None:
             self.log = SessionLog(
                 peer_id=hop.peer_id, session_id=self.session_id, start_block=hop.start, end_block=hop.end,
-                adapter=active_adapter, dht_prefix=dht_prefix,
+                adapter=active_adapter, dht_prefix=dht_prefix, announced=announced,
             )  # fmt: skip
 
     async def open(self, swarm: SwarmView) -> None:
@@ -427,13 +428,15 @@ class InferenceSession:
         hops = [span.hop.peer_id, shadow.hop.peer_id, third_hop.peer_id]
         answers = [answered, checked, settled]
         winner = verifier.settle(span.hop, hops, answers, what)  # distrusts the liars
-        tol = verifier.tolerance(span.hop, *hops)
+        provable = verifier.provable_error(span.hop, *hops)
         pending_outputs = [*(entry.output for entry in pending[:-1]), output]
-        lying_step = _first_wrong(pending, pending_outputs, answers[winner], tol, last=_last_signed(span.stream))
+        lying_step = _first_wrong(pending, pending_outputs, answers[winner], provable, last=_last_signed(span.stream))
         for stream, step, value in ((span.stream, lying_step, answered), (shadow, _last_signed(shadow), checked),
                                     (third, _last_signed(third), settled)):  # fmt: skip
-            if stream.log is not None and step is not None and token_error(value, answers[winner]) > tol:
-                self.swarm.report_lie(stream.log.proof(step))
+            if stream.log is not None and step is not None and token_error(value, answers[winner]) > provable:
+                proof = stream.log.proof(step)
+                if proof is not None:
+                    self.swarm.report_lie(proof)
         if span.hop.peer_id in self.swarm.distrusted():
             await third.close()
             raise WrongValuesError(f"server {span.hop.peer_id} returned wrong values for {what}")
@@ -499,6 +502,8 @@ class InferenceSession:
                 bad = spans[-1] if spans else None
                 for span in spans:
                     await span.stream.close()
+                if isinstance(e, UnsignedAnswerError) and bad is not None:
+                    self.swarm.distrust(bad.hop.peer_id, str(e))
                 if bad is None:  # routing itself failed: nobody to ban
                     await failover.failed(None, e)
                 else:
@@ -513,6 +518,7 @@ class InferenceSession:
             timeout_s=self.swarm.config.step_timeout_s,
             active_adapter=self.swarm.config.active_adapter,
             dht_prefix=self.swarm.dht_prefix if self.swarm.verifier.enabled else None,
+            announced=self.swarm.announced(hop.peer_id),
         )
 
     async def _replay(self, failed: _SpanState, replacement: list[_SpanState], mask: torch.Tensor | None) -> None:

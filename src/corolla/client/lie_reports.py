@@ -4,12 +4,16 @@ A client that catches a server lying publishes a ``LieProof`` under ``lie_proofs
 owner subkey (``corolla.protocol.lie_proofs``). Every client that refreshes its view of the swarm reads the proofs
 about the servers it sees; each proof it has not seen is checked once (``ProofChecker``: signatures, then one span
 computation with the model's weights). A proven liar is distrusted for good, as if this client had caught it
-itself; a false proof is logged, and its reporter's other proofs are ignored from then on.
+itself; a refuted proof (forged, or an answer clearly right) is logged, and its reporter's other proofs are
+ignored from then on; a proof the checker cannot judge (``Verdict.checked`` false) or a borderline one counts for
+neither side.
 
 Forging a proof is impossible without the accused's keys, and a forged one costs no computation (its signatures
 fail first). A "proof" made of an honest server's genuine signed answer costs one span computation to refute, and
 reporters are cheap to create, so each read checks at most ``MAX_CHECKS_PER_READ`` new proofs: a flood of false
-proofs delays the checks of real ones, it does not stall the client.
+proofs delays the checks of real ones. Checks run in the thread that refreshes the view (at connect, then
+periodically and when routing finds blocks missing), each bounded by the checker's limits on span memory and tokens,
+and the loaded span is freed after each read.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from corolla.protocol.lie_proofs import (
 
 logger = get_logger(__name__)
 
-MAX_CHECKS_PER_READ = 4  # new proofs recomputed per refresh of the swarm view (the rest wait for the next one)
+MAX_CHECKS_PER_READ = 2  # new proofs recomputed per refresh of the swarm view (the rest wait for the next one)
 
 
 @dataclass
@@ -104,10 +108,17 @@ class LieReports:
             return
         found = fetch_records(self.dht, list(keys), LieProofRecord, timeout_s=self.timeout_s)
         budget = MAX_CHECKS_PER_READ
-        for records in found.values():
-            for reporter, record in records.items():
-                if budget > 0 and self._check(reporter.to_base58(), record):
-                    budget -= 1
+        try:
+            for records in found.values():
+                for reporter, record in records.items():
+                    if budget <= 0:
+                        return
+                    try:
+                        budget -= self._check(reporter.to_base58(), record)
+                    except Exception as e:  # a hostile record fails alone
+                        logger.info("Could not check %s's proof: %s: %s", reporter, type(e).__name__, e)
+        finally:
+            self.checker.release()
 
     def _check(self, reporter: str, record: LieProofRecord) -> bool:
         """Check one published proof unless seen before; whether it was recomputed now."""
@@ -126,8 +137,8 @@ class LieReports:
         if verdict.proven:
             self.stats.proven += 1
             self.distrust(proof.accused, f"proof published by {reporter}: {verdict.reason}")
-        elif not verdict.checked:
-            logger.info("Could not check %s's proof against server %s: %s", reporter, proof.accused, verdict.reason)
+        elif not verdict.refuted:
+            logger.info("Not proven: %s's proof against server %s: %s", reporter, proof.accused, verdict.reason)
         else:
             self._false(reporter, proof.accused, verdict.reason)
         return True

@@ -108,7 +108,15 @@ async def _call(swarm, hop: RouteHop, meta, request: runtime_pb2.ExpertRequest, 
     response = await call_maybe_streamed(stub, rpc, request, timeout_s=swarm.config.request_timeout_s)
     if swarm.verifier.enabled:  # only a verifying client can catch a lie, and prove it with the signed answer
         try:
-            signed = SignedCall.checked(hop.peer_id, rpc, meta, request, response, dht_prefix=swarm.dht_prefix)
+            signed = SignedCall.checked(
+                hop.peer_id,
+                rpc,
+                meta,
+                request,
+                response,
+                dht_prefix=swarm.dht_prefix,
+                announced=swarm.announced(hop.peer_id),
+            )
         except UnsignedAnswerError as e:
             swarm.distrust(hop.peer_id, str(e))
             raise

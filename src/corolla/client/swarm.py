@@ -146,7 +146,8 @@ class SwarmView:
             self.servers = servers
             self._updated_at = self.clock()
         try:  # proofs others published against these servers: a proven liar is never used
-            self.lie_reports.read(p.to_base58() for p in servers)
+            distrusted = self.distrusted()
+            self.lie_reports.read(p.to_base58() for p in servers if p.to_base58() not in distrusted)
         except Exception as e:
             logger.debug("Reading proofs of lies failed: %s", e)
         try:
@@ -220,6 +221,11 @@ class SwarmView:
         """The record of a server of this view, by its base58 id."""
         with self._lock:
             return next((i for p, i in self.servers.items() if p.to_base58() == peer_id), None)
+
+    def announced(self, peer_id: str) -> tuple[str | None, str | None] | None:
+        """The (dtype, quantization) a server announces (None if it is not in view)."""
+        info = self.info(peer_id)
+        return None if info is None else (info.dtype, info.quant)
 
     def servers_of(self, start: int, end: int, *, exclude: set[str] = frozenset()) -> list[RouteHop]:
         """Usable servers that host every block of start..end-1 (not banned, not in ``exclude``), fastest first:

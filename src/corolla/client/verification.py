@@ -27,7 +27,7 @@ from corolla.algorithms.output_check import majority, token_error, tolerance
 from corolla.algorithms.routing import RouteHop
 from corolla.client.failover import describe
 from corolla.client.span_calls import SpanCallInputs, call_backward, call_forward
-from corolla.errors import RemoteCallError
+from corolla.errors import RemoteCallError, UnsignedAnswerError
 from corolla.log import get_logger
 
 logger = get_logger(__name__)
@@ -76,6 +76,14 @@ class Verifier:
         infos = [self.swarm.info(peer) for peer in peer_ids]
         formats = [(None, None) if info is None else (info.dtype, info.quant) for info in infos]
         return tolerance(formats, hop.end - hop.start)
+
+    def provable_error(self, hop: RouteHop, *peer_ids: str) -> float:
+        """The error against the majority past which a liar's answer is published as a proof: twice the tolerance
+        of these servers' formats and of float32 (what proof checkers compare with), whatever ``verify_tolerance``
+        says, so that a borderline lie is not published as one that checkers would call right."""
+        infos = [self.swarm.info(peer) for peer in peer_ids]
+        formats = [(None, None) if info is None else (info.dtype, info.quant) for info in infos]
+        return 2 * tolerance([*formats, ("float32", "none")], hop.end - hop.start)
 
     def checker(self, hop: RouteHop, exclude: set[str]) -> RouteHop | None:
         """Another server of ``hop``'s blocks (the fastest not in ``exclude``), or None (counted as unverifiable)."""
@@ -162,9 +170,9 @@ class Verifier:
             ) from e
         winner = self.settle(hop, [hop.peer_id, second.peer_id, third.peer_id], [key(a) for a in answers], what)
         if len(signed) == 3:  # every answer's evidence: publish the proofs against the liars
-            tol = self.tolerance(hop, hop.peer_id, second.peer_id, third.peer_id)
+            provable = self.provable_error(hop, hop.peer_id, second.peer_id, third.peer_id)
             for evidence, value in zip(signed, answers):
-                if token_error(key(value), key(answers[winner])) > tol:
+                if token_error(key(value), key(answers[winner])) > provable:
                     self.swarm.report_lie(evidence.proof())
         if winner != 0:
             logger.info("Using the majority's %s instead of %s's", what, hop.peer_id)
@@ -172,6 +180,8 @@ class Verifier:
 
     def checker_failed(self, hop: RouteHop, error: BaseException) -> None:
         logger.info("Server %s could not check blocks %d:%d (%s)", hop.peer_id, hop.start, hop.end, describe(error))
+        if isinstance(error, UnsignedAnswerError):  # not a transient failure: it sent an answer it did not sign
+            self.swarm.distrust(hop.peer_id, str(error))
         self.swarm.ban(hop.peer_id)
 
 

@@ -16,6 +16,7 @@ from hivemind.p2p import P2P, P2PDaemonError, PeerID
 from corolla.errors import RemoteCallError
 from corolla.log import get_logger
 from corolla.net.forwarding import ForwardingError, forwarded_unary_call, iterate_stream, open_forwarded_stream
+from corolla.net.reachability import connect_through_relays, relay_of
 from corolla.protocol.rpc import Handler, MessageStream, Rpc, RpcContract
 
 logger = get_logger(__name__)
@@ -108,8 +109,6 @@ class P2PTransport:
 
     def _forwarders(self, peer_id: str) -> list[tuple[PeerID, str]]:
         """The relays of a peer behind NAT (peer id, direct address), the one that forwarded last first."""
-        from corolla.net.reachability import relay_of
-
         addrs = self._relay_addrs(peer_id) if self._relay_addrs is not None else ()
         relays = [relay for relay in map(relay_of, addrs) if relay is not None]
         good = self._good_forwarder.get(peer_id)
@@ -149,8 +148,6 @@ class P2PTransport:
         return None
 
     async def _through(self, relay: PeerID, direct: str, peer: PeerID, action) -> T:
-        from corolla.net.reachability import connect_through_relays
-
         for attempt in range(2):
             if attempt:  # the relay may not be connected yet: dial it, then try once more
                 try:
@@ -187,8 +184,6 @@ class P2PTransport:
                 pass
         elif any(info.peer_id == peer for info in await self.p2p.list_peers()):
             return peer
-        from corolla.net.reachability import connect_through_relays
-
         good = self._good_relay.get(peer_id)
         addrs.sort(key=lambda addr: addr != good)
         error: Exception | None = None

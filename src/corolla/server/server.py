@@ -350,8 +350,8 @@ class Server:
 
     def _speed(self, span) -> tuple[SpeedReport, bool]:
         """The speed to announce, and whether it is provisional: a server's first start on this hardware (nothing
-        cached, ``--throughput auto``) serves at once with a quick lower bound; the full measurement, which took 159
-        s for a 70B-shaped span on 2 cores, runs in the background (``_measure_in_background``)."""
+        cached, ``--throughput auto``) serves at once with a quick lower bound; the full measurement (minutes for a
+        70B-shaped span on a slow 2-core machine) runs in the background (``_measure_in_background``)."""
         from corolla.server.throughput import SpeedReport, cached_speed, get_speed, provisional_speed
 
         cfg = self.config
