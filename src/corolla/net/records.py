@@ -14,10 +14,14 @@ the same for every role.
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from functools import partial
+from pathlib import Path
 from typing import TypeVar
 
+import msgpack
 from hivemind.dht import DHT, DHTNode
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.p2p import PeerID
@@ -42,9 +46,27 @@ def owner_of_subkey(subkey: object) -> PeerID:
     return peer_id_from_owner_marker(subkey)
 
 
+PIPE_SAFE_BYTES = 32 * 1024
+"""The largest record handed to the DHT process through its pipe. hivemind's DHT process reads that pipe with a
+non-blocking ``recv``: a message over the pipe's buffer (64 KiB on Linux) fails half-read with EAGAIN, and the
+next read finds the pipe garbled and kills the DHT process (measured: 60 KB fails, 30 KB works). Larger records go
+through a private file instead (answers come back through another pipe, which has no such limit)."""
+
+
 async def _store(_dht: DHT, node: DHTNode, keys: list[str], subkey: bytes, value: dict, expiration: float) -> bool:
     results = await node.store_many(keys, [value] * len(keys), expiration, subkeys=[subkey] * len(keys))
     return all(results.values())
+
+
+async def _store_from_file(
+    _dht: DHT, node: DHTNode, keys: list[str], subkey: bytes, path: str, expiration: float
+) -> bool:
+    """``_store`` of a record the host process wrote to ``path`` (msgpack), which is removed once read."""
+    try:
+        value = msgpack.unpackb(Path(path).read_bytes())
+    finally:
+        Path(path).unlink(missing_ok=True)
+    return await _store(_dht, node, keys, subkey, value, expiration)
 
 
 def store_record(
@@ -63,7 +85,15 @@ def store_record(
         raise ValueError(f"expiration_s must be > 0, got {expiration_s}")
     owner_of_subkey(owner)  # our own subkey must be readable by others, or the record is lost
     expiration = get_dht_time() + expiration_s
-    store = partial(_store, keys=list(keys), subkey=owner, value=record.to_record(), expiration=expiration)
+    value = record.to_record()
+    packed = msgpack.packb(value)
+    if len(packed) <= PIPE_SAFE_BYTES:
+        store = partial(_store, keys=list(keys), subkey=owner, value=value, expiration=expiration)
+    else:
+        fd, path = tempfile.mkstemp(prefix="corolla-record-", suffix=".msgpack")  # readable by this user only
+        with os.fdopen(fd, "wb") as file:
+            file.write(packed)
+        store = partial(_store_from_file, keys=list(keys), subkey=owner, path=path, expiration=expiration)
     return dht.run_coroutine(store, return_future=True)
 
 
