@@ -178,7 +178,7 @@ def table(results: dict) -> str:
             f"| {row['session_tokens']} | {row['steps']} | {row['proof_bytes'] / 1024:.0f} KiB | "
             f"{'yes' if row['fits_dht'] else 'no'} | {row['check_s']:.2f} s | {row['check_with_loading_s']:.2f} s |"
         )
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path, title: str) -> None:
