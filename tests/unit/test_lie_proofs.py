@@ -160,17 +160,19 @@ def test_a_client_refuses_answers_whose_signature_does_not_cover_them(servicer):
 
 
 # ---- inference sessions --------------------------------------------------------------------------------------------
-def _session(servicer, steps: list[tuple[int, int]], *, lie_at: int | None = None) -> SessionLog:
-    """Run an inference session of ``steps`` (position, new tokens) through the real handler; the answer to step
-    ``lie_at`` is altered and signed again (the server's later answers are honest). The client's log of it."""
+def _session(servicer, steps: list[tuple[int, int]], *, lie_at: int | None = None, positions=()) -> SessionLog:
+    """Run an inference session of ``steps`` (position, new tokens) through the real handler (the steps listed in
+    ``positions`` carry explicit position ids); the answer to step ``lie_at`` is altered and signed again (the
+    server's later answers are honest). The client's log of it."""
     hidden_size = servicer.span.config.hidden_size
     opened = InferenceOpen(session_id="s" * 16, max_length=64, start_block=START, end_block=END)
     requests = []
     for i, (position, tokens) in enumerate(steps):
-        step = InferenceStep(step_id=f"step-{i}", position=position).model_dump()
-        requests.append(
-            pack([_hidden(1, tokens, hidden_size, seed=20 + i)], (opened.model_dump() if i == 0 else {}) | step)
-        )
+        step = InferenceStep(step_id=f"step-{i}", position=position, has_position_ids=i in positions).model_dump()
+        tensors = [_hidden(1, tokens, hidden_size, seed=20 + i)]
+        if i in positions:
+            tensors.append(torch.arange(position, position + tokens).unsqueeze(0))
+        requests.append(pack(tensors, (opened.model_dump() if i == 0 else {}) | step))
 
     async def run():
         async def messages():
@@ -186,7 +188,7 @@ def _session(servicer, steps: list[tuple[int, int]], *, lie_at: int | None = Non
     for i, ((position, _), request, response) in enumerate(zip(steps, requests, responses)):
         if i == lie_at:
             response = _lie(servicer, response)
-        log.record(position, (False, False, False), request, response, unpack_metadata(response))
+        log.record(position, (False, i in positions, False), request, response, unpack_metadata(response))
     return log
 
 
@@ -205,6 +207,15 @@ def test_an_inference_step_is_replayed_with_the_whole_session_before_it(servicer
     assert "receipt is for step 4, the proof holds 3" in checker.check(shortened).reason
     other_prompt = dataclasses.replace(proof, steps=(log.proof(5).steps[1], *proof.steps[1:]))  # another history
     assert "inputs are not the ones" in checker.check(other_prompt).reason
+
+
+def test_steps_with_their_own_position_ids_are_replayed_alone(servicer, checker):
+    """Plain steps that continue the cache are recomputed as one prefill; a step with position ids runs alone."""
+    log = _session(servicer, STEPS, lie_at=5, positions=(1, 4))
+    for index in (2, 4):
+        verdict = checker.check(log.proof(index))
+        assert verdict.checked and not verdict.proven and verdict.error < 1e-5, (index, verdict)
+    assert checker.check(log.proof(5)).proven
 
 
 def test_a_session_answer_that_does_not_continue_the_signed_chain_is_refused(servicer):

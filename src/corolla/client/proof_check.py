@@ -2,8 +2,8 @@
 
 ``LieProof.check_signed`` (no model needed) shows that the accused signed this answer to these inputs. This module
 does the rest: it loads the proof's blocks from the checkpoint (only their tensors, in float32), runs the inputs
-through them as a server does (an inference session's steps one by one, rewinds included, so the attention cache
-is the one the server computed with; a backward call through autograd), and compares the recomputed answer with the
+through them as a server does (an inference session's steps in order, rewinds included, so the attention cache
+holds what the server computed with; a backward call through autograd), and compares the recomputed answer with the
 signed one, per token, within the tolerance of the format the server certified against float32
 (``corolla.algorithms.output_check``). Outside it, the lie is proven; within it, the proof is false.
 
@@ -130,21 +130,7 @@ class ProofChecker:
         if sum(t[0].shape[0] * t[0].shape[1] for t in steps if t and t[0].ndim == 3) > MAX_CHECK_TOKENS:
             raise InvalidProof(f"the proof asks to recompute over {MAX_CHECK_TOKENS} tokens")
         if proof.kind == "step":
-            cache, length, output = span.new_cache(proof.start_block, proof.end_block), 0, None
-            batch = None
-            for step, tensors in zip(proof.steps, steps):
-                if step.position > length:
-                    raise InvalidProof(f"a step at position {step.position} skips positions (cache: {length} tokens)")
-                inputs, prompts, _ = _span_inputs(span, step.flags, tensors, past=step.position, blocks=blocks)
-                batch = batch or inputs.hidden_states.shape[0]
-                if inputs.hidden_states.shape[0] != batch:
-                    raise InvalidProof("the steps of one session have different batch sizes")
-                excess = cache.get_seq_length() - step.position
-                if excess > 0:  # a rewind: drop the later tokens, as the server does
-                    cache.crop(-excess)
-                output = span(inputs, cache, start=proof.start_block, end=proof.end_block, prompts=prompts)
-                length = step.position + inputs.hidden_states.shape[1]
-            return output, inputs.hidden_states
+            return self._replay(span, proof, steps, blocks)
         (step,), (tensors,) = proof.steps, steps
         backward = proof.kind == "backward"
         inputs, prompts, grad = _span_inputs(span, step.flags, tensors, past=0, blocks=blocks, backward=backward)
@@ -154,6 +140,41 @@ class ProofChecker:
             hidden = inputs.hidden_states.requires_grad_()
             output = span(inputs, start=proof.start_block, end=proof.end_block, prompts=prompts)
             return torch.autograd.grad(output, [hidden], grad)[0], grad
+
+    @staticmethod
+    def _replay(span: SpanModel, proof: LieProof, steps: list[list[torch.Tensor]], blocks: int):
+        """An inference session's steps, as the server ran them: a rewind crops the cache, a step with a mask,
+        position ids or deep prompts runs alone; plain steps that continue the cache run together as one prefill
+        (the same attention, rounded differently by far less than any tolerance), so a long session checks in
+        one computation rather than one per token."""
+        start, end = proof.start_block, proof.end_block
+        cache, length, batch, output, run = span.new_cache(start, end), 0, None, None, []
+
+        def flush():
+            nonlocal output
+            if run:
+                output = span(SpanInputs(hidden_states=torch.cat(run, dim=1)), cache, start=start, end=end)
+                run.clear()
+
+        for step, tensors in zip(proof.steps, steps):
+            if step.position > length:
+                raise InvalidProof(f"a step at position {step.position} skips positions (cache: {length} tokens)")
+            inputs, prompts, _ = _span_inputs(span, step.flags, tensors, past=step.position, blocks=blocks)
+            batch = batch or inputs.hidden_states.shape[0]
+            if inputs.hidden_states.shape[0] != batch:
+                raise InvalidProof("the steps of one session have different batch sizes")
+            if step.position < length or any(step.flags):
+                flush()
+                excess = cache.get_seq_length() - step.position
+                if excess > 0:  # a rewind: drop the later tokens, as the server does
+                    cache.crop(-excess)
+            if any(step.flags):
+                output = span(inputs, cache, start=start, end=end, prompts=prompts)
+            else:
+                run.append(inputs.hidden_states)
+            length = step.position + inputs.hidden_states.shape[1]
+        flush()
+        return output[:, -inputs.hidden_states.shape[1] :], inputs.hidden_states
 
 
 def _decoded(step) -> list[torch.Tensor]:
