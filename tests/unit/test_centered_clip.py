@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from corolla.algorithms.centered_clip import (
     CenteredClipConfig,
+    _sorted_rows,
     centered_clip,
     clip_factors,
     fixed_point_residual,
@@ -184,6 +186,28 @@ def test_the_weighted_median_convention():
     assert weighted_median(x[:3], torch.tensor([1.0, 0.0, 1.0])).item() == 2.5  # a zero weight is never chosen
     assert weighted_median(x, torch.tensor([10.0, 1.0, 1.0, 1.0])).item() == 0.0
     assert weighted_median(torch.full((5, 3), 7.0)).tolist() == [7.0, 7.0, 7.0]  # ties
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 7, 16])
+def test_equal_weights_take_the_plain_median_and_agree_with_the_general_rule(n):
+    x = _randn(_gen(11 + n), n, 500)
+    expected = torch.from_numpy(np.median(x.numpy(), axis=0))
+    for weight in (1.0, 0.1, 3.0):
+        assert torch.equal(weighted_median(x, torch.full((n,), weight)), expected)
+    # the general rule (unequal weights) agrees when one weight is a hair off: same order statistics chosen
+    nudged = torch.ones(n, dtype=torch.float64)
+    nudged[0] += 1e-12
+    general = weighted_median(x, nudged)
+    if n % 2:  # an odd count has one middle value, which a tiny nudge does not move
+        assert torch.equal(general, expected)
+
+
+def test_the_sorting_network_sorts_every_column_like_msort():
+    gen = _gen(5)
+    for n in [*range(1, 20), 31, 64, 65]:
+        x = _randn(gen, n, 37)
+        x[:, :5] = torch.round(x[:, :5])  # ties
+        assert torch.equal(_sorted_rows(x), torch.msort(x)), n
 
 
 def test_the_median_start_lies_on_the_honest_side_with_7_of_16_far_inputs():

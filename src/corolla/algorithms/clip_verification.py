@@ -59,6 +59,8 @@ __all__ = [
     "default_tolerance",
     "find_misreports",
     "peer_projection",
+    "peer_projection_along",
+    "check_projection_along",
     "peer_projections",
     "random_direction",
 ]
@@ -89,16 +91,21 @@ class AggregateCheck:
 
 
 def random_direction(dim: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A unit vector of R^dim, uniform on the sphere (a normalised Gaussian drawn in float64 by a torch.Generator
-    seeded with ``seed``, 0 ≤ seed < 2**64, e.g. 64 bits of the MPRNG's output for this partition). The same seed
-    gives the same vector on every peer running the same torch version."""
+    """A unit vector of R^dim, uniform on the sphere: a Gaussian drawn by a torch.Generator seeded with ``seed``
+    (0 ≤ seed < 2**64, e.g. 64 bits of the MPRNG's output for this partition), normalised in float64. The same seed
+    gives the same vector on every peer running the same torch version.
+
+    The Gaussian is drawn in float32, six times faster on CPU than in float64 (torch's vectorised sampler exists only
+    for float32): every peer draws n directions per step. Its values carry float32 precision (about 1e-7 relative),
+    a distortion of the Gaussian far below anything the check's probabilities depend on (the forgery test in
+    ``tests/unit/test_clip_verification.py`` draws its directions here)."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be an int >= 1, got {dim!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
     generator = torch.Generator(device="cpu")
     generator.manual_seed(seed)
-    z = torch.randn(dim, generator=generator, dtype=torch.float64)
+    z = torch.randn(dim, generator=generator, dtype=torch.float32).to(torch.float64)
     norm = torch.linalg.vector_norm(z)
     if norm == 0:  # probability 0; keeps the result a unit vector whatever happens
         z[0], norm = 1.0, torch.ones((), dtype=torch.float64)
@@ -149,20 +156,32 @@ def _norms(x: torch.Tensor) -> torch.Tensor:
 def _project(
     x: torch.Tensor, aggregate: torch.Tensor, direction: torch.Tensor, tau: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, ν) of every row of the checked float64 ``x`` [n, d], float64 [n] each."""
+    """(s, ν) of every row of the checked float64 ``x`` [n, d]: s float64 [n] for one ``direction`` [d], [n, k] for
+    k directions [k, d] (the clipped differences computed once); ν float64 [n]."""
     d = x.shape[1]
     v = _checked("aggregate", aggregate, d).to(x.device)
-    z = _checked("direction", direction, d).to(x.device)
-    z_norm = float(torch.linalg.vector_norm(z))  # no scaling needed: anything far from 1 is refused
-    if abs(z_norm - 1.0) > _UNIT_NORM_SLACK:
-        raise ValueError(f"direction must have unit norm (within {_UNIT_NORM_SLACK}), got norm {z_norm!r}")
+    z = _directions(direction, d).to(x.device)
     tau = _tau(tau)
     diffs = x - v
     norms = _norms(diffs)
     factors = torch.where(norms > tau, tau / norms, 1.0)  # exactly 1 when ν ≤ τ (0 included)
+    clipped = diffs * factors.unsqueeze(1)
     # a reduction (cascade summation, O(log d) rounding), not a BLAS dot product
-    s = torch.sum(diffs * factors.unsqueeze(1) * z, dim=1)
-    return s, norms
+    s = torch.stack([torch.sum(clipped * row, dim=1) for row in z], dim=1)
+    return (s[:, 0] if direction.dim() == 1 else s), norms
+
+
+def _directions(direction: torch.Tensor, d: int) -> torch.Tensor:
+    """``direction`` [d] or [k, d] as float64 [k, d] after checking that each row is a finite unit vector."""
+    if isinstance(direction, torch.Tensor) and direction.dim() == 2 and direction.shape[0] >= 1:
+        rows = [_checked("direction", row, d) for row in direction]
+    else:
+        rows = [_checked("direction", direction, d)]
+    for row in rows:
+        z_norm = float(torch.linalg.vector_norm(row))  # no scaling needed: anything far from 1 is refused
+        if abs(z_norm - 1.0) > _UNIT_NORM_SLACK:
+            raise ValueError(f"direction must have unit norm (within {_UNIT_NORM_SLACK}), got norm {z_norm!r}")
+    return torch.stack(rows)
 
 
 def peer_projection(
@@ -172,6 +191,22 @@ def peer_projection(
     unit vector (within 1e-6). Raises ValueError for mismatched shapes, non-finite values or a bad τ."""
     s, norms = _project(_checked("own_part", own_part).unsqueeze(0), aggregate, direction, tau)
     return Projection(s=float(s[0]), norm=float(norms[0]))
+
+
+def peer_projection_along(
+    own_part: torch.Tensor, aggregate: torch.Tensor, directions: torch.Tensor, tau: float
+) -> list[Projection]:
+    """``peer_projection`` along each of k directions [k, d] (independent checks of one partition): k projections
+    sharing one ν."""
+    s, norms = _project(_checked("own_part", own_part).unsqueeze(0), aggregate, _as_rows(directions), tau)
+    return [Projection(s=float(si), norm=float(norms[0])) for si in s[0]]
+
+
+def _as_rows(directions: torch.Tensor) -> torch.Tensor:
+    if not isinstance(directions, torch.Tensor) or directions.dim() != 2 or directions.shape[0] < 1:
+        shape = list(directions.shape) if isinstance(directions, torch.Tensor) else type(directions).__name__
+        raise ValueError(f"directions must have shape [k, d] with k >= 1, got {shape}")
+    return directions
 
 
 def peer_projections(
@@ -290,6 +325,28 @@ def check_projection(
     the same ``rtol`` as ``report_rtol`` (what is let through here is allowed for there)."""
     part = _checked("own_part", own_part).unsqueeze(0)
     return not _misreported(part, aggregate, direction, tau, [claimed], rtol)
+
+
+def check_projection_along(
+    own_part: torch.Tensor,
+    aggregate: torch.Tensor,
+    directions: torch.Tensor,
+    tau: float,
+    claimed: Sequence[Projection],
+    rtol: float = REPORT_RTOL,
+) -> bool:
+    """``check_projection`` of a report along k directions [k, d] (``claimed``: one projection per direction): true
+    iff every one matches."""
+    if len(claimed) != _as_rows(directions).shape[0]:
+        return False  # a report of another length is no report of these directions
+    part = _checked("own_part", own_part).unsqueeze(0)
+    s, norms = _project(part, aggregate, directions, tau)
+    slack = rtol + 2 * _projection_rounding(part.shape[1])
+    own_norm = float(norms[0])
+    return all(
+        abs(p.s - float(own_s)) <= slack * min(own_norm, tau) and abs(p.norm - own_norm) <= slack * own_norm
+        for p, own_s in zip(claimed, s[0])
+    )
 
 
 def find_misreports(

@@ -163,6 +163,8 @@ BTARD_PEER = RpcContract(
     rpcs=(
         # one signed protocol message (corolla.secure.envelope, msgpack in serialized_info) -> an empty ack
         Rpc("deliver", runtime_pb2.ExpertInfo, runtime_pb2.ExpertInfo),
+        # the same message cut into consecutive chunks (a large part or aggregate) -> one empty ack
+        Rpc("deliver_stream", runtime_pb2.ExpertInfo, runtime_pb2.ExpertInfo, stream_input=True, stream_output=True),
     ),
 )
 """What a BTARD peer serves: the mailbox of its protocol messages (``corolla.secure``)."""

@@ -22,7 +22,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = ["KINDS", "Envelope", "ForgedMessage", "Header", "SignedDigest", "Signer", "open_envelope"]
 
-DOMAIN = "corolla-btard/1"  # a signature made for this protocol cannot be replayed as anything else
+# a signature made for this protocol cannot be replayed as anything else; the version changes with what peers must
+# compute alike (2: the check's directions are drawn in float32), so that peers of two versions refuse each other's
+# messages instead of accusing each other
+DOMAIN = "corolla-btard/2"
 KINDS = ("commit", "part", "aggregate", "reveal", "check", "accuse")
 MAX_BODY_BYTES = 64 * 2**20
 
