@@ -183,10 +183,11 @@ def test_validators_ban_a_poisoned_gradient_and_clipping_bounds_it_meanwhile():
         (lambda wire, peers: _sealed(peers, "accuse", {"accusations": [], "missing": [7], "missing_prev": [],
                                                        "echo": []}), "ids"),
         (lambda wire, peers: _sealed(peers, "commit", {**COMMIT, "hashes": [b"short"]}), "32-byte"),
-        (lambda wire, peers: _sealed(peers, "check", {"s": ["1"], "nu": []}), "numbers"),
+        (lambda wire, peers: _sealed(peers, "check", {"s": [["1"]], "nu": [1.0]}), "numbers"),
+        (lambda wire, peers: _sealed(peers, "check", {"s": [1.0], "nu": [1.0]}), "along each direction"),
     ],
     ids=["garbage", "forged", "other-run", "stranger", "no-data", "missing-not-a-list", "missing-not-ids",
-         "short-hash", "text-projection"],
+         "short-hash", "text-projection", "flat-projections"],
 )  # fmt: skip
 def test_receive_refuses_bad_messages_with_a_reason(mutate, reason):
     """Refused on arrival with the reason (the sender's call fails with it); a good message still gets in."""

@@ -6,10 +6,11 @@
    broadcasts the parts' SHA-256 hashes, its commitment for this step's random seed and a digest of its ban state;
 2. **part**: it sends part j to peer j; aggregator j checks every part against its sender's commitment;
 3. **aggregate**: aggregator j runs CenteredClip (float64, tolerance ``clip_tol``) over the n parts of partition j
-   and broadcasts the result;
+   and broadcasts the result rounded to float32 (the bytes of the all-reduce's answers);
 4. **reveal**: once every aggregate is in, the peers reveal their seed values; the seed (commit–reveal) fixes the
-   random directions z[j] and the validators;
-5. **check**: every peer broadcasts its projections (s, ν) for each partition (``algorithms.clip_verification``);
+   random directions z[j, 1..k] (``check_directions``) and the validators;
+5. **check**: every peer broadcasts its projections (s along each direction, ν) for each partition
+   (``algorithms.clip_verification``);
    aggregator j recomputes them from the parts it holds and accuses a peer that misreports; everyone checks that
    each partition's projections sum to ~0 and accuses an aggregator whose sum does not; each validator recomputes
    its target's gradient from the public data and accuses it if it differs from the commitment (or if its reports
@@ -22,8 +23,11 @@ Every peer then judges every accusation itself (``judge``) and applies the verdi
 (``algorithms.accusations``): a proven liar is banned, a false accuser is banned, a silent peer is eliminated with
 the peer that reported it. Bans take effect from the next step. The step's update is the concatenated aggregates,
 unless the step is void: a message was missing, a part, aggregate, reveal or report was proven false, or the seed
-could not be drawn. A lie caught only by a validator (a poisoned gradient) does not void the step: CenteredClip
-already bounded what the lie could do. Every wait has a deadline (``phase_timeout_s``).
+could not be drawn. An aggregate passes only if its sum vanishes along each of its k directions: with the float32
+rounding a forgery of 1e-3 of the aggregate's norm slips through one random direction about 0.15 % of the time
+(the rounding sets how tight the tolerance can be), through two about 2e-6 (independent directions; measured in
+``tests/unit/test_clip_verification.py``). A lie caught only by a validator (a poisoned gradient) does not void
+the step: CenteredClip already bounded what the lie could do. Every wait has a deadline (``phase_timeout_s``).
 
 Transport and task are injected (``send``, ``task``): the same code runs in one process over an in-memory
 transport (unit tests) and between processes over hivemind's libp2p (``secure.btard_peer``).
@@ -48,9 +52,9 @@ from corolla.algorithms.centered_clip import CenteredClipConfig, centered_clip
 from corolla.algorithms.clip_verification import (
     Projection,
     check_aggregate,
-    check_projection,
+    check_projection_along,
     default_tolerance,
-    peer_projection,
+    peer_projection_along,
     random_direction,
 )
 from corolla.algorithms.commit_reveal import combine, make_commitment, seed_to_generator, seed_to_int, verify_reveal
@@ -91,6 +95,9 @@ class ProtocolConfig:
     tau: float = 1.0
     clip_iters: int = 500
     clip_tol: float = 1e-9
+    # independent random directions per partition in the check: a forgery passes only if it passes along every one,
+    # so two square the chance that one slips through (what a float32 aggregate needs; module docstring)
+    check_directions: int = 2
     validators: int = 1
     # every wait for messages, and every send (a send runs beside the wait for the phase's messages: a message
     # of megabytes on a slow link may take most of the phase)
@@ -99,6 +106,8 @@ class ProtocolConfig:
     def __post_init__(self):
         if not (self.tau > 0 and self.clip_iters >= 1 and self.clip_tol >= 0 and self.validators >= 0):
             raise ValueError("need tau > 0, clip_iters >= 1, clip_tol >= 0 and validators >= 0")
+        if self.check_directions < 1:
+            raise ValueError(f"check_directions must be at least 1, got {self.check_directions}")
         if not self.phase_timeout_s > 0:
             raise ValueError("phase_timeout_s must be positive")
 
@@ -143,8 +152,12 @@ def _from_bytes(data: bytes, dtype: np.dtype) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(data, dtype=dtype).copy())
 
 
-def _direction(seed: bytes, partition: int, dim: int) -> torch.Tensor:
-    return random_direction(dim, seed_to_int(_hash(seed + partition.to_bytes(4, "big")), 63))
+def _directions(seed: bytes, partition: int, dim: int, k: int) -> torch.Tensor:
+    """The k check directions of a partition, [k, dim], each from its own hash of the step's seed."""
+    return torch.stack([
+        random_direction(dim, seed_to_int(_hash(seed + partition.to_bytes(4, "big") + r.to_bytes(4, "big")), 63))
+        for r in range(k)
+    ])  # fmt: skip
 
 
 class _Step:
@@ -349,7 +362,9 @@ class BtardProtocol:
             own_aggregate = own_aggregate + 0.01 * own_aggregate.norm() / own_aggregate.numel() ** 0.5
         if self.behaviour.does("malformed_aggregate", step):
             own_aggregate = own_aggregate[:-1]
-        await self._broadcast(s, "aggregate", {"data": own_aggregate.numpy().tobytes()}, slot=me_index)
+        # sent in float32, as the all-reduce sends its results: computed to clip_tol in float64, then rounded (the
+        # check's tolerance allows for the rounding, and its directions make up for the precision lost)
+        await self._broadcast(s, "aggregate", {"data": _f32(own_aggregate)}, slot=me_index)
         aggregates = await self._collect(s, "aggregate", {p: i for i, p in enumerate(group)})
         for p in aggregates:
             data = s.body("aggregate", p)["data"]
@@ -357,7 +372,7 @@ class BtardProtocol:
             if problem:
                 self._accuse(s, p, "malformed", [s.envelopes[("aggregate", p)]], detail=problem)
                 continue
-            s.aggregates[p] = _from_bytes(data, np.float64)
+            s.aggregates[p] = _from_bytes(data, np.float32)
         lap("aggregate")
 
         # 4. reveal
@@ -379,11 +394,16 @@ class BtardProtocol:
             await self._broadcast(s, "check", {"s": [], "nu": []})
             await self._collect(s, "check", {p: 0 for p in group})
         else:
-            directions = [_direction(s.seed, j, parts[j].numel()) for j in range(n)]
+            k = self.config.check_directions
+            directions = [_directions(s.seed, j, parts[j].numel(), k) for j in range(n)]
             projections = [
-                peer_projection(parts[j], s.aggregates[group[j]], directions[j], self.config.tau) for j in range(n)
+                peer_projection_along(parts[j], s.aggregates[group[j]], directions[j], self.config.tau)
+                for j in range(n)
             ]
-            body = {"s": [p.s for p in projections], "nu": [p.norm for p in projections]}
+            body = {
+                "s": [[p.s for p in along] for along in projections],
+                "nu": [along[0].norm for along in projections],
+            }
             if self.behaviour.does("empty_check", step):
                 body = {"s": [], "nu": []}
             if self.behaviour.does("equivocate", step):
@@ -448,7 +468,7 @@ class BtardProtocol:
 
     async def _equivocate(self, s: _Step, body: dict) -> None:
         honest = self._seal("check", s.step, body)
-        lie = self._seal("check", s.step, {**body, "s": [x + 1.0 for x in body["s"]]})
+        lie = self._seal("check", s.step, {**body, "s": [[x + 1.0 for x in along] for along in body["s"]]})
         await self.mailbox.put(honest)
         others = [p for p in s.group if p != self.me]
         for i, p in enumerate(others):
@@ -463,8 +483,8 @@ class BtardProtocol:
                 continue  # ourselves, a part that did not match its commitment (accused already), or no report
             claimed = _report(s.body("check", p), me_index)
             part = s.good_parts[p]
-            if claimed is None or not check_projection(part, my_aggregate, directions[me_index], self.config.tau,
-                                                       claimed):  # fmt: skip
+            if claimed is None or not check_projection_along(part, my_aggregate, directions[me_index],
+                                                             self.config.tau, claimed):  # fmt: skip
                 self._accuse(
                     s, p, "misreport",
                     [s.envelopes[("check", p)], s.envelopes[("commit", p)], s.envelopes[("aggregate", self.me)],
@@ -479,8 +499,7 @@ class BtardProtocol:
         for j, aggregator in enumerate(s.group):
             if aggregator == self.me:
                 continue
-            ok, _ = _partition_check(s, j, self.config)
-            if not ok:
+            if not _partition_check(s, j, self.config):
                 evidence = [s.envelopes[("aggregate", aggregator)]] + [s.envelopes[("check", p)] for p in s.group]
                 self._accuse(s, aggregator, "wrong_aggregate", evidence, partition=j)
 
@@ -505,7 +524,7 @@ class BtardProtocol:
                 continue  # judged by what its accusations say (``_empty_reports``)
             for j, aggregator in enumerate(s.group):
                 claimed = _report(report, j) if report is not None else None
-                if report is not None and (claimed is None or not check_projection(
+                if report is not None and (claimed is None or not check_projection_along(
                     parts[j], s.aggregates[aggregator], directions[j], self.config.tau, claimed)):  # fmt: skip
                     self._accuse(
                         s, target, "misreport",
@@ -629,7 +648,7 @@ class BtardProtocol:
             aggregate = bodies.get(("aggregate", aggregator, j))
             if aggregate is None:
                 return verdict(False)
-            value = _from_bytes(aggregate["data"], np.float64)
+            value = _from_bytes(aggregate["data"], np.float32)
             if claim == "misreport":
                 report = bodies.get(("check", accused, 0))
                 if commit is None or report is None:
@@ -644,8 +663,8 @@ class BtardProtocol:
                     if _hash(_f32(part)) != commit["hashes"][j]:
                         return verdict(None)  # a poisoned gradient: its validator accuses it for that
                 claimed = _report(report, j)
-                return verdict(claimed is None or not check_projection(part, value, directions[j], self.config.tau,
-                                                                       claimed))  # fmt: skip
+                return verdict(claimed is None or not check_projection_along(part, value, directions[j],
+                                                                             self.config.tau, claimed))  # fmt: skip
             if claim == "wrong_aggregate":
                 if aggregator != accused:
                     return verdict(False)
@@ -653,10 +672,9 @@ class BtardProtocol:
                 if any(r is None for r in reports):
                     return verdict(False)
                 projections = [_report(r, j) for r in reports]
-                if any(p is None for p in projections):
+                if any(p is None or len(p) != len(directions[j]) for p in projections):
                     return verdict(None)  # a malformed report: its sender is at fault
-                tolerance = default_tolerance(value, projections, tau=self.config.tau, tol=self.config.clip_tol)
-                return verdict(not check_aggregate(projections, None, tolerance).passed)
+                return verdict(not _along_every_direction(value, projections, self.config))
         except (KeyError, IndexError, TypeError, ValueError) as e:
             logger.debug("Malformed evidence from %s against %s: %s", accuser[-8:], accused[-8:], e)
             return verdict(False)
@@ -725,12 +743,17 @@ def check_body(kind: str, body: dict) -> None:
             )
     if kind == "commit" and not all(isinstance(h, bytes) and len(h) == 32 for h in body["hashes"]):
         raise ValueError("a commit's hashes must be 32-byte SHA-256 digests")
-    if kind == "check" and not all(
-        isinstance(x, (int, float)) and not isinstance(x, bool) for x in body["s"] + body["nu"]
+    if kind == "check" and not (
+        all(isinstance(along, list) and all(_number(x) for x in along) for along in body["s"])
+        and all(_number(x) for x in body["nu"])
     ):
-        raise ValueError("a check's projections must be numbers")
+        raise ValueError("a check lists, per partition, its projections along each direction and a norm: numbers")
     if kind == "accuse" and not all(isinstance(p, str) for p in body["missing"] + body["missing_prev"]):
         raise ValueError("an accuse message names missing peers by their ids (strings)")
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def _empty_report(body: dict | None) -> bool:
@@ -747,24 +770,35 @@ def _malformed(data: object, size: int) -> str:
     """What is wrong with an aggregate's bytes for a partition of ``size`` values ("" if nothing)."""
     if not isinstance(data, bytes):
         return f"the aggregate is {type(data).__name__}, not bytes"
-    if len(data) != 8 * size:
-        return f"{len(data)} bytes for a partition of {size} float64 values"
+    if len(data) != 4 * size:
+        return f"{len(data)} bytes for a partition of {size} float32 values"
     return ""
 
 
-def _report(body: dict | None, j: int) -> Projection | None:
+def _report(body: dict | None, j: int) -> list[Projection] | None:
+    """A peer's report on partition j: one projection per check direction (sharing one ν), None if malformed."""
     try:
-        s, nu = float(body["s"][j]), float(body["nu"][j])
+        along, nu = body["s"][j], float(body["nu"][j])
+        if not isinstance(along, list) or not along:
+            return None
+        return [Projection(s=float(s), norm=nu) for s in along]
     except (KeyError, IndexError, TypeError, ValueError):
         return None
-    return Projection(s=s, norm=nu)
 
 
-def _partition_check(s: _Step, j: int, config: ProtocolConfig) -> tuple[bool, float]:
+def _partition_check(s: _Step, j: int, config: ProtocolConfig) -> bool:
     aggregate = s.aggregates[s.group[j]]
-    projections = [_report(s.body("check", p), j) for p in s.group]
-    if any(p is None for p in projections):
-        return False, float("nan")
-    tolerance = default_tolerance(aggregate, projections, tau=config.tau, tol=config.clip_tol)
-    result = check_aggregate(projections, None, tolerance)
-    return result.passed, result.weighted_sum
+    reports = [_report(s.body("check", p), j) for p in s.group]
+    if any(r is None or len(r) != config.check_directions for r in reports):
+        return False
+    return _along_every_direction(aggregate, reports, config)
+
+
+def _along_every_direction(aggregate: torch.Tensor, reports: list[list[Projection]], config: ProtocolConfig) -> bool:
+    """The fixed-point check of one aggregate along each of its directions: passed only if passed along all."""
+    for r in range(len(reports[0])):
+        projections = [report[r] for report in reports]
+        tolerance = default_tolerance(aggregate, projections, tau=config.tau, tol=config.clip_tol)
+        if not check_aggregate(projections, None, tolerance).passed:
+            return False
+    return True
