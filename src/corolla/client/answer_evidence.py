@@ -52,6 +52,20 @@ def _certificate(peer_id: str, fields: object, dht_prefix: str, announced: tuple
     return certificate
 
 
+def _covering(
+    fields: object, certificate: Certificate, response, kind: str, inputs: bytes, *, what: str, step: int | None = None
+) -> Receipt:
+    """The answer's receipt, checked: of this kind (and step), over these inputs and the response's outputs, signed
+    by the certificate's answer key (ForgedAnswer saying which part fails)."""
+    receipt = Receipt.from_list(fields)
+    if receipt.kind != kind or receipt.inputs != inputs or (step is not None and receipt.step != step):
+        raise ForgedAnswer(f"the receipt is not for {what}")
+    if receipt.outputs != outputs_digest(response.tensors):
+        raise ForgedAnswer("the receipt is not for these outputs")
+    receipt.check(certificate)
+    return receipt
+
+
 def _raw(tensors) -> tuple[bytes, ...]:
     return tuple(tensor.SerializeToString() for tensor in tensors)
 
@@ -79,14 +93,10 @@ class SignedCall:
         try:
             signed = unpack_metadata(response)
             certificate = _certificate(peer_id, signed.get("certificate"), dht_prefix, announced)
-            receipt = Receipt.from_list(signed.get("receipt"))
             flags = (meta.has_attention_mask, meta.has_position_ids, meta.has_prompts)
             fields = span_fields(meta.start_block, meta.end_block, meta.active_adapter, flags)
-            if receipt.kind != kind or receipt.inputs != call_digest(kind, fields, request.tensors):
-                raise ForgedAnswer("the receipt is not for this call")
-            if receipt.outputs != outputs_digest(response.tensors):
-                raise ForgedAnswer("the receipt is not for these outputs")
-            receipt.check(certificate)
+            inputs = call_digest(kind, fields, request.tensors)
+            receipt = _covering(signed.get("receipt"), certificate, response, kind, inputs, what="this call")
         except (ForgedAnswer, ValueError) as e:
             raise UnsignedAnswerError(f"server {peer_id} sent a {kind} answer with no valid signature: {e}") from None
         return cls(kind, certificate, receipt, request, response, meta.start_block, meta.end_block,
@@ -126,13 +136,9 @@ class SessionLog:
         try:
             if self.certificate is None:
                 self.certificate = _certificate(self.peer_id, meta.get("certificate"), self.dht_prefix, self.announced)
-            receipt = Receipt.from_list(meta.get("receipt"))
             head = self.chain.add(position, flags, request.tensors)
-            if receipt.kind != "step" or receipt.step != self.chain.steps or receipt.inputs != head:
-                raise ForgedAnswer("the receipt is not for the steps this client sent")
-            if receipt.outputs != outputs_digest(response.tensors):
-                raise ForgedAnswer("the receipt is not for these outputs")
-            receipt.check(self.certificate)
+            receipt = _covering(meta.get("receipt"), self.certificate, response, "step", head,
+                                step=self.chain.steps, what="the steps this client sent")  # fmt: skip
         except (ForgedAnswer, ValueError) as e:
             what = f"server {self.peer_id} sent a step answer with no valid signature"
             raise UnsignedAnswerError(f"{what}: {e}") from None

@@ -64,6 +64,7 @@ class SwarmView:
         self.rng = rng or random.Random(config.seed)
         self._records = records or self._records_from_dht
         self.servers: dict[PeerID, ServerInfo] = {}
+        self._by_id: dict[str, ServerInfo] = {}  # the same records by base58 id
         self._bans: dict[str, tuple[float, int]] = {}  # peer id -> (banned until, failures)
         self._distrusted: dict[str, str] = {}  # peer id -> why: caught computing wrong values, never used again
         self._updated_at = -float("inf")
@@ -144,6 +145,7 @@ class SwarmView:
         }
         with self._lock:
             self.servers = servers
+            self._by_id = {peer.to_base58(): info for peer, info in servers.items()}
             self._updated_at = self.clock()
         try:  # proofs others published against these servers: a proven liar is never used
             distrusted = self.distrusted()
@@ -220,7 +222,7 @@ class SwarmView:
     def info(self, peer_id: str) -> ServerInfo | None:
         """The record of a server of this view, by its base58 id."""
         with self._lock:
-            return next((i for p, i in self.servers.items() if p.to_base58() == peer_id), None)
+            return self._by_id.get(peer_id)
 
     def announced(self, peer_id: str) -> tuple[str | None, str | None] | None:
         """The (dtype, quantization) a server announces (None if it is not in view)."""

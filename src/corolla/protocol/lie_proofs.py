@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal
 
 import msgpack
@@ -114,6 +115,10 @@ class LieProof:
 
     # ---- bytes ------------------------------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
+        return self._packed
+
+    @cached_property
+    def _packed(self) -> bytes:  # a proof is packed for its size, its record and its digest: once
         steps = [[step.position, list(step.flags), list(step.tensors)] for step in self.steps]
         return msgpack.packb(
             [1, self.certificate.to_list(), self.receipt.to_list(), self.start_block, self.end_block,
