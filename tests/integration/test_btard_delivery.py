@@ -73,13 +73,16 @@ async def _small_and_large(protocol, signer, sender_id, send):
 
 
 def test_a_stream_over_the_limit_is_refused_and_the_sender_still_delivers(monkeypatch):
-    monkeypatch.setattr(btard_peer, "MAX_MESSAGE_BYTES", 2 * 2**20)
+    monkeypatch.setattr(btard_peer, "MAX_MESSAGE_BYTES", 2**20)
     _with_pair(_over_the_limit)
 
 
 async def _over_the_limit(protocol, signer, sender_id, send):
     with pytest.raises(P2PHandlerError, match="more than any protocol message holds"):
         await _sent(protocol, signer, sender_id, send, kind="aggregate", slot=1, data=b"\x00" * (3 * 2**20))
+    assert protocol.mailbox.get(0, "aggregate", sender_id, 1) is None
+    with pytest.raises(P2PHandlerError, match="more than any protocol message holds"):  # the sender still writes
+        await _sent(protocol, signer, sender_id, send, kind="aggregate", slot=1, data=b"\x00" * (12 * 2**20))
     assert protocol.mailbox.get(0, "aggregate", sender_id, 1) is None
     after = await _sent(protocol, signer, sender_id, send, kind="part", slot=0, data=b"\x02" * 500_000)
     assert protocol.mailbox.get(0, "part", sender_id, 0) == after

@@ -67,8 +67,15 @@ class Mailroom:
         async for request in timed(requests, self.chunk_timeout_s):
             size += len(request.serialized_info)
             if size > MAX_MESSAGE_BYTES:
-                raise ValueError(f"a message over {MAX_MESSAGE_BYTES} bytes is more than any protocol message holds")
+                # read on (dropping) a while: closing while the sender still writes resets the stream, and it would
+                # then see a broken stream instead of the reason
+                chunks = []
+                if size > 4 * MAX_MESSAGE_BYTES:
+                    break
+                continue
             chunks.append(request.serialized_info)
+        if size > MAX_MESSAGE_BYTES:
+            raise ValueError(f"a message over {MAX_MESSAGE_BYTES} bytes is more than any protocol message holds")
         await self._deliver(b"".join(chunks))
         yield runtime_pb2.ExpertInfo(serialized_info=b"")
 
