@@ -92,6 +92,17 @@ def test_a_forged_streamed_message_is_refused_with_the_reason():
     _with_pair(_forged)
 
 
+def test_a_strangers_stream_is_refused_from_its_first_chunk():
+    _with_pair(_stranger)
+
+
+async def _stranger(protocol, _, sender_id, send):
+    envelope = Signer().seal(run=RUN, sender="mallory", kind="part", step=0, slot=0, body={"data": bytes(8 * 2**20)})
+    with pytest.raises(P2PHandlerError, match="not a peer of run"):
+        await asyncio.wait_for(send(str(protocol.me), envelope), 30)
+    assert protocol.refused == 1 and protocol.mailbox.get(0, "part", "mallory", 0) is None
+
+
 async def _forged(protocol, _, sender_id, send):
     impostor = Signer()  # not the key the run knows for sender_id
     envelope = impostor.seal(run=RUN, sender=sender_id, kind="part", step=0, slot=0, body={"data": b"\x03" * 2**20})

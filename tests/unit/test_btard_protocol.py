@@ -93,6 +93,10 @@ def test_honest_steps_equal_butterfly_centered_clip_computed_locally():
         "wrong_aggregate@1,empty_check@1",  # an empty report would leave its wrong aggregate unchecked
         "empty_check@1",
         "malformed_aggregate@1",
+        "malformed_report@1",
+        "wrong_aggregate@1,malformed_report@1",  # a malformed own report would leave its wrong aggregate unjudged
+        "nonfinite_part@1",  # committed NaN values: they must not stop the honest aggregators' CenteredClip
+        "nonfinite_aggregate@1",
     ],
 )
 def test_a_protocol_lie_gets_its_peer_banned_and_no_one_else(attack):
@@ -108,6 +112,19 @@ def test_a_protocol_lie_gets_its_peer_banned_and_no_one_else(attack):
     lie_steps = [o["peer0"] for o in history[1:2]]
     if attack != "false_accusation@1":  # a false accusation changes no value: its step counts
         assert lie_steps[0].update is None, "a step with a proven false part, aggregate, reveal or report is void"
+
+
+def test_a_wrong_aggregate_hidden_behind_a_malformed_own_report_is_banned_without_validators():
+    """An aggregator that sends a wrong result and a report of the wrong shape for its own partition makes every
+    check of that partition fail without a lying number to point at; the report's shape alone proves the lie, so it
+    is banned and its step void even when no validator looks at it."""
+    peers = make_peers(["none"] * 4 + ["wrong_aggregate@1,malformed_report@1"], validators=0)
+    history = asyncio.run(run_steps(peers, 3))
+    for name in list(peers)[:4]:
+        assert set(peers[name].state.banned) == {"peer4"}, dict(peers[name].state.banned)
+        assert "malformed_report" in peers[name].state.banned["peer4"]
+    assert history[1]["peer0"].update is None
+    assert all(o.update is not None for o in history[2].values())
 
 
 def test_a_peer_that_goes_silent_mid_step_is_eliminated_with_one_reporter():
@@ -205,6 +222,31 @@ COMMIT = {"hashes": [bytes(32)] * 3, "seed_commitment": bytes(32), "state": byte
 
 def _sealed(peers, kind: str, body: dict) -> bytes:
     return peers["peer1"].signer.seal(run="test", sender="peer1", kind=kind, step=0, body=body).to_wire()
+
+
+def test_a_large_message_is_screened_by_its_signed_header_before_its_body():
+    """The header and signature lead a message's bytes: a receiver reads them from the first bytes of a stream and
+    refuses a message that is not a run peer's before holding its body."""
+    peers = make_peers(["none"] * 3)
+    envelope = peers["peer1"].signer.seal(run="test", sender="peer1", kind="part", step=0, body={"data": bytes(10**6)})
+    wire = envelope.to_wire()
+    assert Envelope.signed_prefix(wire[:20]) is None  # not all there yet
+    assert Envelope.signed_prefix(wire[:2000]) == envelope.proof
+    peers["peer0"].screen(envelope.proof)  # a run peer's, signed: goes on
+    strangers = [
+        (Signer().seal(run="test", sender="peer1", kind="part", step=0, body={}), "not signed by peer1"),
+        (Signer().seal(run="test", sender="mallory", kind="part", step=0, body={}), "not a peer of run"),
+        (peers["peer1"].signer.seal(run="other", sender="peer1", kind="part", step=0, body={}), "for run 'other'"),
+        (peers["peer1"].signer.seal(run="test", sender="peer1", kind="part", step=9, body={}), "outside"),
+    ]
+    for stranger, reason in strangers:
+        with pytest.raises(ValueError, match=reason):
+            peers["peer0"].screen(Envelope.signed_prefix(stranger.to_wire()))
+    assert peers["peer0"].refused == len(strangers)
+    garbage_cases = [(b"\x92\x01\x02", "an envelope is"), (b"\x93\x01\xc4\x01x", "a header is"), (b"\x01", "type")]
+    for garbage, reason in garbage_cases:
+        with pytest.raises(ValueError, match=reason):
+            Envelope.signed_prefix(garbage)
 
 
 def test_receive_refuses_a_step_far_ahead():

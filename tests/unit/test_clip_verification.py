@@ -3,7 +3,11 @@ fail for almost every random direction, misreported projections are caught, dire
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -75,6 +79,21 @@ def test_random_direction_is_a_reproducible_unit_vector():
     for dim, seed in [(0, 1), (10, -1), (10, 2**64), (10, 1.5), (True, 1)]:
         with pytest.raises(ValueError, match="dim must be|seed must be"):
             random_direction(dim, seed)  # type: ignore[arg-type]
+
+
+def test_a_direction_is_the_same_bits_whatever_kernels_torch_picks_for_the_cpu():
+    """Peers on different CPUs must draw the very same directions (reports are compared to ~1e-12). torch picks
+    vectorised kernels by CPU (its float32 normals differ between AVX2 and the scalar kernel); the directions must
+    not depend on that: the scalar kernels, forced in a fresh process, give the same bytes."""
+    code = (
+        "import hashlib; from corolla.algorithms.clip_verification import random_direction; "
+        "print(hashlib.sha256(random_direction(100_000, 2**63 + 5).numpy().tobytes()).hexdigest())"
+    )
+    here = hashlib.sha256(random_direction(100_000, 2**63 + 5).numpy().tobytes()).hexdigest()
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    scalar = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert scalar.returncode == 0, scalar.stderr[-2000:]
+    assert scalar.stdout.strip() == here
 
 
 def test_an_honest_aggregate_passes_in_1000_trials():
@@ -225,6 +244,10 @@ def test_projections_along_several_directions_equal_one_at_a_time_and_a_lie_alon
         peer_projection_along(parts[4], aggregate, directions[0], tau)
     with pytest.raises(ValueError, match="unit norm"):
         peer_projection_along(parts[4], aggregate, 2 * directions, tau)
+    with pytest.raises(ValueError, match="_along functions"):
+        peer_projection(parts[4], aggregate, directions, tau)
+    with pytest.raises(ValueError, match="_along functions"):
+        check_projection(parts[4], aggregate, directions, tau, along[0])
 
 
 def test_a_misreported_projection_is_caught_by_the_aggregator():

@@ -52,6 +52,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -94,21 +95,19 @@ class AggregateCheck:
 
 
 def random_direction(dim: int, seed: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """A unit vector of R^dim, uniform on the sphere: a Gaussian drawn by a torch.Generator seeded with ``seed``
-    (0 ≤ seed < 2**64, e.g. 64 bits of the MPRNG's output for this partition), normalised in float64. The same seed
-    gives the same vector on every peer running the same torch version.
+    """A unit vector of R^dim, uniform on the sphere: a float64 Gaussian from numpy's PCG64 generator seeded with
+    ``seed`` (0 ≤ seed < 2**64, e.g. 64 bits of the MPRNG's output for this partition), normalised.
 
-    The Gaussian is drawn in float32, six times faster on CPU than in float64 (torch's vectorised sampler exists only
-    for float32): every peer draws n directions per step. Its values carry float32 precision (about 1e-7 relative),
-    a distortion of the Gaussian far below anything the check's probabilities depend on (the forgery test in
-    ``tests/unit/test_clip_verification.py`` draws its directions here)."""
+    Every peer must draw the very same vector: the check compares reports to within ~1e-12 of their scale. numpy's
+    generator is plain C whatever the CPU, so the same seed gives the same bits on every peer with the same numpy
+    version. torch's samplers do not guarantee that: its float32 normals come from an approximate vectorised
+    kernel on AVX2 CPUs and an exact scalar one elsewhere (values differing by ~1e-6), and its float64 normals, the
+    same everywhere, take twice as long (every peer draws k directions per partition and step)."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be an int >= 1, got {dim!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    z = torch.randn(dim, generator=generator, dtype=torch.float32).to(torch.float64)
+    z = torch.from_numpy(np.random.Generator(np.random.PCG64(seed)).standard_normal(dim))
     norm = torch.linalg.vector_norm(z)
     if norm == 0:  # probability 0; keeps the result a unit vector whatever happens
         z[0], norm = 1.0, torch.ones((), dtype=torch.float64)
@@ -198,7 +197,7 @@ def peer_projection(
 ) -> Projection:
     """(s_i, ν_i) of one peer for one partition, computed in float64 (module docstring). ``direction`` must be a
     unit vector (within 1e-6). Raises ValueError for mismatched shapes, non-finite values or a bad τ."""
-    s, norms = _project(_checked("own_part", own_part).unsqueeze(0), aggregate, direction, tau)
+    s, norms = _project(_checked("own_part", own_part).unsqueeze(0), aggregate, _one(direction), tau)
     return Projection(s=float(s[0]), norm=float(norms[0]))
 
 
@@ -209,6 +208,14 @@ def peer_projection_along(
     sharing one ν."""
     s, norms = _project(_checked("own_part", own_part).unsqueeze(0), aggregate, _as_rows(directions), tau)
     return [Projection(s=float(si), norm=float(norms[0])) for si in s[0]]
+
+
+def _one(direction: torch.Tensor) -> torch.Tensor:
+    if isinstance(direction, torch.Tensor) and direction.dim() != 1:
+        raise ValueError(
+            f"direction must have shape [d], got {list(direction.shape)} (several: the *_along functions)"
+        )
+    return direction
 
 
 def _as_rows(directions: torch.Tensor) -> torch.Tensor:
@@ -222,7 +229,7 @@ def peer_projections(
     parts: torch.Tensor, aggregate: torch.Tensor, direction: torch.Tensor, tau: float
 ) -> list[Projection]:
     """``peer_projection`` of every row of ``parts`` [n, d] at once (the aggregator's view of all peers)."""
-    s, norms = _project(_checked_parts(parts), aggregate, direction, tau)
+    s, norms = _project(_checked_parts(parts), aggregate, _one(direction), tau)
     return [Projection(s=si, norm=ni) for si, ni in zip(s.tolist(), norms.tolist())]
 
 
@@ -309,7 +316,7 @@ def _misreported(
         raise ValueError(f"rtol must be a finite number >= 0, got {rtol!r}")
     if len(claimed) != x.shape[0]:
         raise ValueError(f"need one claimed projection per part ({x.shape[0]}), got {len(claimed)}")
-    s, norms = _project(x, aggregate, direction, tau)
+    s, norms = _project(x, aggregate, _one(direction), tau)
     slack = rtol + 2 * _projection_rounding(x.shape[1])  # the peer's rounding and ours
     liars = []
     for i, (p, own_s, own_norm) in enumerate(zip(claimed, s.tolist(), norms.tolist())):

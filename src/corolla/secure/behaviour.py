@@ -14,7 +14,11 @@ attacks (any number):
 * ``empty_check``: send an empty projection report (as if an aggregate were missing) while nothing was missing,
   which would leave every partition unchecked, with itself named as the missing peer for an excuse;
 * ``withhold_accusations``: send everything but its accuse message (which would void the step);
-* ``malformed_aggregate``: as an aggregator, send a result of the wrong length.
+* ``malformed_aggregate``: as an aggregator, send a result of the wrong length;
+* ``malformed_report``: send a projection report with one value too many for its own partition (a report that
+  would otherwise fail every check of its partition, its own wrong aggregate's included, without proving a lie);
+* ``nonfinite_part``: commit to and send parts with a NaN (which would stop an aggregator's CenteredClip);
+* ``nonfinite_aggregate``: as an aggregator, send a result with an infinity.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ PROTOCOL_ATTACKS = (
     "empty_check",
     "withhold_accusations",
     "malformed_aggregate",
+    "malformed_report",
+    "nonfinite_part",
+    "nonfinite_aggregate",
 )
 
 

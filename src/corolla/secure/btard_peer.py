@@ -40,7 +40,8 @@ from corolla.secure.protocol import BtardProtocol, ProtocolConfig
 
 logger = get_logger(__name__)
 
-EARLY_MESSAGES = 4096  # kept while the group is not known yet
+EARLY_MESSAGES = 4096  # kept while the group is not known yet (no key to check them against)
+EARLY_BYTES = 256 * 2**20  # and at most this many bytes of them
 # a message over this goes as a stream of chunks: through the libp2p daemons a stream carries megabytes about three
 # times faster than one unary message (measured on loopback: 2 MiB in 9 ms vs 27 ms), and without the daemon's 4 MiB
 # limit on unary messages; a small one goes as one unary call (no stream to open)
@@ -55,6 +56,7 @@ class Mailroom:
     def __init__(self, *, chunk_timeout_s: float = 30.0):
         self.protocol: BtardProtocol | None = None
         self.early: list[bytes] = []
+        self.early_bytes = 0
         self.chunk_timeout_s = chunk_timeout_s
 
     async def rpc_deliver(self, request: runtime_pb2.ExpertInfo, context) -> runtime_pb2.ExpertInfo:
@@ -62,34 +64,50 @@ class Mailroom:
         return runtime_pb2.ExpertInfo(serialized_info=b"")
 
     async def rpc_deliver_stream(self, requests, context):
-        """One message in chunks: refused past ``MAX_MESSAGE_BYTES`` or when a chunk is ``chunk_timeout_s`` late."""
-        chunks, size = [], 0
+        """One message in chunks. Its signed header, at the start, is screened as soon as it is in: a message that
+        is not from a peer of the run is refused before its body is held. Refused too: a message past
+        ``MAX_MESSAGE_BYTES``, or one whose next chunk is ``chunk_timeout_s`` late. After a refusal the rest is read
+        and dropped (up to 4x the limit): closing while the sender still writes resets the stream, and it would then
+        see a broken stream instead of the reason."""
+        chunks, size, refusal, screened = [], 0, None, False
         async for request in timed(requests, self.chunk_timeout_s):
             size += len(request.serialized_info)
-            if size > MAX_MESSAGE_BYTES:
-                # read on (dropping) a while: closing while the sender still writes resets the stream, and it would
-                # then see a broken stream instead of the reason
+            if refusal is None and size > MAX_MESSAGE_BYTES:
+                refusal = ValueError(
+                    f"a message over {MAX_MESSAGE_BYTES} bytes is more than any protocol message holds"
+                )
+            if refusal is not None:
                 chunks = []
                 if size > 4 * MAX_MESSAGE_BYTES:
                     break
                 continue
             chunks.append(request.serialized_info)
-        if size > MAX_MESSAGE_BYTES:
-            raise ValueError(f"a message over {MAX_MESSAGE_BYTES} bytes is more than any protocol message holds")
+            if not screened and self.protocol is not None:
+                try:
+                    head = Envelope.signed_prefix(b"".join(chunks) if len(chunks) > 1 else chunks[0])
+                    if head is not None:
+                        self.protocol.screen(head)
+                        screened = True
+                except ValueError as e:
+                    refusal = e
+                    chunks = []
+        if refusal is not None:
+            raise refusal
         await self._deliver(b"".join(chunks))
         yield runtime_pb2.ExpertInfo(serialized_info=b"")
 
     async def _deliver(self, data: bytes) -> None:
         if self.protocol is None:
-            if len(self.early) >= EARLY_MESSAGES:
+            if len(self.early) >= EARLY_MESSAGES or self.early_bytes + len(data) > EARLY_BYTES:
                 raise ValueError("this peer has not started its run yet and holds too many early messages")
             self.early.append(data)
+            self.early_bytes += len(data)
         else:
             await self.protocol.receive(data)  # ValueError tells the sender what was wrong
 
     async def start(self, protocol: BtardProtocol) -> None:
         self.protocol = protocol
-        early, self.early = self.early, []
+        early, self.early, self.early_bytes = self.early, [], 0
         for data in early:
             try:
                 await protocol.receive(data)

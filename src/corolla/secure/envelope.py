@@ -28,6 +28,7 @@ __all__ = ["KINDS", "Envelope", "ForgedMessage", "Header", "SignedDigest", "Sign
 DOMAIN = "corolla-btard/2"
 KINDS = ("commit", "part", "aggregate", "reveal", "check", "accuse")
 MAX_BODY_BYTES = 64 * 2**20
+HEAD_BYTES = 2**16  # a message's header and signature fit in its first bytes (the body comes last)
 
 
 class ForgedMessage(ValueError):
@@ -129,6 +130,26 @@ class Envelope:
         if len(body) > MAX_BODY_BYTES:
             raise ValueError(f"a message body may have at most {MAX_BODY_BYTES} bytes, got {len(body)}")
         return cls(Header.from_list(header), signature, body)
+
+    @staticmethod
+    def signed_prefix(data: bytes) -> SignedDigest | None:
+        """The header and signature at the start of a message's wire bytes, before its body has arrived (None while
+        ``data`` is too short to hold them; ValueError if it does not start like an envelope)."""
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(data[:HEAD_BYTES])
+        try:
+            if unpacker.read_array_header() != 3:
+                raise ValueError("an envelope is [header, signature, body]")
+            fields = [unpacker.unpack(), unpacker.unpack()]
+        except msgpack.OutOfData:
+            if len(data) >= HEAD_BYTES:
+                raise ValueError(f"no header and signature in the first {HEAD_BYTES} bytes") from None
+            return None
+        except ValueError:
+            raise
+        except Exception as e:
+            raise ValueError(f"a message is not msgpack: {e}") from None
+        return SignedDigest.from_list(fields)
 
     @classmethod
     def from_wire(cls, data: bytes) -> Envelope:

@@ -25,8 +25,10 @@ the peer that reported it. Bans take effect from the next step. The step's updat
 unless the step is void: a message was missing, a part, aggregate, reveal or report was proven false, or the seed
 could not be drawn. An aggregate passes only if its sum vanishes along each of its k directions: with the float32
 rounding a forgery of 1e-3 of the aggregate's norm slips through one random direction about 0.15 % of the time
-(the rounding sets how tight the tolerance can be), through two about 2e-6 (independent directions; measured in
-``tests/unit/test_clip_verification.py``). A lie caught only by a validator (a poisoned gradient) does not void
+(the rounding sets how tight the tolerance can be), through two independent ones with the square of that chance
+(none of 2,000 in ``tests/unit/test_clip_verification.py``). A part or aggregate must be the partition's size of
+finite float32 values, and a check report must hold k projections and a norm per partition: anything else is a
+lie that its signed message proves alone. A lie caught only by a validator (a poisoned gradient) does not void
 the step: CenteredClip already bounded what the lie could do. Every wait has a deadline (``phase_timeout_s``).
 
 Transport and task are injected (``send``, ``task``): the same code runs in one process over an in-memory
@@ -68,7 +70,9 @@ __all__ = ["BtardProtocol", "ProtocolConfig", "StepOutcome", "Task", "Verdict", 
 
 logger = get_logger(__name__)
 
-VOIDING_CLAIMS = frozenset({"part_mismatch", "wrong_aggregate", "reveal", "misreport", "equivocation", "malformed"})
+VOIDING_CLAIMS = frozenset(
+    {"part_mismatch", "wrong_aggregate", "reveal", "misreport", "equivocation", "malformed", "malformed_report"}
+)
 ECHOED_KINDS = ("commit", "aggregate", "reveal", "check")
 # the fields each kind of message must have, and their types: anything else is refused on arrival
 BODY_FIELDS: dict[str, dict[str, type]] = {
@@ -256,6 +260,23 @@ class BtardProtocol:
                 s.envelopes[(kind, p)] = envelope
         return got
 
+    def screen(self, proof: SignedDigest) -> None:
+        """Before a large message's body arrives: ValueError unless its signed header is for this run, from a peer
+        of the run, signed by that peer and for a step near ours (the body is checked against it on arrival)."""
+        try:
+            h = proof.header
+            if h.run != self.config.run:
+                raise ValueError(f"the message is for run {h.run!r}, not {self.config.run!r}")
+            if h.sender not in self.keys:
+                raise ValueError(f"{h.sender} is not a peer of run {self.config.run!r}")
+            if not proof.verify(self.keys[h.sender]):
+                raise ForgedMessage(f"the {h.kind} of step {h.step} is not signed by {h.sender}")
+            self.mailbox.check_step(h.step)
+        except ValueError as e:
+            self.refused += 1
+            logger.warning("Refused a message: %s", e)
+            raise
+
     async def receive(self, data: bytes) -> None:
         """A message from the network: refused (ValueError saying why) unless it is well-formed, for this run, from
         a peer of the run, signed by that peer and for a step near ours; else stored for the step that needs it."""
@@ -306,7 +327,13 @@ class BtardProtocol:
         # 1. commit
         sent = self._gradient_to_send(step, group)
         parts = [p.clone() for p in torch.tensor_split(sent.to(torch.float32), n)]
-        hashes = [_hash(_f32(p)) for p in parts]
+        outgoing = parts  # what is committed to and sent
+        if self.behaviour.does("nonfinite_part", step):  # committed to, so only its values give it away
+            outgoing = [p.clone() for p in parts]
+            for j in range(n):
+                if j != me_index and outgoing[j].numel():
+                    outgoing[j][0] = float("nan")
+        hashes = [_hash(_f32(p)) for p in outgoing]
         round_id = f"{self.config.run}:{step}"
         value = self.rng(32)
         commit_body = {
@@ -331,7 +358,7 @@ class BtardProtocol:
         # 2. parts
         if not self._silent(step, "part"):
             for j, peer in enumerate(group):
-                part = parts[j]
+                part = outgoing[j]
                 if self.behaviour.does("bad_part", step) and peer != self.me:
                     part = part + 1.0
                 envelope = self._seal("part", step, {"data": _f32(part)}, slot=j)
@@ -346,7 +373,9 @@ class BtardProtocol:
             if commit is None:
                 continue
             data = s.body("part", p)["data"]
-            if not isinstance(data, bytes) or _hash(data) != commit["hashes"][me_index]:
+            # a part must match its commitment and be the partition's size of finite values: a NaN would stop
+            # CenteredClip (and every honest aggregator with it)
+            if _hash(data) != commit["hashes"][me_index] or _malformed(data, parts[me_index].numel()):
                 self._accuse(s, p, "part_mismatch", [s.envelopes[("commit", p)], envelope])
                 continue
             good[p] = _from_bytes(data, np.float32)
@@ -362,6 +391,9 @@ class BtardProtocol:
             own_aggregate = own_aggregate + 0.01 * own_aggregate.norm() / own_aggregate.numel() ** 0.5
         if self.behaviour.does("malformed_aggregate", step):
             own_aggregate = own_aggregate[:-1]
+        if self.behaviour.does("nonfinite_aggregate", step):
+            own_aggregate = own_aggregate.clone()
+            own_aggregate[0] = float("inf")
         # sent in float32, as the all-reduce sends its results: computed to clip_tol in float64, then rounded (the
         # check's tolerance allows for the rounding, and its directions make up for the precision lost)
         await self._broadcast(s, "aggregate", {"data": _f32(own_aggregate)}, slot=me_index)
@@ -404,6 +436,8 @@ class BtardProtocol:
                 "s": [[p.s for p in along] for along in projections],
                 "nu": [along[0].norm for along in projections],
             }
+            if self.behaviour.does("malformed_report", step):  # one value too many for its own partition
+                body["s"][me_index] = [*body["s"][me_index], 0.0]
             if self.behaviour.does("empty_check", step):
                 body = {"s": [], "nu": []}
             if self.behaviour.does("equivocate", step):
@@ -411,6 +445,9 @@ class BtardProtocol:
             else:
                 await self._broadcast(s, "check", body)
             checks = await self._collect(s, "check", {p: 0 for p in group})
+            for p in checks:  # a report of another shape is a lie anyone can see in the signed message alone
+                if _malformed_report(s.body("check", p), n, self.config.check_directions):
+                    self._accuse(s, p, "malformed_report", [s.envelopes[("check", p)]])
             self._check_reports(s, checks, directions, me_index)
             self._check_aggregates(s, checks)
             self._validate(s, directions)
@@ -494,8 +531,9 @@ class BtardProtocol:
 
     def _check_aggregates(self, s: _Step, checks) -> None:
         reports = [s.body("check", p) for p in s.group]
-        if len(checks) != len(s.group) or any(not r or not r.get("s") for r in reports):
-            return  # someone is missing or had nothing to check: the step is void anyway
+        n, k = len(s.group), self.config.check_directions
+        if len(checks) != n or any(not r or not r.get("s") or _malformed_report(r, n, k) for r in reports):
+            return  # someone is missing, had nothing to check or sent a malformed report: the step is void anyway
         for j, aggregator in enumerate(s.group):
             if aggregator == self.me:
                 continue
@@ -553,7 +591,8 @@ class BtardProtocol:
                 ]
         # a partition check can fail because of a lying report, a part left out or a silent peer rather than a
         # wrong aggregate: in a step with such a proven lie or a missing message, accusing an aggregator is moot
-        other_lies = any(v.result == "valid" and v.claim in ("misreport", "equivocation", "part_mismatch")
+        other_lies = any(v.result == "valid" and v.claim in ("misreport", "equivocation", "part_mismatch",
+                                                             "malformed_report")
                          for v in verdicts)  # fmt: skip
         verdicts = [
             Verdict(v.accuser, v.accused, v.claim, "moot", v.detail)
@@ -629,7 +668,10 @@ class BtardProtocol:
                 part = bodies.get(("part", accused, j))
                 if commit is None or part is None:
                     return verdict(False)
-                return verdict(_hash(part["data"]) != commit["hashes"][j])
+                data = part["data"]
+                return verdict(
+                    _hash(data) != commit["hashes"][j] or bool(_malformed(data, _partition_size(self.task, n, j)))
+                )
             if claim == "reveal":
                 reveal = bodies.get(("reveal", accused, 0))
                 if commit is None or reveal is None:
@@ -641,6 +683,9 @@ class BtardProtocol:
                 if aggregate is None:
                     return verdict(False)
                 return verdict(_malformed(aggregate.get("data"), _partition_size(self.task, n, s.index[accused])))
+            if claim == "malformed_report":
+                report = bodies.get(("check", accused, 0))
+                return verdict(report is not None and _malformed_report(report, n, self.config.check_directions))
             if directions is None:
                 return verdict(None)  # without the seed no one can judge the checks
             j = int(partition)
@@ -767,12 +812,24 @@ def _partition_size(task: Task, n: int, j: int) -> int:
 
 
 def _malformed(data: object, size: int) -> str:
-    """What is wrong with an aggregate's bytes for a partition of ``size`` values ("" if nothing)."""
+    """What is wrong with the bytes of a part or an aggregate of ``size`` float32 values ("" if nothing)."""
     if not isinstance(data, bytes):
-        return f"the aggregate is {type(data).__name__}, not bytes"
+        return f"the values are {type(data).__name__}, not bytes"
     if len(data) != 4 * size:
         return f"{len(data)} bytes for a partition of {size} float32 values"
+    if not np.isfinite(np.frombuffer(data, dtype=np.float32)).all():
+        return "the values are not all finite"
     return ""
+
+
+def _malformed_report(body: dict | None, n: int, k: int) -> bool:
+    """A check report that is not empty but lacks, for some of the n partitions, k projections or a norm."""
+    if not isinstance(body, dict) or _empty_report(body):
+        return False
+    along, norms = body.get("s"), body.get("nu")
+    if not (isinstance(along, list) and isinstance(norms, list) and len(along) == n and len(norms) == n):
+        return True
+    return not all(isinstance(values, list) and len(values) == k for values in along)
 
 
 def _report(body: dict | None, j: int) -> list[Projection] | None:
