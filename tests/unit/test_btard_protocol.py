@@ -127,6 +127,21 @@ def test_a_wrong_aggregate_hidden_behind_a_malformed_own_report_is_banned_withou
     assert all(o.update is not None for o in history[2].values())
 
 
+def test_an_aggregator_that_cancels_the_check_with_its_own_report_is_caught_by_its_witness():
+    """Aggregator j holds every part j, so it can compute the others' reports and report for its own part whatever
+    makes the sums vanish: the check alone would pass a wrong aggregate. Its own part also goes to the next peer
+    (its witness), which checks its report like the aggregator checks everyone else's: banned, step void, without
+    any validator."""
+    peers = make_peers(["none"] * 4 + ["wrong_aggregate@1,cancel_own_report@1"], validators=0)
+    history = asyncio.run(run_steps(peers, 3))
+    for name in list(peers)[:4]:
+        assert set(peers[name].state.banned) == {"peer4"}, dict(peers[name].state.banned)
+        assert "misreport" in peers[name].state.banned["peer4"]
+    assert history[1]["peer0"].update is None
+    honest = [peers[n].task.params for n in list(peers)[:4]]
+    assert all(torch.equal(honest[0], p) for p in honest)
+
+
 def test_a_peer_that_goes_silent_mid_step_is_eliminated_with_one_reporter():
     peers = make_peers(["none"] * 4 + ["silent@1"], timeout_s=0.5)
     history = asyncio.run(run_steps(peers, 3))

@@ -18,7 +18,10 @@ attacks (any number):
 * ``malformed_report``: send a projection report with one value too many for its own partition (a report that
   would otherwise fail every check of its partition, its own wrong aggregate's included, without proving a lie);
 * ``nonfinite_part``: commit to and send parts with a NaN (which would stop an aggregator's CenteredClip);
-* ``nonfinite_aggregate``: as an aggregator, send a result with an infinity.
+* ``nonfinite_aggregate``: as an aggregator, send a result with an infinity;
+* ``cancel_own_report``: as an aggregator, report for its own part whatever makes its partition's sums vanish
+  (it holds every part of its partition, so it knows the others' reports): with ``wrong_aggregate``, a forged
+  result that the sums alone would not catch.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ PROTOCOL_ATTACKS = (
     "malformed_report",
     "nonfinite_part",
     "nonfinite_aggregate",
+    "cancel_own_report",
 )
 
 

@@ -4,14 +4,16 @@
 
 1. **commit**: the peer computes its gradient on the public batch of (step, peer), cuts it into n parts and
    broadcasts the parts' SHA-256 hashes, its commitment for this step's random seed and a digest of its ban state;
-2. **part**: it sends part j to peer j; aggregator j checks every part against its sender's commitment;
+2. **part**: it sends part j to peer j, and its own part also to the next peer (its witness); aggregator j checks
+   every part against its sender's commitment;
 3. **aggregate**: aggregator j runs CenteredClip (float64, tolerance ``clip_tol``) over the n parts of partition j
    and broadcasts the result rounded to float32 (the bytes of the all-reduce's answers);
 4. **reveal**: once every aggregate is in, the peers reveal their seed values; the seed (commit–reveal) fixes the
    random directions z[j, 1..k] (``check_directions``) and the validators;
 5. **check**: every peer broadcasts its projections (s along each direction, ν) for each partition
    (``algorithms.clip_verification``);
-   aggregator j recomputes them from the parts it holds and accuses a peer that misreports; everyone checks that
+   aggregator j recomputes them from the parts it holds and accuses a peer that misreports, and its witness does
+   the same for j's report on its own part; everyone checks that
    each partition's projections sum to ~0 and accuses an aggregator whose sum does not; each validator recomputes
    its target's gradient from the public data and accuses it if it differs from the commitment (or if its reports
    differ from what its true parts give);
@@ -178,6 +180,8 @@ class _Step:
         self.seed: bytes | None = None
         self.aggregates: dict[str, torch.Tensor] = {}
         self.good_parts: dict[str, torch.Tensor] = {}  # the parts sent to us that match their commitments
+        # as witness of the previous peer: its own part (the one it aggregates itself), checked, and its message
+        self.witnessed: tuple[str, torch.Tensor, Envelope] | None = None
 
     def body(self, kind: str, sender: str) -> dict | None:
         return self.bodies.get((kind, sender))
@@ -364,6 +368,8 @@ class BtardProtocol:
                 envelope = self._seal("part", step, {"data": _f32(part)}, slot=j)
                 if peer == self.me:
                     await self.mailbox.put(envelope)
+                    if n > 1:  # our own part also goes to our witness, which checks our report on it
+                        self._post(_witness(group, self.me), envelope)
                 else:
                     self._post(peer, envelope)
         received = await self._collect(s, "part", {p: me_index for p in group})
@@ -380,6 +386,7 @@ class BtardProtocol:
                 continue
             good[p] = _from_bytes(data, np.float32)
         s.good_parts = {p: t for p, t in good.items() if p != self.me}
+        await self._collect_witnessed(s, commits)
         lap("part")
 
         # 3. aggregate
@@ -438,6 +445,14 @@ class BtardProtocol:
             }
             if self.behaviour.does("malformed_report", step):  # one value too many for its own partition
                 body["s"][me_index] = [*body["s"][me_index], 0.0]
+            if self.behaviour.does("cancel_own_report", step):
+                # as aggregator it holds every part of its partition, so it knows what the others will report and
+                # reports for its own part whatever makes the sums vanish (hiding a wrong aggregate)
+                others = [
+                    peer_projection_along(part, s.aggregates[self.me], directions[me_index], self.config.tau)
+                    for part in s.good_parts.values()
+                ]
+                body["s"][me_index] = [-sum(o[r].s for o in others) for r in range(k)]
             if self.behaviour.does("empty_check", step):
                 body = {"s": [], "nu": []}
             if self.behaviour.does("equivocate", step):
@@ -449,6 +464,7 @@ class BtardProtocol:
                 if _malformed_report(s.body("check", p), n, self.config.check_directions):
                     self._accuse(s, p, "malformed_report", [s.envelopes[("check", p)]])
             self._check_reports(s, checks, directions, me_index)
+            self._check_witnessed(s, checks, directions)
             self._check_aggregates(s, checks)
             self._validate(s, directions)
         lap("check")
@@ -528,6 +544,48 @@ class BtardProtocol:
                      s.parts_in[p]],
                     partition=me_index,
                 )  # fmt: skip
+
+    async def _collect_witnessed(self, s: _Step, commits) -> None:
+        """As witness of the previous peer of the group: its own part, checked against its commitment."""
+        if len(s.group) < 2:
+            return
+        aggregator = s.group[(s.index[self.me] - 1) % len(s.group)]
+        if aggregator in s.missing or aggregator not in commits:
+            return
+        j = s.index[aggregator]
+        deadline = time.monotonic() + self.config.phase_timeout_s
+        envelope = (await self.mailbox.collect(s.step, "part", {aggregator: j}, deadline=deadline)).get(aggregator)
+        if envelope is None:
+            s.missing.setdefault(aggregator, "part")
+            return
+        data = envelope.decode()["data"]
+        size = _partition_size(self.task, len(s.group), j)
+        if _hash(data) != s.body("commit", aggregator)["hashes"][j] or _malformed(data, size):
+            self._accuse(s, aggregator, "part_mismatch", [s.envelopes[("commit", aggregator)], envelope])
+            return
+        s.witnessed = (aggregator, _from_bytes(data, np.float32), envelope)
+
+    def _check_witnessed(self, s: _Step, checks, directions) -> None:
+        """As witness: the previous peer's report on its own part (which only it and we hold) must match that part.
+        Without this an aggregator, which can compute everyone else's report on its partition, could report for
+        its own part whatever makes the sums vanish, and pass a wrong aggregate."""
+        if s.witnessed is None:
+            return
+        aggregator, part, envelope = s.witnessed
+        report = s.body("check", aggregator)
+        if aggregator not in checks or _empty_report(report) or _malformed_report(
+                report, len(s.group), self.config.check_directions):  # fmt: skip
+            return  # no report (missing), an empty one or a malformed one: judged by their own rules
+        j = s.index[aggregator]
+        claimed = _report(report, j)
+        if claimed is None or not check_projection_along(part, s.aggregates[aggregator], directions[j],
+                                                         self.config.tau, claimed):  # fmt: skip
+            self._accuse(
+                s, aggregator, "misreport",
+                [s.envelopes[("check", aggregator)], s.envelopes[("commit", aggregator)],
+                 s.envelopes[("aggregate", aggregator)], envelope],
+                partition=j,
+            )  # fmt: skip
 
     def _check_aggregates(self, s: _Step, checks) -> None:
         reports = [s.body("check", p) for p in s.group]
@@ -666,6 +724,9 @@ class BtardProtocol:
             if claim == "part_mismatch":
                 j = s.index[accuser]
                 part = bodies.get(("part", accused, j))
+                if part is None and accuser == _witness(s.group, accused):  # the accused's own part, witnessed
+                    j = s.index[accused]
+                    part = bodies.get(("part", accused, j))
                 if commit is None or part is None:
                     return verdict(False)
                 data = part["data"]
@@ -795,6 +856,11 @@ def check_body(kind: str, body: dict) -> None:
         raise ValueError("a check lists, per partition, its projections along each direction and a norm: numbers")
     if kind == "accuse" and not all(isinstance(p, str) for p in body["missing"] + body["missing_prev"]):
         raise ValueError("an accuse message names missing peers by their ids (strings)")
+
+
+def _witness(group: tuple[str, ...], aggregator: str) -> str:
+    """The peer that also receives ``aggregator``'s own part and checks its report on it: the next one."""
+    return group[(group.index(aggregator) + 1) % len(group)]
 
 
 def _number(x: object) -> bool:
