@@ -142,6 +142,36 @@ def test_an_aggregator_that_cancels_the_check_with_its_own_report_is_caught_by_i
     assert all(torch.equal(honest[0], p) for p in honest)
 
 
+def test_two_peers_whose_reports_would_overflow_the_sums_are_banned_and_no_one_stops():
+    """Projections near float64's largest value from two peers would overflow the exact sum of a partition's
+    reports (fsum) and stop every honest peer; no honest projection exceeds tau, so such a report is a lie."""
+    peers = make_peers(["none"] * 4 + ["huge_report@1"] * 2)
+    history = asyncio.run(run_steps(peers, 3))
+    for name in list(peers)[:4]:
+        assert set(peers[name].state.banned) == {"peer4", "peer5"}, dict(peers[name].state.banned)
+    assert history[1]["peer0"].update is None and history[2]["peer0"].update is not None
+
+
+def test_an_honest_gradient_that_overflows_is_sent_clamped_not_punished():
+    """A peer whose gradient on some batch overflows (inf, NaN) sends it cleaned the way every validator
+    recomputes it (NaN as 0, infinities at float32's largest): no one takes it for a non-finite lie."""
+    peers = make_peers(["none"] * 4)
+    for peer in peers.values():
+        original = peer.task.gradient
+
+        def overflowing(step, who, *, wrong_labels=False, original=original):
+            g = original(step, who, wrong_labels=wrong_labels).clone()
+            if who == "peer2" and step == 1:
+                g[:3] = torch.tensor([float("inf"), float("nan"), -float("inf")])
+            return g
+
+        peer.task.gradient = overflowing
+    history = asyncio.run(run_steps(peers, 2))
+    for outcome in history[1].values():
+        assert not outcome.verdicts and outcome.void_reason is None, outcome.verdicts
+    assert all(not peers[n].state.banned for n in peers)
+
+
 def test_a_peer_that_goes_silent_mid_step_is_eliminated_with_one_reporter():
     peers = make_peers(["none"] * 4 + ["silent@1"], timeout_s=0.5)
     history = asyncio.run(run_steps(peers, 3))

@@ -98,11 +98,12 @@ def random_direction(dim: int, seed: int, dtype: torch.dtype = torch.float64) ->
     """A unit vector of R^dim, uniform on the sphere: a float64 Gaussian from numpy's PCG64 generator seeded with
     ``seed`` (0 ≤ seed < 2**64, e.g. 64 bits of the MPRNG's output for this partition), normalised.
 
-    Every peer must draw the very same vector: the check compares reports to within ~1e-12 of their scale. numpy's
-    generator is plain C whatever the CPU, so the same seed gives the same bits on every peer with the same numpy
-    version. torch's samplers do not guarantee that: its float32 normals come from an approximate vectorised
-    kernel on AVX2 CPUs and an exact scalar one elsewhere (values differing by ~1e-6), and its float64 normals, the
-    same everywhere, take twice as long (every peer draws k directions per partition and step)."""
+    Every peer must draw the same vector: the check compares reports to within ~1e-12 of their scale. numpy's
+    generator is plain C whatever the CPU, so the same seed gives the same Gaussian bits on every peer with the same
+    numpy version (the normalisation may differ by an ulp between SIMD widths, far below that). torch's samplers
+    do not guarantee that: its float32 normals come from an approximate vectorised kernel on AVX2 CPUs and an
+    exact scalar one elsewhere (values differing by ~1e-6), and its float64 normals, the same everywhere, take
+    twice as long (every peer draws k directions per partition size and step)."""
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ValueError(f"dim must be an int >= 1, got {dim!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
@@ -257,7 +258,10 @@ def check_aggregate(
     w = _weights(weights, len(projections))
     if not all(math.isfinite(p.s) for p in projections):
         return AggregateCheck(weighted_sum=math.nan, tolerance=tolerance, passed=False)
-    total = math.fsum(wi * p.s for wi, p in zip(w, projections)) / math.fsum(w)
+    try:
+        total = math.fsum(wi * p.s for wi, p in zip(w, projections)) / math.fsum(w)
+    except OverflowError:  # reports near float64's largest values (lies: an honest one is at most tau)
+        return AggregateCheck(weighted_sum=math.inf, tolerance=tolerance, passed=False)
     return AggregateCheck(weighted_sum=total, tolerance=tolerance, passed=abs(total) <= tolerance)
 
 

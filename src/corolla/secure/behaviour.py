@@ -21,7 +21,8 @@ attacks (any number):
 * ``nonfinite_aggregate``: as an aggregator, send a result with an infinity;
 * ``cancel_own_report``: as an aggregator, report for its own part whatever makes its partition's sums vanish
   (it holds every part of its partition, so it knows the others' reports): with ``wrong_aggregate``, a forged
-  result that the sums alone would not catch.
+  result that the sums alone would not catch;
+* ``huge_report``: report projections near float64's largest value (two such peers overflow the sums).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ PROTOCOL_ATTACKS = (
     "nonfinite_part",
     "nonfinite_aggregate",
     "cancel_own_report",
+    "huge_report",
 )
 
 

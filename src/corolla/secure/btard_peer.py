@@ -69,7 +69,7 @@ class Mailroom:
         ``MAX_MESSAGE_BYTES``, or one whose next chunk is ``chunk_timeout_s`` late. After a refusal the rest is read
         and dropped (up to 4x the limit): closing while the sender still writes resets the stream, and it would then
         see a broken stream instead of the reason."""
-        chunks, size, refusal, screened = [], 0, None, False
+        chunks, size, refusal, screened, next_try = [], 0, None, False, 256
         async for request in timed(requests, self.chunk_timeout_s):
             size += len(request.serialized_info)
             if refusal is None and size > MAX_MESSAGE_BYTES:
@@ -82,7 +82,8 @@ class Mailroom:
                     break
                 continue
             chunks.append(request.serialized_info)
-            if not screened and self.protocol is not None:
+            if not screened and self.protocol is not None and size >= next_try:
+                next_try = 2 * size  # tiny chunks: parse again only when the bytes have doubled
                 try:
                     head = Envelope.signed_prefix(b"".join(chunks) if len(chunks) > 1 else chunks[0])
                     if head is not None:

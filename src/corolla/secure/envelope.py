@@ -23,9 +23,10 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 __all__ = ["KINDS", "Envelope", "ForgedMessage", "Header", "SignedDigest", "Signer", "open_envelope"]
 
 # a signature made for this protocol cannot be replayed as anything else; the version changes with what peers must
-# compute alike (2: the check's directions are drawn in float32), so that peers of two versions refuse each other's
-# messages instead of accusing each other
-DOMAIN = "corolla-btard/2"
+# compute alike (3: check directions from numpy's PCG64, two per partition, shared by partitions of one size;
+# commitments are digests of part messages; float32 aggregates; witnessed own parts), so that peers of two versions
+# refuse each other's messages instead of accusing each other
+DOMAIN = "corolla-btard/3"
 KINDS = ("commit", "part", "aggregate", "reveal", "check", "accuse")
 MAX_BODY_BYTES = 64 * 2**20
 HEAD_BYTES = 2**16  # a message's header and signature fit in its first bytes (the body comes last)

@@ -2,8 +2,9 @@
 
 ``BtardProtocol.step(step)`` runs, for the active group G (sorted peer ids, n peers, peer i aggregates part i):
 
-1. **commit**: the peer computes its gradient on the public batch of (step, peer), cuts it into n parts and
-   broadcasts the parts' SHA-256 hashes, its commitment for this step's random seed and a digest of its ban state;
+1. **commit**: the peer computes its gradient on the public batch of (step, peer), cuts it into n parts, seals
+   each part's message and broadcasts their SHA-256 digests (the ones their signatures cover), its commitment for
+   this step's random seed and a digest of its ban state;
 2. **part**: it sends part j to peer j, and its own part also to the next peer (its witness); aggregator j checks
    every part against its sender's commitment;
 3. **aggregate**: aggregator j runs CenteredClip (float64, tolerance ``clip_tol``) over the n parts of partition j
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -459,6 +461,8 @@ class BtardProtocol:
             }
             if self.behaviour.does("malformed_report", step):  # one value too many for its own partition
                 body["s"][me_index] = [*body["s"][me_index], 0.0]
+            if self.behaviour.does("huge_report", step):  # sums that overflow float64 (with a second such peer)
+                body["s"] = [[1.7e308] * k for _ in range(n)]
             if self.behaviour.does("cancel_own_report", step):
                 # as aggregator it holds every part of its partition, so it knows what the others will report and
                 # reports for its own part whatever makes the sums vanish (hiding a wrong aggregate)
@@ -473,13 +477,14 @@ class BtardProtocol:
                 await self._equivocate(s, body)
             else:
                 await self._broadcast(s, "check", body)
+            check_deadline = time.monotonic() + self.config.phase_timeout_s
             checks = await self._collect(s, "check", {p: 0 for p in group})
             for p in checks:  # a report of another shape is a lie anyone can see in the signed message alone
-                if _malformed_report(s.body("check", p), n, self.config.check_directions):
+                if _malformed_report(s.body("check", p), n, self.config.check_directions, self.config.tau):
                     self._accuse(s, p, "malformed_report", [s.envelopes[("check", p)]])
             self._check_reports(s, checks, directions, me_index)
             # collected only now: its transfer overlaps the aggregate and reveal phases instead of lengthening one
-            await self._collect_witnessed(s, commits)
+            await self._collect_witnessed(s, commits, deadline=check_deadline)
             self._check_witnessed(s, checks, directions)
             self._check_aggregates(s, checks)
             self._validate(s, directions)
@@ -512,16 +517,23 @@ class BtardProtocol:
         return outcome
 
     # ---- what to send ------------------------------------------------------------------------------------
+    def _gradient(self, step: int, peer: str, *, wrong_labels: bool = False) -> torch.Tensor:
+        """``peer``'s gradient on the public batch of ``step`` as everyone computes it: float32 with NaN as 0 and
+        infinities at float32's largest values (an honest overflow is then not a "non-finite part" lie)."""
+        gradient = self.task.gradient(step, peer, wrong_labels=wrong_labels).to(torch.float32)
+        big = torch.finfo(torch.float32).max
+        return torch.nan_to_num(gradient, nan=0.0, posinf=big, neginf=-big)
+
     def _gradient_to_send(self, step: int, group: tuple[str, ...]) -> torch.Tensor:
         attack = self.behaviour.gradient
-        own = self.task.gradient(step, self.me, wrong_labels=attack.flips_labels(step))
-        honest_own = own if not attack.flips_labels(step) else self.task.gradient(step, self.me)
+        own = self._gradient(step, self.me, wrong_labels=attack.flips_labels(step))
+        honest_own = own if not attack.flips_labels(step) else self._gradient(step, self.me)
         self._history = [*self._history[-attack.delay_steps :], honest_own]
         if not attack.active(step) or attack.kind == "label_flip":
             return own
         # the attackers know the public data: they compute the others' gradients of the step themselves
         others = [p for p in group if p != self.me]
-        honest = torch.stack([self.task.gradient(step, p) for p in others]) if others else own[None, :0]
+        honest = torch.stack([self._gradient(step, p) for p in others]) if others else own[None, :0]
         stale = self._history[0][None] if len(self._history) > attack.delay_steps else None
         bad = byzantine_gradients(attack, step, own=own[None], honest=honest, stale=stale)[0]
         big = torch.finfo(torch.float32).max
@@ -561,15 +573,16 @@ class BtardProtocol:
                     partition=me_index,
                 )  # fmt: skip
 
-    async def _collect_witnessed(self, s: _Step, commits) -> None:
-        """As witness of the previous peer of the group: its own part, checked against its commitment."""
+    async def _collect_witnessed(self, s: _Step, commits, *, deadline: float) -> None:
+        """As witness of the previous peer of the group: its own part, checked against its commitment. Waited for
+        no longer than the check phase (sent in the part phase, it is normally here long before): a withheld copy
+        must not make the witness late for the next phase."""
         if len(s.group) < 2:
             return
         aggregator = s.group[(s.index[self.me] - 1) % len(s.group)]
         if aggregator in s.missing or aggregator not in commits:
             return
         j = s.index[aggregator]
-        deadline = time.monotonic() + self.config.phase_timeout_s
         envelope = (await self.mailbox.collect(s.step, "part", {aggregator: j}, deadline=deadline)).get(aggregator)
         if envelope is None:
             s.missing.setdefault(aggregator, "part")
@@ -590,7 +603,7 @@ class BtardProtocol:
         aggregator, part, envelope = s.witnessed
         report = s.body("check", aggregator)
         if aggregator not in checks or _empty_report(report) or _malformed_report(
-                report, len(s.group), self.config.check_directions):  # fmt: skip
+                report, len(s.group), self.config.check_directions, self.config.tau):  # fmt: skip
             return  # no report (missing), an empty one or a malformed one: judged by their own rules
         j = s.index[aggregator]
         claimed = _report(report, j)
@@ -606,7 +619,9 @@ class BtardProtocol:
     def _check_aggregates(self, s: _Step, checks) -> None:
         reports = [s.body("check", p) for p in s.group]
         n, k = len(s.group), self.config.check_directions
-        if len(checks) != n or any(not r or not r.get("s") or _malformed_report(r, n, k) for r in reports):
+        if len(checks) != n or any(
+            not r or not r.get("s") or _malformed_report(r, n, k, self.config.tau) for r in reports
+        ):
             return  # someone is missing, had nothing to check or sent a malformed report: the step is void anyway
         for j, aggregator in enumerate(s.group):
             if aggregator == self.me:
@@ -627,7 +642,7 @@ class BtardProtocol:
             validator, target = s.group[v], s.group[t + (t >= v)]
             if validator != self.me or ("commit", target) not in s.envelopes:
                 continue
-            parts = torch.tensor_split(self.task.gradient(s.step, target).to(torch.float32), n)
+            parts = torch.tensor_split(self._gradient(s.step, target), n)
             if [_part_digest(p) for p in parts] != s.body("commit", target)["hashes"]:
                 self._accuse(s, target, "gradient", [s.envelopes[("commit", target)]])
                 continue
@@ -736,7 +751,7 @@ class BtardProtocol:
             if claim == "gradient":
                 if commit is None:
                     return verdict(False)
-                recomputed = torch.tensor_split(self.task.gradient(s.step, accused).to(torch.float32), n)
+                recomputed = torch.tensor_split(self._gradient(s.step, accused), n)
                 return verdict([_part_digest(p) for p in recomputed] != list(commit["hashes"]))
             if claim == "part_mismatch":
                 j = s.index[accuser]
@@ -764,7 +779,9 @@ class BtardProtocol:
                 return verdict(_malformed(aggregate.get("data"), _partition_size(self.task, n, s.index[accused])))
             if claim == "malformed_report":
                 report = bodies.get(("check", accused, 0))
-                return verdict(report is not None and _malformed_report(report, n, self.config.check_directions))
+                return verdict(
+                    report is not None and _malformed_report(report, n, self.config.check_directions, self.config.tau)
+                )
             if directions is None:
                 return verdict(None)  # without the seed no one can judge the checks
             j = int(partition)
@@ -783,7 +800,7 @@ class BtardProtocol:
                 if sent_part is not None and digests[("part", accused, j)] == commit["hashes"][j]:
                     part = _from_bytes(sent_part["data"], np.float32)
                 else:
-                    part = torch.tensor_split(self.task.gradient(s.step, accused).to(torch.float32), n)[j]
+                    part = torch.tensor_split(self._gradient(s.step, accused), n)[j]
                     if _part_digest(part) != commit["hashes"][j]:
                         return verdict(None)  # a poisoned gradient: its validator accuses it for that
                 claimed = _report(report, j)
@@ -799,7 +816,7 @@ class BtardProtocol:
                 if any(p is None or len(p) != len(directions[j]) for p in projections):
                     return verdict(None)  # a malformed report: its sender is at fault
                 return verdict(not _along_every_direction(value, projections, self.config))
-        except (KeyError, IndexError, TypeError, ValueError) as e:
+        except (KeyError, IndexError, TypeError, ValueError, ArithmeticError) as e:
             logger.debug("Malformed evidence from %s against %s: %s", accuser[-8:], accused[-8:], e)
             return verdict(False)
         return verdict(False)  # a claim that does not exist
@@ -906,14 +923,22 @@ def _malformed(data: object, size: int) -> str:
     return ""
 
 
-def _malformed_report(body: dict | None, n: int, k: int) -> bool:
-    """A check report that is not empty but lacks, for some of the n partitions, k projections or a norm."""
+def _malformed_report(body: dict | None, n: int, k: int, tau: float) -> bool:
+    """A check report that is not empty but lacks, for some of the n partitions, k projections or a norm, or holds
+    a value no honest peer can report: a projection is a clipped difference (norm at most tau) along a unit
+    direction, so |s| <= tau, and a norm is finite and >= 0 (a huge value would also overflow the sums)."""
     if not isinstance(body, dict) or _empty_report(body):
         return False
     along, norms = body.get("s"), body.get("nu")
     if not (isinstance(along, list) and isinstance(norms, list) and len(along) == n and len(norms) == n):
         return True
-    return not all(isinstance(values, list) and len(values) == k for values in along)
+    if not all(isinstance(values, list) and len(values) == k for values in along):
+        return True
+    bound = tau * (1 + 1e-9)
+    return not (
+        all(math.isfinite(float(x)) and abs(float(x)) <= bound for values in along for x in values)
+        and all(math.isfinite(float(x)) and float(x) >= 0 for x in norms)
+    )
 
 
 def _report(body: dict | None, j: int) -> list[Projection] | None:
