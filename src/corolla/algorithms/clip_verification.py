@@ -322,13 +322,16 @@ def _misreported(
         raise ValueError(f"need one claimed projection per part ({x.shape[0]}), got {len(claimed)}")
     s, norms = _project(x, aggregate, _one(direction), tau)
     slack = rtol + 2 * _projection_rounding(x.shape[1])  # the peer's rounding and ours
-    liars = []
-    for i, (p, own_s, own_norm) in enumerate(zip(claimed, s.tolist(), norms.tolist())):
-        s_ok = abs(p.s - own_s) <= slack * min(own_norm, tau)  # False for a NaN claim
-        norm_ok = abs(p.norm - own_norm) <= slack * own_norm
-        if not (s_ok and norm_ok):
-            liars.append(i)
-    return liars
+    return [
+        i
+        for i, (p, own_s, own_norm) in enumerate(zip(claimed, s.tolist(), norms.tolist()))
+        if not _matches(p, own_s, own_norm, slack, tau)
+    ]
+
+
+def _matches(claimed: Projection, own_s: float, own_norm: float, slack: float, tau: float) -> bool:
+    """A reported (s, ν) equals ours within ``slack`` times their scale (False for a NaN claim)."""
+    return abs(claimed.s - own_s) <= slack * min(own_norm, tau) and abs(claimed.norm - own_norm) <= slack * own_norm
 
 
 def check_projection(
@@ -362,11 +365,7 @@ def check_projection_along(
     part = _checked("own_part", own_part).unsqueeze(0)
     s, norms = _project(part, aggregate, directions, tau)
     slack = rtol + 2 * _projection_rounding(part.shape[1])
-    own_norm = float(norms[0])
-    return all(
-        abs(p.s - float(own_s)) <= slack * min(own_norm, tau) and abs(p.norm - own_norm) <= slack * own_norm
-        for p, own_s in zip(claimed, s[0])
-    )
+    return all(_matches(p, float(own_s), float(norms[0]), slack, tau) for p, own_s in zip(claimed, s[0]))
 
 
 def find_misreports(

@@ -41,6 +41,7 @@ transport (unit tests) and between processes over hivemind's libp2p (``secure.bt
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import math
 import os
@@ -67,7 +68,7 @@ from corolla.algorithms.commit_reveal import combine, make_commitment, seed_to_g
 from corolla.log import get_logger
 from corolla.secure.attacks import byzantine_gradients
 from corolla.secure.behaviour import Behaviour
-from corolla.secure.envelope import Envelope, ForgedMessage, SignedDigest, Signer, open_envelope
+from corolla.secure.envelope import Envelope, ForgedMessage, Header, SignedDigest, Signer, open_envelope
 from corolla.secure.mailbox import Mailbox
 
 __all__ = ["BtardProtocol", "ProtocolConfig", "StepOutcome", "Task", "Verdict", "state_digest"]
@@ -279,40 +280,43 @@ class BtardProtocol:
                 s.envelopes[(kind, p)] = envelope
         return got
 
-    def screen(self, proof: SignedDigest) -> None:
-        """Before a large message's body arrives: ValueError unless its signed header is for this run, from a peer
-        of the run, signed by that peer and for a step near ours (the body is checked against it on arrival)."""
+    def _check_origin(self, h: Header) -> None:
+        """ValueError unless a message's header is for this run and names a peer of the run as its sender."""
+        if h.run != self.config.run:
+            raise ValueError(f"the message is for run {h.run!r}, not {self.config.run!r}")
+        if h.sender not in self.keys:
+            raise ValueError(f"{h.sender} is not a peer of run {self.config.run!r}")
+
+    @contextlib.contextmanager
+    def _refusing(self):
+        """Counts and logs a message refused with a ValueError (which goes on to the sender)."""
         try:
-            h = proof.header
-            if h.run != self.config.run:
-                raise ValueError(f"the message is for run {h.run!r}, not {self.config.run!r}")
-            if h.sender not in self.keys:
-                raise ValueError(f"{h.sender} is not a peer of run {self.config.run!r}")
-            if not proof.verify(self.keys[h.sender]):
-                raise ForgedMessage(f"the {h.kind} of step {h.step} is not signed by {h.sender}")
-            self.mailbox.check_step(h.step)
+            yield
         except ValueError as e:
             self.refused += 1
             logger.warning("Refused a message: %s", e)
             raise
 
+    def screen(self, proof: SignedDigest) -> None:
+        """Before a large message's body arrives: ValueError unless its signed header is for this run, from a peer
+        of the run, signed by that peer and for a step near ours (the body is checked against it on arrival)."""
+        with self._refusing():
+            h = proof.header
+            self._check_origin(h)
+            if not proof.verify(self.keys[h.sender]):
+                raise ForgedMessage(f"the {h.kind} of step {h.step} is not signed by {h.sender}")
+            self.mailbox.check_step(h.step)
+
     async def receive(self, data: bytes) -> None:
         """A message from the network: refused (ValueError saying why) unless it is well-formed, for this run, from
         a peer of the run, signed by that peer and for a step near ours; else stored for the step that needs it."""
-        try:
+        with self._refusing():
             envelope = Envelope.from_wire(data)
             h = envelope.header
-            if h.run != self.config.run:
-                raise ValueError(f"the message is for run {h.run!r}, not {self.config.run!r}")
-            if h.sender not in self.keys:
-                raise ValueError(f"{h.sender} is not a peer of run {self.config.run!r}")
+            self._check_origin(h)
             open_envelope(envelope, self.keys[h.sender])
             self.mailbox.check_step(h.step)
             check_body(h.kind, envelope.decode())
-        except ValueError as e:
-            self.refused += 1
-            logger.warning("Refused a message: %s", e)
-            raise
         await self.mailbox.put(envelope)
 
     def _accuse(self, s: _Step, accused: str, claim: str, evidence: list[Envelope], **extra) -> None:
@@ -398,7 +402,7 @@ class BtardProtocol:
             data = s.body("part", p)["data"]
             # a part must match its commitment and be the partition's size of finite values: a NaN would stop
             # CenteredClip (and every honest aggregator with it)
-            if envelope.header.digest != commit["hashes"][me_index] or _malformed(data, parts[me_index].numel()):
+            if _bad_part(envelope.header.digest, data, commit["hashes"][me_index], parts[me_index].numel()):
                 self._accuse(s, p, "part_mismatch", [s.envelopes[("commit", p)], envelope])
                 continue
             good[p] = _from_bytes(data, np.float32)
@@ -588,8 +592,8 @@ class BtardProtocol:
             s.missing.setdefault(aggregator, "part")
             return
         data = envelope.decode()["data"]
-        size = _partition_size(self.task, len(s.group), j)
-        if envelope.header.digest != s.body("commit", aggregator)["hashes"][j] or _malformed(data, size):
+        commitment = s.body("commit", aggregator)["hashes"][j]
+        if _bad_part(envelope.header.digest, data, commitment, _partition_size(self.task, len(s.group), j)):
             self._accuse(s, aggregator, "part_mismatch", [s.envelopes[("commit", aggregator)], envelope])
             return
         s.witnessed = (aggregator, _from_bytes(data, np.float32), envelope)
@@ -761,11 +765,8 @@ class BtardProtocol:
                     part = bodies.get(("part", accused, j))
                 if commit is None or part is None:
                     return verdict(False)
-                data = part["data"]
-                return verdict(
-                    digests[("part", accused, j)] != commit["hashes"][j]
-                    or bool(_malformed(data, _partition_size(self.task, n, j)))
-                )
+                size = _partition_size(self.task, n, j)
+                return verdict(_bad_part(digests[("part", accused, j)], part["data"], commit["hashes"][j], size))
             if claim == "reveal":
                 reveal = bodies.get(("reveal", accused, 0))
                 if commit is None or reveal is None:
@@ -921,6 +922,12 @@ def _malformed(data: object, size: int) -> str:
     if not np.isfinite(np.frombuffer(data, dtype=np.float32)).all():
         return "the values are not all finite"
     return ""
+
+
+def _bad_part(digest: bytes, data: object, commitment: bytes, size: int) -> bool:
+    """A part that is not the one committed to (by the digest its signature covers), or not ``size`` finite
+    float32 values (a NaN would stop CenteredClip, and every honest aggregator with it)."""
+    return digest != commitment or bool(_malformed(data, size))
 
 
 def _malformed_report(body: dict | None, n: int, k: int, tau: float) -> bool:
